@@ -1,0 +1,60 @@
+# One entry point for setup, jobs, tests and benchmarks. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= out
+JOB ?= jobs/demo.yaml
+RAY_ADDRESS ?= http://127.0.0.1:8265
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install demo images webvid panda70m objaverse run submit status verify test test-reliability \
+        bench-tokenizer bench-pipeline bench-3d train-tiny clean
+
+# Without a GPU, pin the CPU build of torch so pip does not pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch numpy; \
+	else $(PY) -m pip install -q torch==2.13.0 numpy; fi
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m pipeline demo --out $(OUT)/demo
+
+images webvid panda70m objaverse: install
+	$(PY) -m pipeline run jobs/$@.yaml
+
+run: install
+	$(PY) -m pipeline run $(JOB)
+
+# Submit a job file to a running Ray cluster (ray job submit), working dir = this repository.
+submit: install
+	$(PY) -m pipeline submit $(JOB) --address $(RAY_ADDRESS)
+
+status verify: install
+	$(PY) -m pipeline $@ $(OUT)
+
+test: install
+	$(PY) -m pytest -q
+
+test-reliability: install
+	$(PY) -m pytest -q tests/reliability -m 'not gpu'
+
+bench-tokenizer: install
+	$(PY) benchmarks/bench_tokenizer.py --out benchmarks/results/tokenizer.json
+
+bench-pipeline: install
+	$(PY) benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
+
+bench-3d: install
+	$(PY) benchmarks/bench_3d.py --out benchmarks/results/3d.json
+
+train-tiny: install
+	$(PY) -m atoken.train --config atoken/configs/tiny-train.yaml
+
+clean:
+	rm -rf $(OUT) runs
