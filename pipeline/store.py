@@ -96,7 +96,14 @@ class ShardStore:
         for path in sorted((self.dir / "data").glob("*/*.parquet")):
             rel = path.relative_to(self.dir).as_posix()
             if rel not in named:  # renamed but never committed: complete, so adopt it
-                self._commit(state, [self._describe_shard(path, path.parent.name)], [], adopted=True)
+                try:
+                    shard = self._describe_shard(path, path.parent.name)
+                except (OSError, pa.ArrowException):  # unreadable: keep it out of readers' sight, never delete
+                    quarantine = self.dir / "quarantine" / rel.replace("/", "-")
+                    quarantine.parent.mkdir(exist_ok=True)
+                    os.replace(path, quarantine)
+                    continue
+                self._commit(state, [shard], [], adopted=True)
         return state
 
     @staticmethod
@@ -123,6 +130,8 @@ class ShardStore:
     # ---- writing --------------------------------------------------------------------------------
     def add(self, row: dict) -> None:
         """Buffers a finished row: ok rows go to shards, others to the status log."""
+        if row.get("modality") not in self.buffers:
+            raise ValueError(f"row {row.get('id')!r}: unknown modality {row.get('modality')!r}")
         if row["id"] in self.state.ok or row["id"] in self.buffered:
             return  # exactly once, even if an upstream task was retried
         if row.get("status", "ok") == "ok":
@@ -240,7 +249,11 @@ def verify(store_dir: Path) -> list[str]:
                 continue
             if path.stat().st_size != s["bytes"] or sha256_file(path) != s["sha256"]:
                 problems.append(f"hash mismatch {s['path']}")
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            try:
+                ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            except (OSError, pa.ArrowException) as e:
+                problems.append(f"unreadable shard {s['path']}: {e}")
+                continue
             if ids != s["ids"] or len(ids) != s["rows"]:
                 problems.append(f"ids in {s['path']} differ from the manifest")
             for i in ids:

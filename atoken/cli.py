@@ -1,0 +1,145 @@
+"""Command line: python -m atoken encode|reconstruct FILE [--config NAME_OR_YAML --checkpoint PATH --out PATH]."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_EXT = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"}
+
+
+def load_image(path: Path, max_side: int) -> np.ndarray:
+    """Image file -> uint8 [1, H, W, 3] (Pillow; any mode converted to RGB; optional downscale)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float grayscale: scale to 8 bit
+            a = np.asarray(im, dtype=np.float32)
+            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
+            im = Image.fromarray(a.astype(np.uint8))
+        im = im.convert("RGB")
+        if max_side and max(im.size) > max_side:
+            s = max_side / max(im.size)
+            im = im.resize((max(16, round(im.width * s)), max(16, round(im.height * s))), Image.Resampling.BICUBIC)
+        return np.asarray(im)[None]
+
+
+def load_video(path: Path, max_frames: int, max_side: int) -> tuple[np.ndarray, float]:
+    """Video file -> uint8 [T, H, W, 3] (decord; the first max_frames frames; optional downscale)."""
+    import decord
+
+    h = w = -1
+    probe = decord.VideoReader(str(path))
+    H, W = probe[0].shape[:2]
+    if max_side and max(H, W) > max_side:
+        s = max_side / max(H, W)
+        h, w = max(16, round(H * s)), max(16, round(W * s))
+    vr = decord.VideoReader(str(path), width=w, height=h)
+    n = min(len(vr), max_frames) if max_frames else len(vr)
+    return vr.get_batch(list(range(n))).asnumpy(), float(vr.get_avg_fps())
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two uint8 arrays."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def write_video(frames: np.ndarray, path: Path, fps: float):
+    """uint8 [T, H, W, 3] -> .mp4 (PyAV) or, for other suffixes / without PyAV, a PNG strip of all frames."""
+    from PIL import Image
+
+    if path.suffix == ".mp4":
+        try:
+            import av
+
+            with av.open(str(path), "w") as out:
+                stream = out.add_stream("mpeg4", rate=max(1, round(fps)))
+                stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+                for f in frames:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                        out.mux(packet)
+                for packet in stream.encode():
+                    out.mux(packet)
+            return path
+        except ImportError:
+            path = path.with_suffix(".png")
+    Image.fromarray(np.concatenate(list(frames), axis=1)).save(path)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atoken", description="AToken tokenizer: encode or reconstruct an image or video.")
+    p.add_argument("command", choices=["encode", "reconstruct"])
+    p.add_argument("file", type=Path)
+    p.add_argument("--config", default="tiny", help="config name (tiny, tiny-fsq, mini, atoken-soc, atoken-sod, ...) or YAML path")
+    p.add_argument("--checkpoint", default=None, help=".pt or .safetensors (default: shipped weights of the config, else random)")
+    p.add_argument("--out", type=Path, default=None, help="output file (encode: .npz; reconstruct: .png, or .mp4/.png for video)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-frames", type=int, default=16, help="video: use the first N frames (0 = all)")
+    p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this (0 = never)")
+    p.add_argument("--kv-cache-size", type=int, default=None, help="decoder KV cache in raw frames (multiple of 4)")
+    args = p.parse_args(argv)
+
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from .sparse import image_to_tokens, to_uint8, tokens_to_video, video_to_tokens
+    from .tokenizer import Tokenizer
+
+    if not args.file.is_file():
+        raise FileNotFoundError(f"input not found: {args.file}")
+    is_video = args.file.suffix.lower() in VIDEO_EXT
+    if is_video:
+        pixels, fps = load_video(args.file, args.max_frames, args.max_side)
+        feats, coords = video_to_tokens(pixels)
+    else:
+        pixels, fps = load_image(args.file, args.max_side), 0.0
+        feats, coords = image_to_tokens(pixels[0])
+    print(f"input: {args.file.name} {'video' if is_video else 'image'} {tuple(pixels.shape)} -> {len(coords)} tokens")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tok = Tokenizer.from_files(args.config, args.checkpoint, device=args.device)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    ident = tok.identity()
+    print(f"tokenizer: {ident['id']} ({'discrete' if tok.model.discrete else 'continuous'}, {tok.device}, {tok.dtype})")
+
+    enc, rec = tok.reconstruct([(feats, coords)]) if args.command == "reconstruct" else (tok.encode([(feats, coords)]), None)
+    enc = enc[0]
+    for k, v in enc.items():
+        print(f"  {k}: {'None' if v is None else f'{tuple(v.shape)} {v.dtype}'}")
+
+    if args.command == "encode":
+        out = args.out or Path(args.file.stem + ".tokens.npz")
+        np.savez(out, **{k: v for k, v in enc.items() if v is not None})
+        print(f"wrote {out}")
+        return 0
+
+    ref = tokens_to_video(feats, coords)  # the cropped / padded input as the model saw it
+    got = tokens_to_video(torch.from_numpy(rec[0]), coords)
+    n = 1 if not is_video else min(len(pixels), ref.shape[0])  # drop temporal padding
+    ref8, got8 = to_uint8(ref[:n]), to_uint8(got[:n])
+    print(f"PSNR: {psnr(ref8, got8):.2f} dB")
+    if is_video:
+        out = write_video(got8, args.out or Path(args.file.stem + ".rec.mp4"), fps or 24.0)
+    else:
+        from PIL import Image
+
+        out = args.out or Path(args.file.stem + ".rec.png")
+        Image.fromarray(got8[0]).save(out)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,32 @@
+"""4D rotary position embedding over (t, x, y, z), as in the official AToken release.
+
+Quirks kept for checkpoint parity: per axis head_dim // 8 frequencies 10000^(-i / head_dim) (exponent i/d, not 2i/d),
+angles concatenated t|x|y|z, rotations on interleaved channel pairs (2j, 2j+1), same angles for every head, fp32.
+"""
+
+import torch
+from torch import nn
+
+
+class Rope4D(nn.Module):
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 8:
+            raise ValueError(f"4D RoPE needs head_dim divisible by 8, got {head_dim}")
+        self.head_dim = head_dim
+        n = head_dim // 8
+        freqs = theta ** (-torch.arange(n, dtype=torch.float64) / head_dim)
+        self.register_buffer("freqs", freqs.float(), persistent=False)  # not in the checkpoint
+
+    def rotation(self, pos: torch.Tensor) -> torch.Tensor:
+        """pos [N, 4] (t, x, y, z) -> complex rotations [N, head_dim // 2]."""
+        angles = pos.float()[:, :, None] * self.freqs.to(pos.device)[None, None, :]  # [N, 4, n]
+        return torch.polar(torch.ones_like(angles), angles).reshape(pos.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, rot: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, H, D]; rotate by coords pos [N, 4] (or precomputed rot [N, D/2]); fp32 inside, returns x.dtype."""
+        if rot is None:
+            rot = self.rotation(pos)
+        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+        out = torch.view_as_real(xc * rot[:, None, :]).reshape(x.shape)
+        return out.to(x.dtype)

@@ -1,0 +1,204 @@
+"""Sparse 4D token layout: packed features + int coords (b, t, x, y, z), and pixel/voxel <-> token converters.
+
+Packing rules follow the official AToken release: 4x16x16 patches, feature order (pt, ph, pw, c) with c fastest,
+images padded with zero frames (mid-gray in [-1, 1]) to 4 frames, frames cut to a multiple of 4, centre crop to x16.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PATCH = (4, 16, 16)
+TOKEN_DIM = PATCH[0] * PATCH[1] * PATCH[2] * 3  # 3072
+VOXEL_DIM = PATCH[1] * PATCH[2] * 3  # 768: one 16x16 RGB view patch per voxel
+VOXEL_RES = 64
+MAX_COORD = 4096  # the official tile reassembly hashes each coordinate into 12 bits
+
+
+def _as_tensor(x, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = np.ascontiguousarray(x)
+        x = torch.from_numpy(x if x.flags.writeable else x.copy())
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a numpy array or torch tensor, got {type(x).__name__}")
+    return x
+
+
+def _check_finite(x: torch.Tensor, name: str):
+    # a sum is finite iff every value is (barring overflow of huge values, which is bad input too); cheap
+    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x.sum(dtype=torch.float64))):
+        raise ValueError(f"{name}: contains NaN or infinite values")
+
+
+def _to_unit_range(x: torch.Tensor, name: str) -> torch.Tensor:
+    """uint8 [0, 255] -> [-1, 1]; float input must already be in [-1, 1]."""
+    if x.dtype == torch.uint8:
+        return x.float() / 127.5 - 1.0
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected uint8 or float pixels, got {x.dtype}")
+    _check_finite(x, name)
+    x = x.float()
+    if x.numel() and (x.min() < -1.001 or x.max() > 1.001):
+        raise ValueError(f"{name}: float pixels must be in [-1, 1], got range [{x.min():.3f}, {x.max():.3f}]")
+    return x
+
+
+def check_coords(coords: torch.Tensor, name: str = "coords"):
+    if coords.numel() and (int(coords.min()) < 0 or int(coords.max()) >= MAX_COORD):
+        raise ValueError(f"{name}: values must be in [0, {MAX_COORD}), got [{int(coords.min())}, {int(coords.max())}]")
+
+
+# ----------------------------------------------------------------------------- pixels <-> tokens
+
+
+def video_to_tokens(thwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, H, W, 3] video (uint8 or float in [-1, 1]) -> feats [n, 3072] float32, coords [n, 4] int32 (t, x, y, z)."""
+    x = _as_tensor(thwc, "video")
+    if x.ndim != 4:
+        raise ValueError(f"video: expected [T, H, W, 3], got shape {tuple(x.shape)}")
+    if x.shape[-1] != 3:
+        raise ValueError(f"video: expected 3 (RGB) channels last, got shape {tuple(x.shape)}")
+    T, H, W, _ = x.shape
+    pt, ph, pw = patch
+    if T == 0 or H == 0 or W == 0:
+        raise ValueError(f"video: empty input of shape {tuple(x.shape)}")
+    if H < ph or W < pw:
+        raise ValueError(f"video: frames {H}x{W} are smaller than one {ph}x{pw} patch")
+    x = _to_unit_range(x, "video")
+    if T < pt:  # pad with zero frames (= mid-gray in [-1, 1])
+        x = torch.cat([x, x.new_zeros(pt - T, H, W, 3)])
+    T = x.shape[0] // pt * pt  # drop frames beyond a multiple of pt
+    h, w = H // ph * ph, W // pw * pw
+    top, left = (H - h) // 2, (W - w) // 2
+    x = x[:T, top : top + h, left : left + w]
+    nt, nh, nw = T // pt, h // ph, w // pw
+    # (t pt) (h ph) (w pw) c -> (t h w) (pt ph pw c)
+    feats = x.reshape(nt, pt, nh, ph, nw, pw, 3).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nh * nw, -1)
+    grid = torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), torch.arange(1), indexing="ij")
+    coords = torch.stack([g.reshape(-1) for g in grid], dim=1).int()
+    return feats.contiguous(), coords
+
+
+def image_to_tokens(hwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
+    """[H, W, 3] image -> tokens of a 4-frame clip (the image + 3 zero frames)."""
+    x = _as_tensor(hwc, "image")
+    if x.ndim != 3:
+        raise ValueError(f"image: expected [H, W, 3], got shape {tuple(x.shape)}")
+    if x.shape[-1] != 3:
+        raise ValueError(f"image: expected 3 (RGB) channels last, got shape {tuple(x.shape)}")
+    return video_to_tokens(x[None], patch)
+
+
+def voxels_to_tokens(feats, coords3, token_dim: int = TOKEN_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D voxels: feats [M, 768] in [0, 1], coords [M, 3] (x, y, z) in [0, 63] -> feats [M, 3072], coords (1, x, y, z)."""
+    f, c = _as_tensor(feats, "voxel feats"), _as_tensor(coords3, "voxel coords")
+    if f.ndim != 2 or f.shape[1] != VOXEL_DIM:
+        raise ValueError(f"voxel feats: expected [M, {VOXEL_DIM}], got shape {tuple(f.shape)}")
+    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] != f.shape[0]:
+        raise ValueError(f"voxel coords: expected [{f.shape[0]}, 3], got shape {tuple(c.shape)}")
+    if f.shape[0] == 0:
+        raise ValueError("voxels: no active voxels")
+    if c.is_floating_point():
+        raise ValueError(f"voxel coords: expected integers, got {c.dtype}")
+    if int(c.min()) < 0 or int(c.max()) >= VOXEL_RES:
+        raise ValueError(f"voxel coords: must be in [0, {VOXEL_RES - 1}], got [{int(c.min())}, {int(c.max())}]")
+    _check_finite(f, "voxel feats")
+    f = f.float()
+    if f.min() < -1e-3 or f.max() > 1 + 1e-3:
+        raise ValueError(f"voxel feats: must be in [0, 1], got [{f.min():.3f}, {f.max():.3f}]")
+    out = f.new_zeros(f.shape[0], token_dim)
+    out[:, :VOXEL_DIM] = f * 2 - 1
+    coords = torch.cat([torch.ones_like(c[:, :1]), c], dim=1).int()
+    return out, coords
+
+
+def tokens_to_video(feats, coords4, patch=PATCH) -> torch.Tensor:
+    """feats [n, C], coords [n, 4] (t, x, y, z) -> video [T, H, W, 3] (float, model scale). Missing tokens are 0.
+
+    The temporal patch size is inferred from C (3072 -> 4 frames, 768 -> 1 frame)."""
+    f, c = _as_tensor(feats, "feats").float(), _as_tensor(coords4, "coords").long()
+    if f.ndim != 2 or c.ndim != 2 or c.shape != (f.shape[0], 4) or f.shape[0] == 0:
+        raise ValueError(f"tokens_to_video: expected feats [n, C] and coords [n, 4], got {tuple(f.shape)}, {tuple(c.shape)}")
+    _, ph, pw = patch
+    if f.shape[1] % (ph * pw * 3):
+        raise ValueError(f"tokens_to_video: feature width {f.shape[1]} is not a multiple of {ph * pw * 3}")
+    pt = f.shape[1] // (ph * pw * 3)
+    nt, nh, nw = (int(c[:, i].max()) + 1 for i in range(3))
+    grid = f.new_zeros(nt, nh, nw, pt, ph, pw, 3)
+    grid[c[:, 0], c[:, 1], c[:, 2]] = f.reshape(-1, pt, ph, pw, 3)
+    return grid.permute(0, 3, 1, 4, 2, 5, 6).reshape(nt * pt, nh * ph, nw * pw, 3)
+
+
+def tokens_to_image(feats, coords4, patch=PATCH) -> torch.Tensor:
+    """Image tokens -> [H, W, 3] (first frame; the temporal padding is dropped)."""
+    return tokens_to_video(feats, coords4, patch)[0]
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] float -> uint8 [0, 255] numpy."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- packed batch
+
+
+@dataclass
+class SparseBatch:
+    """Packed variable-length batch: feats [N, C], coords [N, 5] int32 (b, t, x, y, z); samples contiguous, ordered by b."""
+
+    feats: torch.Tensor
+    coords: torch.Tensor
+
+    @classmethod
+    def pack(cls, samples, channels: int | None = None) -> "SparseBatch":
+        """samples: list of (feats [n, C], coords [n, 4]). Validates shapes, finiteness and coordinate range."""
+        if len(samples) == 0:
+            raise ValueError("SparseBatch.pack: no samples")
+        feats, coords = [], []
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, (tuple, list)) or len(sample) != 2:
+                raise ValueError(f"sample {i}: expected a (feats, coords) pair")
+            f, c = _as_tensor(sample[0], f"sample {i} feats"), _as_tensor(sample[1], f"sample {i} coords")
+            if f.ndim != 2 or f.shape[0] == 0:
+                raise ValueError(f"sample {i}: feats must be a non-empty [n, C] array, got shape {tuple(f.shape)}")
+            if channels is not None and f.shape[1] != channels:
+                raise ValueError(f"sample {i}: feats have {f.shape[1]} channels, expected {channels}")
+            if feats and f.shape[1] != feats[0].shape[1]:
+                raise ValueError(f"sample {i}: feats have {f.shape[1]} channels, sample 0 has {feats[0].shape[1]}")
+            if c.ndim != 2 or c.shape != (f.shape[0], 4):
+                raise ValueError(f"sample {i}: coords must be [{f.shape[0]}, 4] (t, x, y, z), got {tuple(c.shape)}")
+            if c.is_floating_point():
+                raise ValueError(f"sample {i}: coords must be integers, got {c.dtype}")
+            _check_finite(f, f"sample {i} feats")
+            check_coords(c, f"sample {i} coords")
+            feats.append(f)
+            coords.append(torch.cat([torch.full_like(c[:, :1], i), c], dim=1).int().to(f.device))
+        return cls(torch.cat(feats), torch.cat(coords))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.coords[-1, 0]) + 1 if len(self.coords) else 0
+
+    @property
+    def seqlens(self) -> torch.Tensor:
+        return torch.bincount(self.coords[:, 0].long(), minlength=self.batch_size)
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return torch.nn.functional.pad(self.seqlens.cumsum(0), (1, 0)).int()
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Cut a per-token tensor [N, ...] into one piece per sample."""
+        return list(torch.split(x, self.seqlens.tolist()))
+
+    def to(self, device=None, dtype=None) -> "SparseBatch":
+        return SparseBatch(self.feats.to(device=device, dtype=dtype), self.coords.to(device=device))
+
+    def replace(self, feats: torch.Tensor) -> "SparseBatch":
+        return SparseBatch(feats, self.coords)
+
+    def __len__(self) -> int:
+        return len(self.feats)

@@ -1,0 +1,180 @@
+"""Inference wrapper used by the pipeline: batched, packed encode/decode with numpy in and out."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_weights
+from .config import ALIASES, ATokenConfig
+from .model import AToken
+from .sparse import SparseBatch
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED = {"tiny": "tiny-c.safetensors", "tiny-fsq": "tiny-d.safetensors"}  # config name -> shipped weights file
+RANDOM_SEED = 0  # weights of a model built without a checkpoint
+
+
+def resolve_config(config: str | Path | ATokenConfig) -> ATokenConfig:
+    return config if isinstance(config, ATokenConfig) else ATokenConfig.load(config)
+
+
+def shipped_checkpoint(cfg: ATokenConfig) -> Path | None:
+    """The checkpoint shipped in atoken/weights/ for this config name, if present."""
+    name = SHIPPED.get(ALIASES.get(cfg.name, cfg.name))
+    path = WEIGHTS_DIR / name if name else None
+    return path if path is not None and path.is_file() else None
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def tokenizer_identity(config, checkpoint: str | Path | None = None) -> dict:
+    """Stable identity of (config, weights) without building the model. checkpoint=None means the shipped weights
+    of the config if present, else seeded random weights (same rule as Tokenizer.from_files)."""
+    cfg = resolve_config(config)
+    ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(cfg)
+    if ckpt is not None:
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+        st = ckpt.stat()
+        weights = _file_sha256(str(ckpt.resolve()), st.st_size, st.st_mtime_ns)
+    else:
+        weights = f"random-init-seed-{RANDOM_SEED}"
+    arch = cfg.to_dict()
+    arch.pop("name")
+    digest = hashlib.sha256(json.dumps({"arch": arch, "weights": weights}, sort_keys=True).encode()).hexdigest()
+    return {
+        "id": f"{cfg.name}-{digest[:12]}",
+        "config": cfg.name,
+        "arch": arch,
+        "checkpoint": str(ckpt) if ckpt is not None else None,
+        "weights_sha256": weights,
+        "discrete": cfg.use_quantizer,
+        "dims": {"latent": cfg.latent_channels, "fsq_groups": cfg.quantizer_num_codebooks, "embed": cfg.encoder_model_channels},
+    }
+
+
+def pick_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _chunks(sizes: list[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive groups of sample indices whose token sum stays within max_tokens (an oversize sample alone)."""
+    groups, cur, total = [], [], 0
+    for i, n in enumerate(sizes):
+        if cur and total + n > max_tokens:
+            groups.append(cur)
+            cur, total = [], 0
+        cur.append(i)
+        total += n
+    return groups + [cur] if cur else groups
+
+
+class Tokenizer:
+    """AToken on a device: bf16 on GPU, fp32 on CPU (norms, RoPE, FSQ always fp32)."""
+
+    def __init__(self, model: AToken, device="auto", dtype: torch.dtype | None = None, max_tokens: int = 65536,
+                 identity: dict | None = None):
+        self.device = pick_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.cfg = model.cfg
+        self.max_tokens = max_tokens
+        self._identity = identity
+
+    @classmethod
+    def from_files(cls, config="tiny", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw) -> "Tokenizer":
+        """config: name or YAML path (official layout). checkpoint None: the shipped weights of the config if present,
+        else seeded random weights (with a warning)."""
+        cfg = resolve_config(config)
+        ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)
+            model = AToken(cfg)
+        if ckpt is not None:
+            load_weights(model, ckpt, strict=True)
+        else:
+            warnings.warn(f"no checkpoint for config {cfg.name!r}: using random weights (seed {RANDOM_SEED})")
+        return cls(model, device, dtype, identity=tokenizer_identity(cfg, ckpt), **kw)
+
+    def identity(self) -> dict:
+        if self._identity is None:  # built from a model object: hash its weights
+            h = hashlib.sha256()
+            for k, v in self.model.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().float().cpu().numpy().tobytes())
+            arch = self.cfg.to_dict()
+            arch.pop("name")
+            digest = hashlib.sha256(json.dumps({"arch": arch, "weights": h.hexdigest()}, sort_keys=True).encode()).hexdigest()
+            self._identity = {
+                "id": f"{self.cfg.name}-{digest[:12]}", "config": self.cfg.name, "arch": arch, "checkpoint": None,
+                "weights_sha256": h.hexdigest(), "discrete": self.cfg.use_quantizer,
+                "dims": {"latent": self.cfg.latent_channels, "fsq_groups": self.cfg.quantizer_num_codebooks,
+                         "embed": self.cfg.encoder_model_channels},
+            }
+        return self._identity
+
+    @torch.inference_mode()
+    def encode(self, samples: list, with_logvar: bool = True) -> list[dict]:
+        """samples: list of (feats [n, 3072], coords [n, 4]). One packed forward per chunk of <= max_tokens tokens.
+        Returns per sample: coords int16 [n,4], mean fp16 [n,48], logvar fp16 [n,48] (or None), indices int16 [n,8]
+        (discrete configs, else None), pooled fp16 [D]."""
+        out = []
+        for group in _chunks([len(s[1]) for s in samples], self.max_tokens):
+            batch = SparseBatch.pack([samples[i] for i in group], channels=self.cfg.in_channels)
+            seqlens = batch.seqlens.tolist()
+            enc = self.model.encode(batch.to(self.device, self.dtype))
+            mean = enc.mean.float()
+            indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
+            cols = {
+                "coords": batch.coords[:, 1:].to(torch.int16).numpy(),
+                "mean": mean.half().cpu().numpy(),
+                "logvar": enc.logvar.half().cpu().numpy() if with_logvar else None,
+                "indices": indices,
+            }
+            pooled = enc.pooled.float().half().cpu().numpy()
+            bounds = np.cumsum([0] + seqlens)
+            for j in range(len(group)):
+                a, b = bounds[j], bounds[j + 1]
+                out.append({k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]})
+        return out
+
+    @torch.inference_mode()
+    def decode(self, samples: list, kv_cache_size: int | None = None) -> list[np.ndarray]:
+        """samples: list of (latent [n, 48], coords [n, 4]) -> list of feats float32 [n, 3072] (model pixel scale)."""
+        out = []
+        for group in _chunks([len(s[1]) for s in samples], self.max_tokens):
+            batch = SparseBatch.pack([samples[i] for i in group], channels=self.cfg.latent_channels).to(self.device)
+            rec = self.model.decode(batch.feats.float(), batch.coords, kv_cache_size=kv_cache_size)
+            out += [r.numpy() for r in batch.split(rec.float().cpu())]
+        return out
+
+    def decode_indices(self, samples: list, kv_cache_size: int | None = None) -> list[np.ndarray]:
+        """samples: list of (indices [n, 8], coords [n, 4]) for discrete configs."""
+        to_codes = self.model.indices_to_codes
+        codes = [(to_codes(torch.as_tensor(np.asarray(i)).long().to(self.device)).cpu().numpy(), c) for i, c in samples]
+        return self.decode(codes, kv_cache_size)
+
+    def reconstruct(self, samples: list) -> tuple[list[dict], list[np.ndarray]]:
+        """Encode, then decode the deterministic latent (posterior mean, or FSQ codes for discrete configs)."""
+        enc = self.encode(samples)
+        if self.model.discrete:
+            rec = self.decode_indices([(e["indices"].astype(np.int64), e["coords"].astype(np.int64)) for e in enc])
+        else:
+            rec = self.decode([(e["mean"].astype(np.float32), e["coords"].astype(np.int64)) for e in enc])
+        return enc, rec

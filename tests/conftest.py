@@ -1,0 +1,26 @@
+"""Shared fixtures: the real test files in /work/shared (resolved relative to the repo root)."""
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Real test inputs: videos/, images/, meshes/, metadata/, bad/."""
+    path = SHARED / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared test data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Reference outputs of the official AToken code at reduced width (atoken-mini)."""
+    path = SHARED / "reference" / "atoken-mini"
+    if not path.is_dir():
+        pytest.skip(f"AToken reference vectors not found at {path}")
+    return path

@@ -1,0 +1,58 @@
+"""`python -m atoken` on real files, in a subprocess."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "atoken", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_reconstruct_image(shared_data, tmp_path):
+    src = shared_data / "images" / "chelsea.png"  # 451 x 300 RGB
+    out = tmp_path / "rec.png"
+    r = run_cli("reconstruct", src, "--config", "tiny", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"PSNR: ([0-9.]+|inf) dB", r.stdout)
+    assert m, r.stdout
+    assert 0 < float(m.group(1)) < 100
+    assert "mean: (504, 48)" in r.stdout  # 300x451 -> 288x448 -> 18 x 28 tokens
+    with Image.open(out) as im:
+        assert im.size == (448, 288) and im.mode == "RGB"
+        assert np.asarray(im).std() > 0
+
+
+def test_encode_discrete_writes_npz(shared_data, tmp_path):
+    out = tmp_path / "tok.npz"
+    r = run_cli("encode", shared_data / "images" / "hopper_gray.jpg", "--config", "tiny-fsq", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    with np.load(out) as z:
+        assert z["indices"].shape == (64, 8) and z["coords"].shape == (64, 4) and z["pooled"].shape == (144,)
+        assert z["indices"].min() >= 0 and z["indices"].max() < 4096
+
+
+def test_reconstruct_video(shared_data, tmp_path):
+    out = tmp_path / "rec.mp4"
+    r = run_cli("reconstruct", shared_data / "videos" / "bbb_480p_vp9_opus_1second.webm", "--max-frames", "6",
+                "--max-side", "128", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "PSNR:" in r.stdout and out.stat().st_size > 0
+
+
+def test_bad_file_gives_clear_error(shared_data, tmp_path):
+    r = run_cli("encode", shared_data / "bad" / "broken.png", cwd=tmp_path)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("encode", tmp_path / "missing.png", cwd=tmp_path)
+    assert r.returncode == 2 and "not found" in r.stderr
+    r = run_cli("encode", shared_data / "images" / "chelsea.png", "--config", "no-such-config", cwd=tmp_path)
+    assert r.returncode == 2 and "unknown config" in r.stderr
