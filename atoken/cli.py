@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m atoken", description="AToken tokenizer: encode or reconstruct an image or video.")
     p.add_argument("command", choices=["encode", "reconstruct"])
     p.add_argument("file", type=Path)
-    p.add_argument("--config", default="tiny", help="config name (tiny, tiny-fsq, mini, atoken-soc, atoken-sod, ...) or YAML path")
+    p.add_argument("--config", default="tiny-c", help="config name (tiny-c, tiny-d, tiny, tiny-fsq, mini, atoken-soc, atoken-sod, ...) or YAML path")
     p.add_argument("--checkpoint", default=None, help=".pt or .safetensors (default: shipped weights of the config, else random)")
     p.add_argument("--out", type=Path, default=None, help="output file (encode: .npz; reconstruct: .png, or .mp4/.png for video)")
     p.add_argument("--device", default="auto")

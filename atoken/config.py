@@ -21,8 +21,6 @@ ALIASES = {
     "soc-s1": "atoken-soc-s1",
     "mini-c": "mini",
     "mini-d": "mini-fsq",
-    "tiny-c": "tiny",
-    "tiny-d": "tiny-fsq",
 }
 
 

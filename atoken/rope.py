@@ -19,14 +19,15 @@ class Rope4D(nn.Module):
         self.register_buffer("freqs", freqs.float(), persistent=False)  # not in the checkpoint
 
     def rotation(self, pos: torch.Tensor) -> torch.Tensor:
-        """pos [N, 4] (t, x, y, z) -> complex rotations [N, head_dim // 2]."""
-        angles = pos.float()[:, :, None] * self.freqs.to(pos.device)[None, None, :]  # [N, 4, n]
-        return torch.polar(torch.ones_like(angles), angles).reshape(pos.shape[0], -1)
+        """pos [N, 4] (t, x, y, z) -> (cos, sin) of the angles, stacked [2, N, head_dim // 2]."""
+        angles = (pos.float()[:, :, None] * self.freqs.to(pos.device)[None, None, :]).reshape(pos.shape[0], -1)
+        return torch.stack([angles.cos(), angles.sin()])
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, rot: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, H, D]; rotate by coords pos [N, 4] (or precomputed rot [N, D/2]); fp32 inside, returns x.dtype."""
+        """x [N, H, D]; rotate by coords pos [N, 4] (or precomputed rot); fp32 inside, returns x.dtype.
+        Real arithmetic on (real, imag) channel pairs, so torch.compile can fuse it."""
         if rot is None:
             rot = self.rotation(pos)
-        xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-        out = torch.view_as_real(xc * rot[:, None, :]).reshape(x.shape)
-        return out.to(x.dtype)
+        cos, sin = rot[0][:, None, :], rot[1][:, None, :]
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], -1).flatten(-2).to(x.dtype)

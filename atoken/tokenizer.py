@@ -17,7 +17,7 @@ from .model import AToken
 from .sparse import SparseBatch
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-SHIPPED = {"tiny": "tiny-c.safetensors", "tiny-fsq": "tiny-d.safetensors"}  # config name -> shipped weights file
+SHIPPED = {"tiny-c": "tiny-c.safetensors", "tiny-d": "tiny-d.safetensors"}  # config name -> shipped weights file
 RANDOM_SEED = 0  # weights of a model built without a checkpoint
 
 
@@ -98,7 +98,7 @@ class Tokenizer:
         self._identity = identity
 
     @classmethod
-    def from_files(cls, config="tiny", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw) -> "Tokenizer":
+    def from_files(cls, config="tiny-c", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw) -> "Tokenizer":
         """config: name or YAML path (official layout). checkpoint None: the shipped weights of the config if present,
         else seeded random weights (with a warning)."""
         cfg = resolve_config(config)

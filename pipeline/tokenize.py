@@ -10,7 +10,7 @@ from pipeline.rows import fail, is_ok
 
 @dataclass
 class TokenizeConfig:
-    config: str = "tiny"            # named config or path to a YAML (official layout accepted)
+    config: str = "tiny-c"          # named config or path to a YAML (official layout accepted)
     checkpoint: str | None = None     # .pt / .safetensors; None = the shipped tiny weights or seeded random
     device: str = "auto"              # auto | cuda | cpu
     batch_tokens: int = 16384         # token budget per forward pass

@@ -1,5 +1,6 @@
 """Shared fixtures: the real test files in /work/shared (resolved relative to the repo root)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ SHARED = (REPO / ".." / "shared").resolve()
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Real test inputs: videos/, images/, meshes/, metadata/, bad/."""
-    path = SHARED / "data"
+    path = Path(os.environ.get("ATOKEN_TEST_DATA", SHARED / "data"))  # override: a copy carried to a GPU box
     if not path.is_dir():
         pytest.skip(f"shared test data not found at {path}")
     return path

@@ -1,0 +1,174 @@
+"""Pipeline throughput: a video job over real test videos repeated to a few thousand clips, against a plain
+sequential loop (decode -> tokenize -> write) doing the same work.
+
+Reports clips/s of both, the speed-up, per-stage throughput, and the GPU-busy fraction in steady state
+(`nvidia-smi` utilisation sampled every 100 ms, the first and last 10 % of the run dropped).
+
+  python benchmarks/bench_pipeline.py --videos ../shared/data/videos --clips 2000 --out benchmarks/results/pipeline.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.job import JobConfig, build  # noqa: E402
+
+DEFAULT_VIDEOS = ("Big_Buck_Bunny_180_10s.webm", "bbb_480p_vp9_opus_1second.webm", "chaplin.mp4", "stub_mp4v.mp4",
+                  "max-heromode.mp4")
+
+
+class GpuSampler(threading.Thread):
+    """Samples GPU utilisation (%) with nvidia-smi until stopped."""
+
+    def __init__(self, period_ms: int = 100):
+        super().__init__(daemon=True)
+        self.samples: list[tuple[float, float]] = []
+        self.proc = None
+        self.period_ms = period_ms
+
+    def run(self):
+        if not shutil.which("nvidia-smi"):
+            return
+        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      f"-lms={self.period_ms}"], stdout=subprocess.PIPE, text=True)
+        for line in self.proc.stdout:
+            try:
+                self.samples.append((time.time(), float(line.split(",")[0])))
+            except ValueError:
+                pass
+
+    def stop(self):
+        if self.proc:
+            self.proc.terminate()
+
+    def busy(self, start: float, end: float) -> float | None:
+        span = end - start
+        vals = [u for t, u in self.samples if start + 0.1 * span <= t <= end - 0.1 * span]
+        return sum(vals) / len(vals) / 100.0 if vals else None
+
+
+def make_inputs(src: Path, names: list[str], n: int, dest: Path) -> Path:
+    """n clips as hard links (or copies) of the real videos under distinct names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    files = [src / f for f in names if (src / f).exists()]
+    if not files:
+        raise SystemExit(f"no test videos found in {src}")
+    for i in range(n):
+        f = files[i % len(files)]
+        link = dest / f"clip_{i:05d}{f.suffix}"
+        if not link.exists():
+            try:
+                os.link(f, link)
+            except OSError:
+                shutil.copy(f, link)
+    return dest
+
+
+def job_for(inputs: Path, out: Path, args) -> JobConfig:
+    return build(JobConfig, {
+        "name": "bench", "out": str(out), "sources": [{"type": "folder", "path": str(inputs), "name": "bench"}],
+        "decode": {"fps": args.fps, "max_frames": args.frames, "timeout_s": 120,
+                   "buckets": {"area": args.area, "min_side": 128, "max_side": 1024}},
+        "tokenize": {"config": args.config, "device": args.device, "batch_tokens": args.batch_tokens,
+                     "batch_rows": args.batch_rows, "actors_per_gpu": args.actors_per_gpu},
+        "write": {"shard_rows": 256}, "qa": {"samples": 0}})
+
+
+def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
+    """The baseline: one clip at a time, decode -> tokenize -> write, in one process."""
+    from pipeline.decode import decode_row
+    from pipeline.fetch import fetch_row
+    from pipeline.run import open_store
+    from pipeline.sources import local_files
+    from pipeline.tokenize import Tokenize
+
+    stage = Tokenize(job.tokenize)
+    store = open_store(job)
+    rows = [r for r in local_files(inputs, source="loop")][:n]
+    stage([decode_row(fetch_row(rows[0], job.fetch), job.decode)])  # warm-up (CUDA context, kernels)
+    t0 = time.perf_counter()
+    ok = 0
+    for r in rows:
+        out = stage([decode_row(fetch_row(r, job.fetch), job.decode)])[0]
+        store.add(out)
+        ok += out["status"] == "ok"
+    store.close()
+    wall = time.perf_counter() - t0
+    return {"clips": len(rows), "ok": ok, "wall_s": wall, "clips_per_s": len(rows) / wall}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--videos", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"))
+    p.add_argument("--names", default=",".join(DEFAULT_VIDEOS))
+    p.add_argument("--clips", type=int, default=2000)
+    p.add_argument("--baseline-clips", type=int, default=100)
+    p.add_argument("--config", default="atoken/configs/atoken-soc.yaml")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--area", type=int, default=512 * 512, help="pixel area of the resolution buckets")
+    p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--batch-rows", type=int, default=16)
+    p.add_argument("--actors-per-gpu", type=int, default=2)
+    p.add_argument("--work", default="/tmp/bench-pipeline")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("PIPELINE_PROGRESS", "0")
+
+    work = Path(args.work)
+    shutil.rmtree(work / "out", ignore_errors=True)
+    shutil.rmtree(work / "loop", ignore_errors=True)
+    inputs = make_inputs(Path(args.videos), args.names.split(","), args.clips, work / "clips")
+    job = job_for(inputs, work / "out", args)
+
+    from pipeline.run import run_job
+    sampler = GpuSampler()
+    sampler.start()
+    t0 = time.time()
+    summary = run_job(job)
+    t1 = time.time()
+    sampler.stop()
+    print(summary.render())
+    pipe = {"clips": summary.todo, "ok": summary.counts.get("ok", 0), "wall_s": summary.wall_s,
+            "clips_per_s": summary.todo / summary.wall_s, "gpu_busy": sampler.busy(t0, t1),
+            "stages": {k: {"samples": summary.stage_n[k], "s_per_sample_per_worker": summary.stage_s[k] /
+                           max(summary.stage_n[k], 1)} for k in summary.stage_s}}
+
+    import ray
+    ray.shutdown()
+    loop_job = job_for(inputs, work / "loop", args)
+    loop = sequential_loop(loop_job, inputs, args.baseline_clips)
+
+    import torch
+    result = {"machine": {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
+              "settings": vars(args), "pipeline": pipe, "sequential_loop": loop,
+              "speedup": pipe["clips_per_s"] / loop["clips_per_s"]}
+    print(f"\n{'':24s}{'clips':>8s}{'wall s':>10s}{'clips/s':>10s}")
+    print(f"{'ray data pipeline':24s}{pipe['clips']:8d}{pipe['wall_s']:10.1f}{pipe['clips_per_s']:10.2f}")
+    print(f"{'sequential loop':24s}{loop['clips']:8d}{loop['wall_s']:10.1f}{loop['clips_per_s']:10.2f}")
+    busy = pipe["gpu_busy"]
+    print(f"speed-up {result['speedup']:.1f}x; GPU busy (steady state) "
+          f"{'n/a' if busy is None else f'{busy * 100:.0f} %'}")
+    for k, v in pipe["stages"].items():
+        print(f"  {k:9s} {1 / max(v['s_per_sample_per_worker'], 1e-9):8.1f} clips/s per worker")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
