@@ -142,7 +142,7 @@ class Tokenizer:
             mean = enc.mean.float()
             indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
             cols = {
-                "coords": batch.coords[:, 1:].to(torch.int16).numpy(),
+                "coords": batch.coords[:, 1:].to(torch.int16).cpu().numpy(),
                 "mean": mean.half().cpu().numpy(),
                 "logvar": enc.logvar.half().cpu().numpy() if with_logvar else None,
                 "indices": indices,

@@ -17,7 +17,12 @@ def cmd_run(args) -> int:
     job = load_job(args.job, out=args.out)
     if args.address:
         job.ray.address = args.address
-    summary = run_job(job, retry_failed=args.retry_failed)
+    try:
+        summary = run_job(job, retry_failed=args.retry_failed)
+    except OSError as exc:  # disk full, read-only output, missing input folder: one clear line, no traceback
+        print(f"error: {exc}. Committed shards are intact; rerun the same command to resume once this is fixed.",
+              file=sys.stderr)
+        return 1
     print(summary.render())
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
 from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
+from pipeline.faults import maybe_fault
 from pipeline.isolate import IsolateError, run_with_timeout
 from pipeline.rows import describe, fail, is_ok
 
@@ -147,27 +148,48 @@ def _readable_upto(vr, hi: int, lookback: int = 64) -> int | None:
     return None
 
 
+def _cover_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) that covers the bucket `size` at the source aspect ratio (then centre-cropped)."""
+    scale = max(size[0] / h, size[1] / w)
+    return max(size[0], round(h * scale)), max(size[1], round(w * scale))
+
+
+def _get_batch(vr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    import decord
+    try:
+        return vr.get_batch(idx.tolist()).asnumpy(), idx
+    except decord.DECORDError:
+        last = _readable_upto(vr, int(idx.max()))  # over-reported length: clamp to what exists
+        if last is None or last == int(idx.max()):
+            raise
+        idx = np.minimum(idx, last)
+        return vr.get_batch(idx.tolist()).asnumpy(), idx
+
+
 def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
+    """Frames sampled per `cfg`, scaled by the decoder itself (ffmpeg) to cover the bucket, then centre-cropped.
+    Where decord cannot scale a stream (e.g. rotated ones), frames are decoded at full size and resized here."""
     import decord  # package decord2
     try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads)
-        n_total, native = len(vr), float(vr.get_avg_fps())
+        probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads)
+        n_total, native = len(probe), float(probe.get_avg_fps())
+        h, w = probe[0].shape[:2]
         idx, rate = sample_indices(n_total, native, cfg.fps, cfg.max_frames, span)
+        size = choose_bucket(h, w, make_buckets(cfg.buckets))
+        rh, rw = _cover_size(h, w, size)
         try:
-            frames = vr.get_batch(idx.tolist()).asnumpy()
+            scaled = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads, width=rw, height=rh)
+            frames, idx = _get_batch(scaled, idx)
         except decord.DECORDError:
-            last = _readable_upto(vr, int(idx.max()))  # over-reported length: clamp to what exists
-            if last is None or last == int(idx.max()):
-                raise
-            idx = np.minimum(idx, last)
-            frames = vr.get_batch(idx.tolist()).asnumpy()
-    except (decord.DECORDError, RuntimeError) as exc:
+            frames, idx = _get_batch(probe, idx)
+    except (decord.DECORDError, RuntimeError, IndexError) as exc:
         raise DecodeError(clean_decoder_error(exc)) from None
     if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
         raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected [{len(idx)}, H, W, 3]")
-    h, w = frames.shape[1:3]
-    size = choose_bucket(h, w, make_buckets(cfg.buckets))
-    out = np.stack([np.asarray(resize_crop(Image.fromarray(f), size)) for f in frames])
+    if frames.shape[1:3] != (rh, rw):  # the decoder ignored the requested size: resize here
+        frames = np.stack([np.asarray(resize_crop(Image.fromarray(f), (rh, rw))) for f in frames])
+    top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
+    out = np.ascontiguousarray(frames[:, top:top + size[0], left:left + size[1]])
     return {"pixels": out, "fps": float(rate), "orig_size": [int(h), int(w)], "num_frames": int(out.shape[0]),
             "frame_indices": idx.astype(np.int32)}
 
@@ -175,6 +197,7 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
 # ---- stage ---------------------------------------------------------------------------------------------------
 
 def decode_file(path: str, modality: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
+    maybe_fault("decode_child")  # runs in the isolated child: the reliability suite's hang/crash point
     if modality == "image":
         return decode_image(path, cfg)
     if modality == "video":

@@ -1,36 +1,63 @@
-"""Fault injection for the reliability suite: kill -9 a process at a named point of the pipeline.
+"""Fault injection for the reliability suite: kill, hang or fail a process at a named point of the pipeline.
 
-Inactive unless PIPELINE_FAULT is set, as `<point>:<nth>:<victim>` with victim `self` (the process reaching the
-point, e.g. a Ray worker) or `driver` (the job driver, whose pid is in PIPELINE_DRIVER_PID). The nth arrival at
-the point, counted across processes through files in PIPELINE_FAULT_DIR, fires once.
+Inactive unless PIPELINE_FAULT is set, as `<point>:<nth>:<action>`. The nth arrival at the point, counted across
+processes through files in PIPELINE_FAULT_DIR, fires once. Actions:
+    self     kill -9 the process reaching the point (e.g. a Ray worker, or the isolated decode child)
+    driver   kill -9 the job driver (its pid is in PIPELINE_DRIVER_PID)
+    hang     sleep forever (a decoder stuck in C code; only a wall-clock limit gets out of it)
+    enospc   raise OSError(ENOSPC), as a full disk would
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 
-POINTS = ("fetch", "decode", "mesh", "tokenize", "shard_tmp_written", "shard_renamed", "manifest_appended",
-          "status_written")
+POINTS = ("fetch", "decode", "decode_child", "mesh", "tokenize", "shard_write", "shard_tmp_written",
+          "shard_renamed", "manifest_appended")
+ACTIONS = ("self", "driver", "hang", "enospc")
+
+
+def parse(spec: str) -> tuple[str, int, str]:
+    try:
+        point, nth, action = spec.split(":")
+        nth = int(nth)
+    except ValueError:
+        raise ValueError(f"PIPELINE_FAULT={spec!r}: expected <point>:<nth>:<action>") from None
+    if point not in POINTS or action not in ACTIONS or nth < 1:
+        raise ValueError(f"PIPELINE_FAULT={spec!r}: point in {POINTS}, nth >= 1, action in {ACTIONS}")
+    return point, nth, action
+
+
+def _claim(root: str, point: str, nth: int) -> bool:
+    """True for the process that makes the nth arrival at `point` (each arrival takes a number atomically)."""
+    if os.path.exists(os.path.join(root, "fired")):
+        return False
+    for k in range(1, nth + 1):
+        try:
+            os.close(os.open(os.path.join(root, f"{point}-{k}"), os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
+        if k < nth:
+            return False
+        with open(os.path.join(root, "fired"), "w") as f:
+            f.write(f"{point}:{nth} pid {os.getpid()} at {time.time():.3f}\n")
+        return True
+    return False
 
 
 def maybe_fault(point: str) -> None:
     spec = os.environ.get("PIPELINE_FAULT")
     if not spec:
         return
-    want, nth, victim = spec.split(":")
-    if want != point:
+    want, nth, action = parse(spec)
+    if want != point or not _claim(os.environ["PIPELINE_FAULT_DIR"], point, nth):
         return
-    root = os.environ["PIPELINE_FAULT_DIR"]
-    if os.path.exists(os.path.join(root, "fired")):
-        return
-    for k in range(1, int(nth) + 1):  # claim the next free arrival number atomically
-        try:
-            os.close(os.open(os.path.join(root, f"{point}-{k}"), os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            continue
-        if k < int(nth):
-            return
-        open(os.path.join(root, "fired"), "w").close()
-        pid = int(os.environ["PIPELINE_DRIVER_PID"]) if victim == "driver" else os.getpid()
-        os.kill(pid, signal.SIGKILL)
-        return
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {point})")
+    if action == "hang":
+        while True:
+            time.sleep(3600)
+    pid = int(os.environ["PIPELINE_DRIVER_PID"]) if action == "driver" else os.getpid()
+    os.kill(pid, signal.SIGKILL)

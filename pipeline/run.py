@@ -119,13 +119,15 @@ def init_ray(job: JobConfig):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # under `ray job submit`: merge with the job's env
     os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
     env = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_") or k == "RAY_AUTH_MODE"}
     address = job.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
     else:
-        ray.init(num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=False,
+        # "local": always a fresh cluster; without it Ray joins any cluster it finds running on this machine
+        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("PIPELINE_PROGRESS", "1") == "1")

@@ -4,6 +4,8 @@
 Ids are `<source>-<key>`, deterministic (re-reading a source with appended rows gives old rows the same ids)
 and safe as file names: only [A-Za-z0-9._-], never a path separator, never starting with a dot; a key that had
 to be changed or shortened gets a hash suffix so that distinct keys never collide.
+CSVs are read as UTF-8 with invalid bytes replaced by U+FFFD (one bad byte must not abort a whole source, and
+Arrow strings cannot hold lone surrogates).
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def parse_iso_duration(text: str) -> float:
 
 def webvid_csv(path: str | Path, source: str = "webvid") -> Iterator[dict]:
     """WebVid rows (any column order): videoid, name (caption), contentUrl, duration, optional page fields."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
         missing = {"videoid", "name", "contentUrl"} - set(reader.fieldnames or [])
         if missing:
@@ -149,7 +151,7 @@ def _panda_clips(rec: dict) -> list[tuple[list[float], str, float]]:
 def panda70m_csv(path: str | Path, source: str = "panda70m") -> Iterator[dict]:
     """Panda-70M rows `videoID,url,timestamp,caption,matching_score[,...]`: one sample per clip, id
     `<source>-<videoID>_<start_ms>_<end_ms>`. A malformed row gives one failed row (stage "source")."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         reader = csv.DictReader(f)
         missing = {"videoID", "url", "timestamp", "caption"} - set(reader.fieldnames or [])
         if missing:
@@ -199,7 +201,7 @@ def _objaverse_at(mirror_dir: str):
 
 def read_captions(path: str | Path) -> dict[str, str]:
     out = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         for rec in csv.reader(f):
             if len(rec) >= 2 and rec[0] != "uid":
                 out[rec[0].strip()] = rec[1].strip()

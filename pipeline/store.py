@@ -130,7 +130,8 @@ class ShardStore:
     # ---- writing --------------------------------------------------------------------------------
     def add(self, row: dict) -> None:
         """Buffers a finished row: ok rows go to shards, others to the status log."""
-        if row.get("modality") not in self.buffers:
+        # only ok rows need a shard; failed/skipped ones may say modality "unknown" (an unrecognised file)
+        if row.get("status", "ok") == "ok" and row.get("modality") not in self.buffers:
             raise ValueError(f"row {row.get('id')!r}: unknown modality {row.get('modality')!r}")
         if row["id"] in self.state.ok or row["id"] in self.buffered:
             return  # exactly once, even if an upstream task was retried
@@ -163,6 +164,7 @@ class ShardStore:
         final = self.dir / "data" / modality / name
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / ".tmp" / f"{modality}-{name}"
+        maybe_fault("shard_write")
         pq.write_table(table, tmp, compression=self.compression)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

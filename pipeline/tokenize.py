@@ -21,13 +21,16 @@ class TokenizeConfig:
     kv_cache_size: int = 0            # decoder KV cache (raw frames), used by the QA decode
 
 
-def sample_tokens(row: dict):
-    """The (feats, coords4) token pair of a decoded row, per the tokenizer's packing rules."""
+def sample_tokens(row: dict, device="cpu"):
+    """The (feats, coords4) token pair of a decoded row, per the tokenizer's packing rules. uint8 pixels go to
+    `device` first, so the float conversion and patchify run there (on GPU: no CPU work per pixel)."""
+    import torch
+
     from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
 
     if row["modality"] == "3d":
         return voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
-    pixels = row["pixels"].astype(np.float32) / 127.5 - 1.0
+    pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
     if row["modality"] == "image":
         return image_to_tokens(pixels[0])
     return video_to_tokens(pixels)
@@ -51,7 +54,7 @@ class Tokenize:
                 out[i] = row
                 continue
             try:
-                work.append((i, sample_tokens(row)))
+                work.append((i, sample_tokens(row, self.tokenizer.device)))
             except Exception as e:  # bad pixels / voxels: recorded, never raised
                 out[i] = fail(row, "tokenize", f"cannot pack tokens: {e}")
         if work:  # one call; the tokenizer packs it into forward passes of at most batch_tokens tokens

@@ -172,7 +172,7 @@ def test_alpha_palette_gray():
 # ---- bad files and isolation -------------------------------------------------------------------------------
 
 BAD = {  # file -> expected final status after source + decode (3d files pass to the mesh stages)
-    "block_ends_beyond_cluster.mkv": ("failed", "decode", "Error getting frame at: 0"),
+    "block_ends_beyond_cluster.mkv": ("failed", "decode", "Failed to seek_accurate to frame 0"),
     "broken.png": ("failed", "decode", "cannot identify image"),
     "corrupted.mp4": ("ok", "decode", None),  # damaged mid-stream: ffmpeg conceals the errors
     "empty.ply": ("skipped", "source", "empty file"),

@@ -1,0 +1,71 @@
+"""Renders the figures collected by the reliability suite into out/reliability/report.md and report.json.
+
+    python -m tests.reliability.report out/reliability/report.json   # re-render a saved report
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _table(rows: list[dict], cols: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return lines
+
+
+def _counts(title: str, counts: dict) -> list[str]:
+    return [f"{title}:", ""] + _table([{"what": k, "n": v} for k, v in
+                                       sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))], ["what", "n"])
+
+
+def render(figs: dict) -> str:
+    out = ["# Reliability and security report", ""]
+    if rows := figs.get("crash_matrix"):
+        rows = sorted(rows, key=lambda r: (r["victim"], r["point"], r["nth"]))
+        out += ["## Crash matrix (kill -9, then rerun)", "",
+                f"{len(rows)} points tried; lost samples {sum(r['lost'] for r in rows)}, "
+                f"duplicates {sum(r['duplicates'] for r in rows)}, "
+                f"verify problems {sum(r['verify_problems'] for r in rows)}.", ""]
+        out += _table(rows, ["point", "nth", "victim", "crash_rc", "committed_before_rerun", "lost", "duplicates",
+                             "verify_problems", "crash_s", "rerun_s"]) + [""]
+    if net := figs.get("network"):
+        out += ["## Network faults (loopback HTTP server)", ""]
+        for run in net:
+            out += [f"- {run['name']}: {run['samples']} samples ({run['faulty']} with a fault), "
+                    f"{run['ok']} ok, {run['failed']} failed with a reason; "
+                    f"wall {run['wall_s']:.1f}s (bound {run['bound_s']:.0f}s)", ""]
+            out += _table([{"sample (fault)": k, "outcome": v} for k, v in run["outcomes"].items()],
+                          ["sample (fault)", "outcome"]) + [""]
+    if bad := figs.get("bad_inputs"):
+        out += ["## Bad inputs", ""]
+        for run in bad:
+            out += [f"- {run['name']}: {run['cases']} cases, {run['failed']} recorded as failed, "
+                    f"{run['recovered']} decoded anyway (ok), worker crashes {run['worker_crashes']}, "
+                    f"good samples kept {run.get('good_kept', '-')}", ""]
+            out += _counts("reasons", run["reasons"]) + [""]
+            if run.get("recovered_cases"):
+                out += ["recovered (decoder legitimately recovers): " + ", ".join(run["recovered_cases"][:40]), ""]
+    if hangs := figs.get("hangs"):
+        out += ["## Hangs", ""] + _table(hangs, ["name", "timeout_s", "killed_after_s", "reason", "job_ok"]) + [""]
+    if untrusted := figs.get("untrusted"):
+        out += ["## Untrusted metadata", ""] + _table(untrusted, ["check", "cases", "result"]) + [""]
+    if disk := figs.get("disk_full"):
+        out += ["## Disk full / output write errors", ""]
+        out += _table(disk, ["variant", "rc", "error_line", "corrupt_shards", "resumed_ok", "lost", "duplicates"])
+        out += [""]
+    return "\n".join(out)
+
+
+def write_report(figs: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(figs, indent=2, sort_keys=True, default=str))
+    md = out_dir / "report.md"
+    md.write_text(render(figs))
+    return md
+
+
+if __name__ == "__main__":
+    print(render(json.loads(Path(sys.argv[1] if len(sys.argv) > 1 else "out/reliability/report.json").read_text())))
