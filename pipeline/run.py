@@ -32,6 +32,16 @@ class Summary:
     stage_n: dict = field(default_factory=collections.Counter)
     shards: list = field(default_factory=list)
     qa: dict = field(default_factory=dict)
+    arrivals: list = field(default_factory=list)                    # time.time() of each finished row
+
+    def steady_rate(self, lo: float = 0.1, hi: float = 0.9) -> tuple[float, float, float] | None:
+        """(samples/s, start, end) between the lo and hi quantiles of row arrivals: startup and tail excluded."""
+        n = len(self.arrivals)
+        if len(set(self.arrivals)) < 10:  # rows arrive in blocks: too few blocks for a rate
+            return None
+        a, b = int(n * lo), int(n * hi) - 1
+        t0, t1 = self.arrivals[a], self.arrivals[b]
+        return ((b - a) / (t1 - t0) if t1 > t0 else float("inf")), t0, t1
 
     def add(self, row: dict) -> None:
         self.counts[row.get("status", OK)] += 1
@@ -170,6 +180,7 @@ def run_job(job: JobConfig, retry_failed: bool = False) -> Summary:
     shards_before = len(store.state.shards)
     if todo:
         for row in stream(job, todo):
+            summary.arrivals.append(time.time())
             summary.add(row)
             row.pop("timings", None)
             store.add(row)

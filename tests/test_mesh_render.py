@@ -180,8 +180,8 @@ def test_large_mesh_renders():
 @pytest.mark.gpu
 @pytest.mark.skipif(not cuda_available(), reason="needs CUDA + nvdiffrast")
 @pytest.mark.parametrize("name", ["BoxTextured.glb", "cubevc.glb", "spot.obj", "fuze.obj"])
-def test_cuda_matches_cpu(name):
-    mesh, _ = normalize(load_mesh(MESHES / name))
+def test_cuda_matches_cpu(name, shared_data):
+    mesh, _ = normalize(load_mesh(shared_data / "meshes" / name))
     cams = sphere_cameras(16, name)
     cpu = Renderer(RenderConfig(resolution=256, backend="cpu", device="cuda")).render(mesh, cams)
     gpu = Renderer(RenderConfig(resolution=256, backend="cuda")).render(mesh, cams)
