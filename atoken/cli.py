@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"}
+MESH_EXT = {".glb", ".gltf", ".obj", ".ply", ".stl"}
 
 
 def load_image(path: Path, max_side: int) -> np.ndarray:
@@ -84,6 +85,10 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=16, help="video: use the first N frames (0 = all)")
     p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this (0 = never)")
     p.add_argument("--kv-cache-size", type=int, default=None, help="decoder KV cache in raw frames (multiple of 4)")
+    p.add_argument("--views", type=int, default=150, help="3D: views rendered to build the voxel features")
+    p.add_argument("--eval-views", type=int, default=8, help="3D reconstruct: views compared with the splatted Gaussians")
+    p.add_argument("--gs-config", default=None, help="3D: Gaussian decoder YAML (default: atoken/configs/3d_decode_gs.yaml)")
+    p.add_argument("--gs-checkpoint", default=None, help="3D: Gaussian decoder weights (3d_decode_gs.pt); default random")
     args = p.parse_args(argv)
 
     try:
@@ -101,6 +106,9 @@ def _run(args) -> int:
 
     if not args.file.is_file():
         raise FileNotFoundError(f"input not found: {args.file}")
+    if args.file.suffix.lower() in MESH_EXT:
+        from .cli3d import run_3d
+        return run_3d(args)
     is_video = args.file.suffix.lower() in VIDEO_EXT
     if is_video:
         pixels, fps = load_video(args.file, args.max_frames, args.max_side)

@@ -152,31 +152,31 @@ def open_store(job: JobConfig) -> ShardStore:
     return ShardStore(job.out, ident, TokenDims(**ident["dims"]), job.write.shard_rows, job.write.compression)
 
 
-def collect(job: JobConfig, store: ShardStore, retry_failed: bool) -> tuple[list[dict], int]:
-    """Descriptors still to do, after dropping finished ids and duplicates; source-level failures go to the store."""
+def collect(job: JobConfig, store: ShardStore, retry_failed: bool) -> tuple[list[dict], list[dict], int]:
+    """(descriptors still to do, rows already finished at the source stage, ids skipped as done before)."""
     done = store.done_ids(retry_failed)
-    todo, seen, skipped = [], set(), 0
+    todo, finished, seen, skipped = [], [], set(), 0
     for src in job.sources:
         for row in iter_descriptors(src):
             if row["id"] in done:
                 skipped += 1
                 continue
             if row["id"] in seen:
-                store.add(fail(row, "source", f"duplicate sample id {row['id']!r} in the sources"))
+                finished.append(fail(row, "source", f"duplicate sample id {row['id']!r} in the sources"))
                 continue
             seen.add(row["id"])
-            if is_ok(row):
-                todo.append(row)
-            else:
-                store.add(row)
-    return todo, skipped
+            (todo if is_ok(row) else finished).append(row)
+    return todo, finished, skipped
 
 
 def run_job(job: JobConfig, retry_failed: bool = False) -> Summary:
     t0 = time.perf_counter()
     store = open_store(job)
-    todo, skipped = collect(job, store, retry_failed)
-    summary = Summary(store_dir=str(store.dir), todo=len(todo), skipped_done=skipped)
+    todo, finished, skipped = collect(job, store, retry_failed)
+    summary = Summary(store_dir=str(store.dir), todo=len(todo) + len(finished), skipped_done=skipped)
+    for row in finished:  # source-level failures and skips (bad CSV rows, unknown files)
+        summary.add(row)
+        store.add(row)
     shards_before = len(store.state.shards)
     if todo:
         for row in stream(job, todo):

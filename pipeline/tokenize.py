@@ -1,6 +1,7 @@
 """Tokenize stage: decoded pixels or voxel features -> AToken tokens, packed into batches by a token budget."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,8 @@ class Tokenize:
         if row["modality"] != "3d":
             t, h, w, _ = row["pixels"].shape
             out.update(width=w, height=h, num_frames=t)
+        if out.get("render"):  # 3D render settings travel in the shard's `meta` JSON
+            out["meta"] = json.dumps({**json.loads(row.get("meta") or "{}"), "render": json.loads(out.pop("render"))})
         out.update(enc)
         out["tokenizer"] = self.identity["id"]
         return out

@@ -59,6 +59,10 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     assert all(r["reason"] for r in state.other.values())
     assert verify(store_dir) == []
     assert summary.qa["image"]["n"] == 1 and np.isfinite(summary.qa["image"]["psnr"])
+    assert 0 < summary.qa["video"]["ssim"] <= 1
+    from PIL import Image
+    with Image.open(f"{store_dir}/qa/image.png") as grid:  # inputs above reconstructions
+        assert grid.size[1] == 2 * grid.size[0] and np.asarray(grid).std() > 0
 
     images = datasets.load_dataset("parquet", data_files=f"{store_dir}/data/image/*.parquet", split="train")
     assert len(images) == len(IMAGES)
@@ -124,3 +128,30 @@ def test_csv_over_http_incremental_and_retry_failed(ray_local, shared_data, tmp_
     captions = {r["caption"] for s in state.shards for r in pq.read_table(f"{third.store_dir}/{s['path']}").to_pylist()}
     assert captions == {"a rotated clip", "new", "not yet there"}
     assert verify(third.store_dir) == []
+
+
+def test_objaverse_job_end_to_end(ray_local, tmp_path):
+    """The Objaverse source (objaverse package against a local mirror) through mesh render + voxelise + tokenize."""
+    import json
+
+    from tests.test_sources import build_mirror
+
+    m = build_mirror(tmp_path / "mirror")
+    uid0, uid1, uid2 = m["uids"]
+    caps = tmp_path / "cap3d.csv"
+    caps.write_text(f"{uid1},a small cube with vertex colours\n")
+    job = make_job(tmp_path / "out", [{"type": "objaverse", "objaverse": {
+        "mirror_dir": str(tmp_path / "mirror"), "captions_csv": str(caps)}}], qa={"samples": 1})
+    summary = run_job(job)
+    assert summary.counts == {"ok": 2, "failed": 1}
+    state = load_state(summary.store_dir)
+    assert "downloads disabled" in state.other[f"objaverse-{uid2}"]["reason"]
+    rows = {r["id"]: r for s in state.shards for r in pq.read_table(f"{summary.store_dir}/{s['path']}").to_pylist()}
+    cube = rows[f"objaverse-{uid1}"]
+    assert cube["modality"] == "3d" and cube["caption"] == "a small cube with vertex colours"
+    assert cube["num_voxels"] == cube["num_tokens"] > 1000
+    assert {tuple(c[:1]) for c in cube["coords"]} == {(1,)} and max(max(c[1:]) for c in cube["coords"]) <= 63
+    render = json.loads(cube["meta"])["render"]
+    assert render["views"] == 8 and render["backend"] == "cpu" and json.loads(cube["meta"])["uid"] == uid1
+    assert summary.qa["3d"]["n"] == 1 and np.isfinite(summary.qa["3d"]["psnr"])
+    assert verify(summary.store_dir) == []
