@@ -45,12 +45,6 @@ def load_video(path: Path, max_frames: int, max_side: int) -> tuple[np.ndarray, 
     return vr.get_batch(list(range(n))).asnumpy(), float(vr.get_avg_fps())
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two uint8 arrays."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
-
-
 def write_video(frames: np.ndarray, path: Path, fps: float):
     """uint8 [T, H, W, 3] -> .mp4 (PyAV) or, for other suffixes / without PyAV, a PNG strip of all frames."""
     from PIL import Image
@@ -101,6 +95,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     import torch
 
+    from .metrics import psnr
     from .sparse import image_to_tokens, to_uint8, tokens_to_video, video_to_tokens
     from .tokenizer import Tokenizer
 
@@ -141,7 +136,7 @@ def _run(args) -> int:
     got = tokens_to_video(torch.from_numpy(rec[0]), coords)
     n = 1 if not is_video else min(len(pixels), ref.shape[0])  # drop temporal padding
     ref8, got8 = to_uint8(ref[:n]), to_uint8(got[:n])
-    print(f"PSNR: {psnr(ref8, got8):.2f} dB")
+    print(f"PSNR: {psnr(torch.from_numpy(ref8), torch.from_numpy(got8), max_val=255.0):.2f} dB")
     if is_video:
         out = write_video(got8, args.out or Path(args.file.stem + ".rec.mp4"), fps or 24.0)
     else:

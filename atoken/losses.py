@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .metrics import psnr_per_image as psnr, ssim_per_image as ssim  # noqa: F401 (re-exported)
+
 
 def l1_loss(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (rec.float() - target.float()).abs().mean()
@@ -98,31 +100,3 @@ def lpips_if_available(device, log=print):
 # ----------------------------------------------------------------------------- metrics
 
 
-def psnr(rec: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of [B, 3, H, W] images in [-1, 1] (on the [0, 1] scale; rec clamped)."""
-    a = (rec.float().clamp(-1, 1) + 1) / 2
-    b = (target.float().clamp(-1, 1) + 1) / 2
-    mse = (a - b).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return 10 * torch.log10(1.0 / mse)
-
-
-def ssim(rec: torch.Tensor, target: torch.Tensor, win: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Per-image SSIM (Wang et al. 2004: Gaussian window 11/1.5, K1 0.01, K2 0.03), mean over RGB channels."""
-    a = (rec.float().clamp(-1, 1) + 1) / 2
-    b = (target.float().clamp(-1, 1) + 1) / 2
-    r = torch.arange(win, device=a.device, dtype=torch.float32) - win // 2
-    g = torch.exp(-0.5 * (r / sigma) ** 2)
-    g = g / g.sum()
-    c = a.shape[1]
-    k = (g[:, None] * g[None, :]).expand(c, 1, win, win)
-
-    def blur(x):
-        return F.conv2d(x, k, groups=c)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return s.flatten(1).mean(1)

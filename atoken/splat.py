@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .metrics import psnr  # noqa: F401 (re-exported for renders)
+
 SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic
 
 
@@ -220,11 +222,3 @@ def _composite(pix, mean, conic, opacity, rgb, T, C, done):
     C = C + (alpha * before) @ rgb
     T = T * one_minus.prod(dim=1)
     return T, C, done
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB of two images with values in [0, max_val]."""
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
-    mse = torch.mean((a.float() - b.float()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(max_val**2 / mse)
