@@ -81,7 +81,7 @@ def write_meshes(folder: Path) -> list[Path]:
 def make_demo_inputs(folder: Path, images: int = 6, videos: int = 3) -> Path:
     """Writes the demo inputs once; returns the folder."""
     folder = Path(folder)
-    marker = folder / ".complete"
+    marker = folder.with_name(folder.name + ".complete")  # beside the folder, so the job does not see it
     if marker.exists():
         return folder
     folder.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ class IsolateError(RuntimeError):
 
 def _serve(conn) -> None:
     """Child loop: run each (fn, args, kwargs, out_path) task, write the result to out_path, answer on the pipe."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's (Ray's) handler: end quietly when reaped
     while True:
         try:
             task = conn.recv()
