@@ -16,7 +16,7 @@ class TokenizeConfig:
     device: str = "auto"              # auto | cuda | cpu
     batch_tokens: int = 16384         # token budget per forward pass
     batch_rows: int = 32              # rows handed to one actor call
-    actors: int = 1                   # actor pool size (per GPU when GPUs exist)
+    actors: int = 1                   # actor pool size when the cluster has no GPU
     actors_per_gpu: int = 2           # >1 overlaps one actor's CPU work with another's GPU work
     logvar: bool = False              # also store the posterior log-variance
     kv_cache_size: int = 0            # decoder KV cache (raw frames), used by the QA decode
