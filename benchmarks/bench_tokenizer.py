@@ -54,6 +54,7 @@ class BenchConfig:
     warmup: int = 3
     iters: int = 10
     compile: bool = False
+    sdpa: str = "auto"  # auto | flash | efficient | cudnn: restrict PyTorch SDPA to one kernel
     matmul_size: int | None = None  # None: 8192 on CUDA, 1024 on CPU
     seed: int = 0
     out: str | None = None
@@ -72,6 +73,8 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--iters", type=int, default=d.iters)
     p.add_argument("--compile", action="store_true", help="torch.compile each encoder block")
+    p.add_argument("--sdpa", default="auto", choices=["auto", "flash", "efficient", "cudnn"],
+                   help="restrict PyTorch SDPA to one attention kernel (CUDA)")
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=None, help="write results as JSON here")
@@ -81,7 +84,7 @@ def parse_args(argv=None) -> BenchConfig:
     if bad:
         p.error(f"unknown workloads {bad}; choose from {sorted(WORKLOADS) + list(EXTRA_WORKLOADS)}")
     return BenchConfig(config=a.config, device=a.device, dtype=a.dtype, blocks=a.blocks, batch_tokens=a.batch_tokens,
-                       workloads=wl, warmup=a.warmup, iters=a.iters, compile=a.compile, matmul_size=a.matmul_size,
+                       workloads=wl, warmup=a.warmup, iters=a.iters, compile=a.compile, sdpa=a.sdpa, matmul_size=a.matmul_size,
                        seed=a.seed, out=a.out)
 
 
@@ -165,6 +168,10 @@ def run(bc: BenchConfig) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available; use --device cpu (with --blocks 1) for a smoke run")
     torch.manual_seed(bc.seed)
+    if bc.sdpa != "auto":
+        keep = {"flash": "flash", "efficient": "mem_efficient", "cudnn": "cudnn"}[bc.sdpa]
+        for name in ("flash", "mem_efficient", "cudnn", "math"):
+            getattr(torch.backends.cuda, f"enable_{name}_sdp")(name == keep)
     cfg = ATokenConfig.load(bc.config)
     cfg = dataclasses.replace(cfg, use_decoder=False,
                               encoder_num_blocks=bc.blocks if bc.blocks is not None else cfg.encoder_num_blocks)
@@ -205,7 +212,7 @@ def run(bc: BenchConfig) -> dict:
     return {
         "benchmark": "tokenizer_encoder",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "dtype": bc.dtype, "compile": bc.compile, "config": bc.config,
+        "torch": torch.__version__, "dtype": bc.dtype, "compile": bc.compile, "sdpa": bc.sdpa, "config": bc.config,
         "encoder_blocks": cfg.encoder_num_blocks, "encoder_params": n_params,
         "attention": attention_path(device, dtype),
         "matmul_size": msize, "matmul_tflops": peak, "warmup": bc.warmup, "iters": bc.iters,
