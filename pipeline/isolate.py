@@ -7,6 +7,7 @@ The child is long-lived: one per calling process, reused from call to call, and 
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
 import pickle
@@ -16,14 +17,28 @@ from typing import Any, Callable
 
 _SHM = "/dev/shm"
 _ENV_PREFIX = "PIPELINE_"
+_PR_SET_PDEATHSIG = 1
 
 
 class IsolateError(RuntimeError):
     """The isolated call timed out or its process died; the message says which."""
 
 
-def _serve(conn) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this child when its parent dies (a kill -9 of a Ray worker included), so the
+    child never outlives it holding copies of the parent's sockets, which would hide the parent's death."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the closed pipe still ends the loop below
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def _serve(conn, parent_end, parent_pid: int) -> None:
     """Child loop: run each (fn, args, kwargs, out_path) task, write the result to out_path, answer on the pipe."""
+    parent_end.close()  # the parent's end, inherited through fork: only the parent may hold it, so EOF is seen
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's (Ray's) handler: end quietly when reaped
     while True:
         try:
@@ -60,7 +75,7 @@ class Isolated:
     def __init__(self, method: str = "fork"):
         ctx = mp.get_context(method)
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, self.conn, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
 

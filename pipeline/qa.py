@@ -38,9 +38,11 @@ def reconstruct_record(tok, rec: dict, job) -> tuple[np.ndarray, np.ndarray] | N
         return None
     coords = np.asarray(rec["coords"], np.int64)
     if rec.get("fsq_indices") is not None:
-        feats = tok.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)])[0]
+        feats = tok.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)],
+                                   kv_cache_size=job.tokenize.kv_cache_size)[0]
     else:
-        feats = tok.decode([(np.asarray(rec["latent"], np.float32), coords)])[0]
+        feats = tok.decode([(np.asarray(rec["latent"], np.float32), coords)],
+                           kv_cache_size=job.tokenize.kv_cache_size)[0]
     feats = torch.from_numpy(feats)
     if rec["modality"] == "3d":
         ref = np.asarray(row["voxel_feats"], np.float32)

@@ -78,6 +78,8 @@ class Tokenize:
         if row["modality"] != "3d":
             t, h, w, _ = row["pixels"].shape
             out.update(width=w, height=h, num_frames=t)
+            if row.get("orig_size"):
+                out.update(orig_height=int(row["orig_size"][0]), orig_width=int(row["orig_size"][1]))
         if out.get("render"):  # 3D render settings travel in the shard's `meta` JSON
             out["meta"] = json.dumps({**json.loads(row.get("meta") or "{}"), "render": json.loads(out.pop("render"))})
         out.update(enc)

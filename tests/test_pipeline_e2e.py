@@ -74,6 +74,7 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
         assert rec["fsq_indices"] is None  # continuous tokenizer
     portrait = next(r for r in images if r["id"].endswith("portrait-orientation-6.jpg"))
     assert portrait["width"] > portrait["height"]  # stored 700x840, EXIF orientation 6 turns it landscape
+    assert (portrait["orig_width"], portrait["orig_height"]) == (840, 700)
     videos = datasets.load_dataset("parquet", data_files=f"{store_dir}/data/video/*.parquet", split="train",
                                    streaming=True)
     vids = list(videos)
