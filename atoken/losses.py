@@ -82,7 +82,7 @@ class GramLoss(nn.Module):
 def lpips_if_available(device, log=print):
     """An LPIPS(VGG) module when `lpips` and its weights are on disk; else None (logged). Never downloads."""
     try:
-        import lpips  # noqa: F401
+        import lpips
     except ImportError:
         log("losses: LPIPS skipped (package `lpips` not installed; weights cannot be downloaded here)")
         return None
@@ -90,8 +90,6 @@ def lpips_if_available(device, log=print):
     if not any(hub.glob("vgg16-*.pth")):
         log(f"losses: LPIPS skipped (VGG16 weights not found under {hub}; no download attempted)")
         return None
-    import lpips
-
     net = lpips.LPIPS(net="vgg", verbose=False).to(device).eval().requires_grad_(False)
     log("losses: LPIPS(VGG) enabled")
     return net
