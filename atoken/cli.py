@@ -1,4 +1,8 @@
-"""Command line: python -m atoken encode|reconstruct FILE [--config NAME_OR_YAML --checkpoint PATH --out PATH]."""
+"""Command line: python -m atoken encode|reconstruct FILE [--config NAME_OR_YAML --checkpoint PATH --out PATH].
+
+Images and videos only. 3D meshes are rendered and voxelised by the pipeline (`python -m pipeline.mesh.cli`):
+this package never imports `pipeline`.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,9 @@ from pathlib import Path
 import numpy as np
 
 VIDEO_EXT = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"}
-MESH_EXT = {".glb", ".gltf", ".obj", ".ply", ".stl"}
+MESH_EXT = {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}
+MESH_POINTER = ("3D meshes are rendered and voxelised by the pipeline: "
+                "python -m pipeline.mesh.cli <encode|reconstruct> FILE")
 
 
 def load_image(path: Path, max_side: int) -> np.ndarray:
@@ -79,11 +85,12 @@ def main(argv=None) -> int:
     p.add_argument("--max-frames", type=int, default=16, help="video: use the first N frames (0 = all)")
     p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this (0 = never)")
     p.add_argument("--kv-cache-size", type=int, default=None, help="decoder KV cache in raw frames (multiple of 4)")
-    p.add_argument("--views", type=int, default=150, help="3D: views rendered to build the voxel features")
-    p.add_argument("--eval-views", type=int, default=8, help="3D reconstruct: views compared with the splatted Gaussians")
-    p.add_argument("--gs-config", default=None, help="3D: Gaussian decoder YAML (default: atoken/configs/3d_decode_gs.yaml)")
-    p.add_argument("--gs-checkpoint", default=None, help="3D: Gaussian decoder weights (3d_decode_gs.pt); default random")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)
+    if args.file.suffix.lower() in MESH_EXT:  # before any other check: the file need not exist, 3D options are fine
+        print(MESH_POINTER, file=sys.stderr)
+        return 2
+    if extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
 
     try:
         return _run(args)
@@ -101,9 +108,6 @@ def _run(args) -> int:
 
     if not args.file.is_file():
         raise FileNotFoundError(f"input not found: {args.file}")
-    if args.file.suffix.lower() in MESH_EXT:
-        from .cli3d import run_3d
-        return run_3d(args)
     is_video = args.file.suffix.lower() in VIDEO_EXT
     if is_video:
         pixels, fps = load_video(args.file, args.max_frames, args.max_side)

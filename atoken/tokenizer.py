@@ -132,8 +132,8 @@ class Tokenizer:
     @torch.inference_mode()
     def encode(self, samples: list, with_logvar: bool = True) -> list[dict]:
         """samples: list of (feats [n, 3072], coords [n, 4]). One packed forward per chunk of <= max_tokens tokens.
-        Returns per sample: coords int16 [n,4], mean fp16 [n,48], logvar fp16 [n,48] (or None), indices int16 [n,8]
-        (discrete configs, else None), pooled fp16 [D]."""
+        Returns per sample: coords int16 [n,4], latent fp16 [n,48] (the posterior mean), logvar fp16 [n,48] (or
+        None), fsq_indices int16 [n,8] (discrete configs, else None), pooled fp16 [D]."""
         out = []
         for group in _chunks([len(s[1]) for s in samples], self.max_tokens):
             batch = SparseBatch.pack([samples[i] for i in group], channels=self.cfg.in_channels)
@@ -143,9 +143,9 @@ class Tokenizer:
             indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
             cols = {
                 "coords": batch.coords[:, 1:].to(torch.int16).cpu().numpy(),
-                "mean": mean.half().cpu().numpy(),
+                "latent": mean.half().cpu().numpy(),
                 "logvar": enc.logvar.half().cpu().numpy() if with_logvar else None,
-                "indices": indices,
+                "fsq_indices": indices,
             }
             pooled = enc.pooled.float().half().cpu().numpy()
             bounds = np.cumsum([0] + seqlens)
@@ -174,7 +174,7 @@ class Tokenizer:
         """Encode, then decode the deterministic latent (posterior mean, or FSQ codes for discrete configs)."""
         enc = self.encode(samples)
         if self.model.discrete:
-            rec = self.decode_indices([(e["indices"].astype(np.int64), e["coords"].astype(np.int64)) for e in enc])
+            rec = self.decode_indices([(e["fsq_indices"].astype(np.int64), e["coords"].astype(np.int64)) for e in enc])
         else:
-            rec = self.decode([(e["mean"].astype(np.float32), e["coords"].astype(np.int64)) for e in enc])
+            rec = self.decode([(e["latent"].astype(np.float32), e["coords"].astype(np.int64)) for e in enc])
         return enc, rec

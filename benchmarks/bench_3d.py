@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 import trimesh
 
+from atoken.voxelize import occupied_voxels, voxel_features
 from pipeline.mesh import RenderConfig, Renderer, load_mesh, normalize, sphere_cameras
 from pipeline.mesh.procedural import colored_icosphere, textured_cube, vertex_colored_torus
 from pipeline.mesh.render import cuda_available
-from pipeline.mesh.voxelize import occupied_voxels, voxel_features
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MESHES = ROOT / ".." / "shared" / "data" / "meshes"

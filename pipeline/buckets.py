@@ -3,19 +3,29 @@ ratio. Sides are multiples of 16 (the tokenizer's patch size) within [min_side, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, model_validator
+
+from pipeline.config import Config
 
 
-@dataclass
-class BucketConfig:
-    area: int = 256 * 256          # target pixel count of derived buckets
-    min_side: int = 128
-    max_side: int = 512
-    multiple: int = 16
+class BucketConfig(Config):
+    IDENTITY = ("area", "min_side", "max_side", "multiple", "buckets")
+
+    area: int = Field(256 * 256, ge=16 * 16)        # target pixel count of derived buckets
+    min_side: int = Field(128, ge=16)
+    max_side: int = Field(512, ge=16)
+    multiple: int = Field(16, ge=1)
     buckets: tuple[tuple[int, int], ...] | None = None  # explicit (h, w) list; overrides the derived one
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side {self.min_side} > max_side {self.max_side}")
+        make_buckets(self)  # explicit buckets are checked here, before any work
+        return self
 
 
 def make_buckets(cfg: BucketConfig) -> list[tuple[int, int]]:

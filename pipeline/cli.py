@@ -1,30 +1,49 @@
-"""`python -m pipeline run|demo|status|verify|submit`."""
+"""`python -m pipeline run|demo|status|verify|compact|submit|mesh`."""
 from __future__ import annotations
 
 import argparse
 import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 
 
-def cmd_run(args) -> int:
+def _job(args):
     from pipeline.job import load_job
-    from pipeline.run import run_job
 
-    job = load_job(args.job, out=args.out)
+    return load_job(args.job, out=args.out, overrides=args.set)
+
+
+def _fail(msg: str, code: int = 1) -> int:
+    for line in str(msg).splitlines() or [""]:
+        print(f"error: {line}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args) -> int:
+    from pipeline.run import SIGNAL_EXIT, run_job
+
+    job = _job(args)
     if args.address:
         job.ray.address = args.address
+    t0 = time.perf_counter()
     try:
-        summary = run_job(job, retry_failed=args.retry_failed)
-    except OSError as exc:  # disk full, read-only output, missing input folder: one clear line, no traceback
-        print(f"error: {exc}. Committed shards are intact; rerun the same command to resume once this is fixed.",
-              file=sys.stderr)
-        return 1
+        summary = run_job(job, retry_failed=args.retry_failed, dry_run=args.dry_run)
+    except KeyboardInterrupt:
+        print("aborted: what was committed is kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    except OSError as exc:  # disk full, read-only output, missing input: one clear line, no traceback
+        return _fail(f"{exc}. Committed shards are intact; rerun the same command to resume once this is fixed.")
     print(summary.render())
-    return 0
+    if args.dry_run:
+        import resource
+
+        print(f"  dry run: {time.perf_counter() - t0:.1f}s, driver peak RSS "
+              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    return SIGNAL_EXIT.get(summary.interrupted, 0)
 
 
 def cmd_demo(args) -> int:
@@ -33,74 +52,118 @@ def cmd_demo(args) -> int:
     from pipeline.run import run_job
 
     out = Path(args.out)
-    inputs = make_demo_inputs(out / "inputs")
-    job = load_job(DEMO_JOB, out=str(out))
-    job.sources[0].path = str(inputs)
+    inputs = make_demo_inputs(out.parent / f"{out.name}-inputs")
+    job = load_job(DEMO_JOB, out=str(out), overrides=[f"sources.0.path={inputs}", *(args.set or [])])
     summary = run_job(job)
     print(summary.render())
-    _show_loaded(Path(summary.store_dir))
+    _show_loaded(summary.store_dir)
     return 0
 
 
-def _show_loaded(store_dir: Path) -> None:
+def _show_loaded(store_dir: str) -> None:
     """Loads the shards back with Hugging Face datasets, as a downstream trainer would."""
     import datasets
 
-    for mdir in sorted((store_dir / "data").iterdir()):
+    for mdir in sorted(p for p in (Path(store_dir) / "data").iterdir() if p.is_dir()):
         ds = datasets.load_dataset("parquet", data_files=str(mdir / "*.parquet"), split="train")
         row = ds.with_format("arrow")[:1]
         print(f"loaded {mdir.name}: {len(ds)} rows; latent {row.column('latent').type}; "
               f"first id {row.column('id')[0]} with {row.column('num_tokens')[0]} tokens")
-    print(f"shards: {store_dir / 'data'}   dataset card: {store_dir / 'README.md'}")
+    print(f"shards: {store_dir}/data   dataset card: {store_dir}/README.md")
+
+
+def _versions(out: str):
+    """The version stores under OUT, or OUT itself when it is one."""
+    from pipeline.storage import Storage
+    from pipeline.store import Store, versions
+
+    root = Storage(out)
+    if root.exists("version.json"):
+        return [Store(root)]
+    return [Store(v) for v in versions(root)]
 
 
 def cmd_status(args) -> int:
-    from pipeline.store import load_state, open_versions
+    import pyarrow.compute as pc
 
-    versions = open_versions(Path(args.out))
-    if not versions:
+    from pipeline.ledger import read_all
+
+    stores = _versions(args.out)
+    if not stores:
         print(f"no token store under {args.out}")
         return 1
-    for vdir in versions:
-        state = load_state(vdir)
-        tok = json.loads((vdir / "tokenizer.json").read_text())
-        by_mod = collections.Counter(p.split("/")[1] for p in state.ok.values())
-        other = collections.Counter((r["status"], r.get("stage")) for r in state.other.values())
-        print(f"{vdir.name} ({tok.get('config_name')}): {len(state.ok)} ok "
-              f"({', '.join(f'{m} {n}' for m, n in sorted(by_mod.items()))}), "
-              f"{len(state.shards)} shards, {sum(s['bytes'] for s in state.shards) / 1e6:.2f} MB")
-        for (status, stage), n in sorted(other.items()):
-            print(f"  {status} at {stage}: {n}")
+    for store in stores:
+        store.load()
+        tok, pre = store.read_json("tokenizer.json"), store.read_json("preprocess.json")
+        counts = store.counts()
+        print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
+        for m, c in counts.items():
+            print(f"  {m}: {c['rows']} samples in {c['shards']} shards, {c['bytes'] / 1e6:.2f} MB")
+        outcomes = read_all(store.storage, ["id", "status", "stage", "reason"])
+        by = collections.Counter(outcomes.column("status").to_pylist())
+        print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items())))
+        bad = outcomes.filter(pc.invert(pc.equal(outcomes.column("status"), "ok")))
+        reasons = collections.Counter(zip(bad.column("status").to_pylist(), bad.column("stage").to_pylist(),
+                                          [(r or "")[:120] for r in bad.column("reason").to_pylist()]))
+        for (status, stage, reason), n in reasons.most_common(args.reasons):
+            print(f"  {n:6d} {status} at {stage}: {reason}")
+        if by.get("failed"):
+            print("  (rerun with --retry-failed to try the failed samples again)")
     return 0
 
 
 def cmd_verify(args) -> int:
-    from pipeline.store import open_versions, verify
+    from pipeline.store import verify
 
-    versions = open_versions(Path(args.out))
+    stores = _versions(args.out)
     bad = 0
-    for vdir in versions:
-        problems = verify(vdir)
+    for store in stores:
+        problems = verify(store.storage)
         bad += len(problems)
-        print(f"{vdir.name}: " + ("ok" if not problems else f"{len(problems)} problems"))
+        print(f"{store.uri}: " + ("ok" if not problems else f"{len(problems)} problems"))
         for p in problems:
             print(f"  {p}")
-    if not versions:
+    if not stores:
         print(f"no token store under {args.out}")
-    return 1 if bad or not versions else 0
+    return 1 if bad or not stores else 0
+
+
+def cmd_compact(args) -> int:
+    import uuid
+
+    from pipeline.compact import compact
+    from pipeline.lock import LockedError, RunLock
+    from pipeline.writer import WriteConfig
+
+    cfg = WriteConfig(**({"shard_bytes": args.target_bytes} if args.target_bytes else {}))
+    for store in _versions(args.out):
+        run_id = f"compact-{uuid.uuid4().hex[:8]}"
+        try:
+            with RunLock(store.storage, run_id):
+                store.recover(run_id)
+                res = compact(store, run_id, cfg, args.small_bytes)
+                store.drop_staging(run_id)
+                store.write_card()
+        except LockedError as exc:
+            return _fail(exc)
+        print(f"{store.uri}: merged {res['merged_shards']} shards into {res['groups']}")
+        for p in res["problems"]:
+            print(f"  {p}")
+    return 0
 
 
 def cmd_submit(args) -> int:
     """Submits `python -m pipeline run JOB` to a Ray cluster with this repository as the working dir."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from pipeline.job import load_job
+    from pipeline.storage import scheme_of
 
-    job = load_job(args.job, out=args.out)
-    out = str(Path(job.out).resolve())  # the job runs in a copy of the repo: write where the user expects
+    job = _job(args)
+    out = str(Path(job.out).resolve()) if scheme_of(job.out) == "file" else job.out  # the job runs in a copy
     root = Path(__file__).resolve().parents[1]
     client = JobSubmissionClient(args.address)
-    entry = f"{sys.executable} -m pipeline run {Path(args.job).resolve()} --out {out}"
+    sets = "".join(f" --set {json.dumps(s)}" for s in args.set or [])
+    entry = f"{sys.executable} -m pipeline run {Path(args.job).resolve()} --out {out}{sets}"
     sub_id = client.submit_job(
         entrypoint=entry,
         runtime_env={"working_dir": str(root),
@@ -134,26 +197,49 @@ def _tail(client, sub_id):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.lock import LockedError
+    from pipeline.mesh.cli import add_mesh_commands
+    from pipeline.storage import StorageError
+
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    def job_args(s):
+        s.add_argument("job")
+        s.add_argument("--out", help="output root, a local path, s3://... or gs://... (default: the job's `out`)")
+        s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a job key, e.g. --set decode.fps=8 --set sources.0.path=x.csv")
+
     r = sub.add_parser("run", help="run a job file")
-    r.add_argument("job")
-    r.add_argument("--out", help="output root (default: the job's `out`)")
+    job_args(r)
     r.add_argument("--retry-failed", action="store_true", help="retry samples recorded as failed")
+    r.add_argument("--dry-run", action="store_true", help="plan only: counts per source, nothing fetched")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="make the embedded samples and run the demo job")
     d.add_argument("--out", default="out/demo")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
-    for name, fn, text in (("status", cmd_status, "summarise a job's output"),
-                           ("verify", cmd_verify, "re-hash shards against the manifest")):
-        s = sub.add_parser(name, help=text)
-        s.add_argument("out")
-        s.set_defaults(fn=fn)
-    s = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)")
-    s.add_argument("job")
-    s.add_argument("--address", required=True)
-    s.add_argument("--out")
-    s.set_defaults(fn=cmd_submit)
+    s = sub.add_parser("status", help="summarise a job's output (a job's out, or one version folder)")
+    s.add_argument("out")
+    s.add_argument("--reasons", type=int, default=20, help="how many failure reasons to list")
+    s.set_defaults(fn=cmd_status)
+    v = sub.add_parser("verify", help="re-hash shards against the manifest, check ids against the ledger")
+    v.add_argument("out")
+    v.set_defaults(fn=cmd_verify)
+    c = sub.add_parser("compact", help="merge small shards (exactly-once, like a run)")
+    c.add_argument("out")
+    c.add_argument("--small-bytes", type=int, help="shards below this are merged (default: half the target)")
+    c.add_argument("--target-bytes", type=int, help="merged shard size (default: write.shard_bytes default)")
+    c.set_defaults(fn=cmd_compact)
+    sm = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)")
+    job_args(sm)
+    sm.add_argument("--address", required=True)
+    sm.set_defaults(fn=cmd_submit)
+    add_mesh_commands(sub)
     args = p.parse_args(argv)
-    return args.fn(args)
+    try:
+        return args.fn(args)
+    except (ConfigError, StorageError, LockedError) as exc:
+        return _fail(exc, 2)

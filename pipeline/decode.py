@@ -1,47 +1,47 @@
 """Decode stage (CPU): images with Pillow, videos with decord, both resized + centre-cropped into a resolution
 bucket. Output fields: `pixels` uint8 [T, H, W, 3] (T=1 for images), `fps` (sampling rate; 0.0 for images),
-`orig_size` [h, w] (after EXIF rotation), `num_frames` (= T).
+`orig_width`, `orig_height` (after EXIF rotation), `num_frames` (= T).
 
 Image conversion rules: EXIF orientation applied; ICC profiles converted to sRGB; 16-bit scaled by 255/65535
 (not clipped); CMYK, palette, grayscale -> RGB 8-bit; alpha composited on a white background (`background`).
 Video rules: frames sampled at min(fps, native fps) over the clip span, at most max_frames, T a multiple of 4 when
 T >= 4 (shorter clips are kept: the tokenizer pads them), frame indices clamped to the frames that really exist.
-Decoding runs in a killable child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process).
+Decoding runs in a killable child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process), owned
+by the prepare stage (`pipeline/prepare.py`).
 """
 from __future__ import annotations
 
 import io
 import math
 import re
-from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+from pydantic import Field
 
 from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
+from pipeline.config import Config
 from pipeline.faults import maybe_fault
-from pipeline.isolate import IsolateError, run_with_timeout
-from pipeline.rows import describe, fail, is_ok
-
-STAGE = "decode"
 
 
 class DecodeError(ValueError):
     """Bad input; the message is the readable reason recorded on the row."""
 
 
-@dataclass
-class DecodeConfig:
-    fps: float = 8.0                 # video sampling rate (frames per second of video time)
-    max_frames: int = 16             # per clip; T is rounded down to a multiple of 4
-    buckets: BucketConfig = field(default_factory=BucketConfig)
-    timeout_s: float = 60.0          # wall-clock limit per sample (0 = decode in-process, no isolation)
-    isolate: tuple[str, ...] = ("video",)  # modalities decoded in a killable child (costs ~3-20 ms a sample;
-                                           # Pillow is bounded by max_pixels, decord is the one that hangs)
-    background: int = 255            # gray level that alpha is composited onto (255 = white)
+class DecodeConfig(Config):
+    IDENTITY = ("fps", "max_frames", "buckets", "background", "icc_to_srgb")
+
+    fps: float = Field(8.0, gt=0)             # video sampling rate (frames per second of video time)
+    max_frames: int = Field(16, ge=1)         # per clip; T is rounded down to a multiple of 4
+    buckets: BucketConfig = Field(default_factory=BucketConfig)
+    timeout_s: float = Field(60.0, ge=0)      # wall-clock limit per sample (0 = decode in-process, no isolation)
+    isolate: tuple[Literal["image", "video"], ...] = ("video",)  # modalities decoded in a killable child
+                                              # (~3-20 ms a sample; Pillow is bounded by max_pixels, decord hangs)
+    background: int = Field(255, ge=0, le=255)  # gray level that alpha is composited onto (255 = white)
     icc_to_srgb: bool = True
-    max_pixels: int = 100_000_000    # refuse larger images (decompression bombs)
-    decoder_threads: int = 1         # decord threads per sample (parallelism comes from the pipeline)
+    max_pixels: int = Field(100_000_000, ge=1)  # refuse larger images (decompression bombs)
+    decoder_threads: int = Field(1, ge=0)     # decord threads per sample (parallelism comes from the pipeline)
 
 
 # ---- images --------------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def decode_image(path: str, cfg: DecodeConfig) -> dict:
     h, w = rgb.shape[:2]
     size = choose_bucket(h, w, make_buckets(cfg.buckets))
     out = np.asarray(resize_crop(Image.fromarray(rgb), size))[None]
-    return {"pixels": np.ascontiguousarray(out), "fps": 0.0, "orig_size": [h, w], "num_frames": 1}
+    return {"pixels": np.ascontiguousarray(out), "fps": 0.0, "orig_height": h, "orig_width": w, "num_frames": 1}
 
 
 # ---- videos --------------------------------------------------------------------------------------------------
@@ -190,32 +190,16 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
         frames = np.stack([np.asarray(resize_crop(Image.fromarray(f), (rh, rw))) for f in frames])
     top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
     out = np.ascontiguousarray(frames[:, top:top + size[0], left:left + size[1]])
-    return {"pixels": out, "fps": float(rate), "orig_size": [int(h), int(w)], "num_frames": int(out.shape[0]),
-            "frame_indices": idx.astype(np.int32)}
+    return {"pixels": out, "fps": float(rate), "orig_height": int(h), "orig_width": int(w),
+            "num_frames": int(out.shape[0]), "frame_indices": idx.astype(np.int32)}
 
 
-# ---- stage ---------------------------------------------------------------------------------------------------
+# ---- entry point (runs in the isolated child) ---------------------------------------------------------------------------------------------
 
-def decode_file(path: str, modality: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
+def decode_file(path: str, modality: str, cfg: DecodeConfig, span: tuple[float, float] | None = None) -> dict:
     maybe_fault("decode_child")  # runs in the isolated child: the reliability suite's hang/crash point
     if modality == "image":
         return decode_image(path, cfg)
     if modality == "video":
         return decode_video(path, cfg, span)
     raise DecodeError(f"decode handles image and video, not {modality!r}")
-
-
-def decode_row(row: dict, cfg: DecodeConfig) -> dict:
-    """Adds pixels/fps/orig_size/num_frames to image and video rows (3d rows pass through), or fails the row
-    at stage "decode" with a readable reason (timeouts and decoder crashes included)."""
-    if not is_ok(row) or row.get("modality") not in ("image", "video"):
-        return row
-    try:
-        timeout = cfg.timeout_s if row["modality"] in cfg.isolate else 0
-        out = run_with_timeout(decode_file, row["path"], row["modality"], cfg, row.get("span"),
-                               timeout_s=timeout, label="decode")
-    except (IsolateError, DecodeError) as exc:
-        return fail(row, STAGE, str(exc))
-    except Exception as exc:
-        return fail(row, STAGE, describe(exc))
-    return {**row, **out, "stage": STAGE}

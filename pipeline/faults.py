@@ -14,8 +14,8 @@ import os
 import signal
 import time
 
-POINTS = ("fetch", "decode", "decode_child", "mesh", "tokenize", "shard_write", "shard_tmp_written",
-          "shard_renamed", "manifest_appended")
+POINTS = ("fetch", "decode", "decode_child", "mesh", "tokenize", "shard_write", "shard_staged", "record_received",
+          "commit_written", "commit_moved")
 ACTIONS = ("self", "driver", "hang", "enospc")
 
 

@@ -1,299 +1,444 @@
-"""Fetch stage: http(s), file:// and local paths into a content-addressed cache.
+"""Fetch: gets a sample's bytes onto local disk for the decode and mesh stages, several downloads at a time.
 
-Cache layout (`cfg.cache_dir`):
-    <sha256[:2]>/<sha256><ext>      the bytes, written tmp + os.replace (a crash never leaves a partial file)
-    index/<sha256(url)>            small JSON {url, sha256, path, bytes}: a rerun finds it and makes no request
-    tmp/                           in-flight downloads
+    with Fetcher(cfg, scratch_dir) as fetcher:
+        for key, got in fetcher.fetch_all([(row_id, uri, modality), ...]):
+            if isinstance(got, FetchError):
+                ...                      # fail the row with str(got)
+            else:
+                decode(got.path)
+                fetcher.release(got)     # deletes a scratch file, lets the cache evict an entry
 
-HTTP goes through `http.client` (the layer under urllib) so that connect and read timeouts, a total deadline per
-attempt (a slow-drip body cannot stall forever), the Content-Length check and redirects are all explicit.
-Retries with exponential backoff + jitter on 5xx, 408, 429, connection errors, timeouts and truncated bodies;
-no retry on other 4xx, size or content errors.
+By URI:
+- local paths and file:// urls are checked in place (exists, size, magic bytes), never copied;
+- http(s) goes through one pooled httpx.Client per Fetcher (keep-alive, redirects followed by hand so the scheme
+  allow-list applies to every hop) and is streamed into a scratch file while hashing;
+- s3://, gs://, hf:// are read through `pipeline.storage.open_uri` into a scratch file.
+With `cache: local` downloads land in a node-local cache folder and are used from there; with a shared cache URI
+hits are copied into scratch and misses uploaded (pipeline/fetch_cache.py).
+
+Every attempt has connect and read timeouts and a wall-clock deadline (checked between reads, so a slow-drip
+body cannot stall forever). Retries with exponential backoff + jitter on 5xx, 408, 429, connection errors,
+timeouts and truncated bodies; none on other 4xx, size or content errors. A failed attempt leaves no file.
 """
 from __future__ import annotations
 
 import hashlib
-import http.client
-import json
+import http.cookiejar
+import itertools
+import logging
 import os
 import random
 import re
-import socket
-import ssl
+import shutil
 import tempfile
+import threading
 import time
 import urllib.parse
 import urllib.request
+import uuid
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Literal
 
-from pipeline.magic import CANONICAL_EXT, EXTENSIONS, HEAD_BYTES, check_modality, sniff_bytes
-from pipeline.rows import fail, is_ok
+import httpx
+from pydantic import Field, field_validator
 
-STAGE = "fetch"
+from pipeline.config import Config
+from pipeline.fetch_cache import LocalCache, SharedCache
+from pipeline.magic import CANONICAL_EXT, EXTENSIONS, HEAD_BYTES, check_modality, read_head, sniff_bytes
+from pipeline.storage import StorageError, StorageOptions, check_uri, open_uri, scheme_of
+
+log = logging.getLogger(__name__)
+
+Scheme = Literal["http", "https", "file", "s3", "gs", "hf"]
+HTTP = ("http", "https")
+OBJECT_STORES = ("s3", "gs", "hf")
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
-@dataclass
-class FetchConfig:
-    cache_dir: str
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0        # longest silence on the socket
-    deadline_s: float = 600.0           # wall-clock limit for one download attempt
-    retries: int = 3                    # extra attempts after the first
-    backoff_s: float = 1.0              # first backoff; doubles each retry
-    backoff_max_s: float = 30.0
-    jitter: float = 0.5                 # backoff *= 1 + U(0, jitter)
-    max_bytes: int = 2 << 30
-    schemes: tuple[str, ...] = ("http", "https", "file")
-    max_redirects: int = 5
+class FetchConfig(Config):
+    IDENTITY: ClassVar[tuple[str, ...]] = ()  # fetch settings never change the tokens
+
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(30.0, gt=0)      # longest silence on the socket
+    deadline_s: float = Field(600.0, gt=0)         # wall-clock cap on one attempt
+    retries: int = Field(3, ge=0)                  # extra attempts after the first
+    backoff_s: float = Field(1.0, ge=0)            # first backoff; doubles each retry
+    backoff_max_s: float = Field(30.0, ge=0)
+    jitter: float = Field(0.5, ge=0)               # backoff *= 1 + U(0, jitter)
+    max_bytes: int = Field(2 << 30, gt=0)
+    schemes: tuple[Scheme, ...] = ("http", "https", "file", "s3", "gs", "hf")  # allowed URI schemes
+    max_redirects: int = Field(5, ge=0)
     check_magic: bool = True
-    copy_local: bool = False            # local/file:// inputs: copy into the cache (else use them in place)
-    user_agent: str = "atoken-cache/0.1"
-    chunk_bytes: int = 1 << 20
+    user_agent: str = Field("atoken-cache/0.2", min_length=1)
+    chunk_bytes: int = Field(1 << 20, gt=0)        # read size for object stores and cache copies
+    concurrency: int = Field(8, ge=1)              # downloads in flight per Fetcher
+    cache: str = "none"                            # none | local | a shared folder URI (s3://, gs://, /nfs/...)
+    cache_dir: str | None = None                   # for cache: local; default <tmp>/atoken-fetch-cache
+    cache_max_bytes: int = Field(50 << 30, gt=0)   # LRU eviction above this
+
+    @field_validator("cache")
+    @classmethod
+    def _cache_location(cls, v: str) -> str:
+        if v not in ("none", "local"):
+            check_uri(v, writable=True)  # a StorageError (ValueError) names what is allowed
+        return v
 
 
 class FetchError(Exception):
     def __init__(self, reason: str, retry: bool = False):
         super().__init__(reason)
+        self.reason = reason
         self.retry = retry
 
 
-# ---- cache ---------------------------------------------------------------------------------------------------
+@dataclass
+class Fetched:
+    path: str           # a local file to read
+    temporary: bool     # a scratch file: deleted by release() / close()
+    bytes: int
+    from_cache: bool    # served from the cache without downloading
 
-def _index_path(cfg: FetchConfig, url: str) -> Path:
-    return Path(cfg.cache_dir) / "index" / hashlib.sha256(url.encode()).hexdigest()
+
+class Fetcher:
+    """Fetches URIs to local files. Thread-safe: `fetch` may be called from several threads at once."""
+
+    def __init__(self, cfg: FetchConfig, scratch_dir: str, storage_options: StorageOptions | dict | None = None,
+                 rng: random.Random | None = None):
+        self.cfg = cfg
+        self.storage_options = storage_options if isinstance(storage_options, StorageOptions) else \
+            StorageOptions.model_validate(storage_options or {})
+        self.rng = rng or random.Random()
+        self._closed = threading.Event()
+        self.cache: LocalCache | SharedCache | None = None
+        if cfg.cache == "local":
+            root = cfg.cache_dir or os.path.join(tempfile.gettempdir(), "atoken-fetch-cache")
+            self.cache = LocalCache(root, cfg.cache_max_bytes, cfg.chunk_bytes)
+        elif cfg.cache != "none":
+            self.cache = SharedCache(cfg.cache, cfg.cache_max_bytes, self.storage_options, cfg.chunk_bytes)
+        os.makedirs(scratch_dir, exist_ok=True)
+        self.scratch = Path(tempfile.mkdtemp(prefix="fetch-", dir=scratch_dir))  # this fetcher's files only
+        self.client = httpx.Client(
+            headers={"User-Agent": cfg.user_agent, "Accept-Encoding": "identity"},
+            limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
+            follow_redirects=False,
+            cookies=http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[])),  # stateless
+        )
+
+    # ---- public ----------------------------------------------------------------------------------------------
+
+    def fetch(self, uri: str, modality: str) -> Fetched:
+        """A local file with the bytes of `uri`. Raises FetchError with a readable reason."""
+        try:
+            return self._fetch(uri, modality)
+        except FetchError:
+            raise
+        except Exception as exc:  # a bug or an odd input must fail one sample, not the task
+            raise FetchError(f"{type(exc).__name__}: {exc}") from exc
+
+    def fetch_all(self, items: Iterable[tuple[Any, str, str]]) -> Iterator[tuple[Any, Fetched | FetchError]]:
+        """(key, Fetched or FetchError) for each (key, uri, modality), as each completes, cfg.concurrency at a
+        time. If the caller stops early, downloads in flight are finished and their files released."""
+        items = iter(items)
+        pending: dict = {}
+        pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="fetch")
+        try:
+            while True:
+                for key, uri, modality in itertools.islice(items, self.cfg.concurrency - len(pending)):
+                    pending[pool.submit(self._fetch_or_error, uri, modality)] = key
+                if not pending:
+                    return
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield pending.pop(fut), fut.result()
+        finally:
+            for fut in pending:
+                if isinstance(got := fut.result(), Fetched):
+                    self.release(got)
+            pool.shutdown()
+
+    def release(self, fetched: Fetched) -> None:
+        """Done with a file: deletes it if temporary, else lets the cache evict it again. Call it once per
+        Fetched (repeating it for a scratch file is harmless)."""
+        path = Path(fetched.path)
+        if fetched.temporary:
+            if path.parent == self.scratch:  # never delete anything that is not ours
+                path.unlink(missing_ok=True)
+        elif self.cache is not None:
+            self.cache.release(fetched.path)
+
+    def close(self) -> None:
+        """Closes the connections and removes this fetcher's scratch files (call after fetch_all is done)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.client.close()
+        if self.cache is not None:
+            self.cache.close()
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def __enter__(self) -> "Fetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- dispatch --------------------------------------------------------------------------------------------
+
+    def _fetch_or_error(self, uri: str, modality: str) -> Fetched | FetchError:
+        try:
+            return self.fetch(uri, modality)
+        except FetchError as exc:
+            return exc
+
+    def _fetch(self, uri: str, modality: str) -> Fetched:
+        if self._closed.is_set():
+            raise FetchError("fetcher is closed")
+        if not uri:
+            raise FetchError("empty uri")
+        scheme = scheme_of(uri)
+        if scheme not in self.cfg.schemes:
+            raise FetchError(f"scheme {scheme!r} not allowed")
+        if scheme == "file":
+            return self._local(_local_path(uri), modality)
+        if scheme not in HTTP + OBJECT_STORES:
+            raise FetchError(f"scheme {scheme!r} not supported")
+        hit = self._cache_hit(uri, modality)
+        if hit is not None:
+            return hit
+        for attempt in range(self.cfg.retries + 1):
+            try:
+                return self._attempt(uri, modality, scheme)
+            except FetchError as exc:
+                if not exc.retry or attempt == self.cfg.retries:
+                    if exc.retry and self.cfg.retries:
+                        raise FetchError(f"{exc} (after {attempt + 1} attempts)") from None
+                    raise
+            if self._closed.wait(self._backoff(attempt)):
+                raise FetchError("fetcher is closed")
+        raise AssertionError("unreachable")
+
+    def _backoff(self, attempt: int) -> float:
+        cfg = self.cfg
+        return min(cfg.backoff_max_s, cfg.backoff_s * 2 ** attempt) * (1 + self.rng.uniform(0, cfg.jitter))
+
+    def _check(self, head: bytes, modality: str, ext: str) -> None:
+        if self.cfg.check_magic and (reason := check_modality(head, modality, ext)):
+            raise FetchError(reason)
+
+    def _local(self, path: Path, modality: str) -> Fetched:
+        if not path.is_file():
+            raise FetchError(f"no such file: {path}")
+        size = path.stat().st_size
+        if size > self.cfg.max_bytes:
+            raise FetchError(f"exceeds max_bytes ({size} > {self.cfg.max_bytes} bytes)")
+        self._check(read_head(path), modality, path.suffix)
+        return Fetched(str(path.resolve()), temporary=False, bytes=size, from_cache=False)
+
+    # ---- cache -----------------------------------------------------------------------------------------------
+
+    def _cache_hit(self, uri: str, modality: str) -> Fetched | None:
+        if self.cache is None:
+            return None
+        try:
+            if isinstance(self.cache, LocalCache):
+                hit, temporary = self.cache.lookup(uri), False
+            else:
+                hit, temporary = self.cache.lookup(uri, self.scratch), True
+        except Exception as exc:  # the cache is an optimisation: a broken one is a miss
+            log.warning("fetch cache lookup failed for %s: %s: %s", uri, type(exc).__name__, exc)
+            return None
+        if hit is None:
+            return None
+        got = Fetched(hit[0], temporary=temporary, bytes=hit[1], from_cache=True)
+        try:  # the entry may have been cached for another modality
+            self._check(read_head(got.path), modality, Path(got.path).suffix)
+        except BaseException:
+            self.release(got)
+            raise
+        return got
+
+    def _commit(self, uri: str, part: "_Part", ext: str) -> Fetched:
+        sha = part.sha.hexdigest()
+        if isinstance(self.cache, LocalCache):
+            path = self.cache.insert(uri, part.path, sha, part.size, ext)
+            return Fetched(path, temporary=False, bytes=part.size, from_cache=False)
+        path = self.scratch / f"{uuid.uuid4().hex}{ext}"
+        os.replace(part.path, path)
+        got = Fetched(str(path), temporary=True, bytes=part.size, from_cache=False)
+        if self.cache is not None:
+            try:
+                self.cache.insert(uri, path, sha, part.size, ext)
+            except Exception as exc:  # the download itself is fine
+                log.warning("fetch cache upload failed for %s: %s: %s", uri, type(exc).__name__, exc)
+        return got
+
+    # ---- one attempt -----------------------------------------------------------------------------------------
+
+    def _attempt(self, uri: str, modality: str, scheme: str) -> Fetched:
+        deadline = time.monotonic() + self.cfg.deadline_s
+        folder = self.cache.tmp_dir if isinstance(self.cache, LocalCache) else self.scratch
+        part = _Part(folder, self.cfg.max_bytes)
+        try:
+            final = self._http(uri, part, deadline) if scheme in HTTP else self._object(uri, part, deadline)
+            part.file.close()
+            url_path = urllib.parse.unquote(urllib.parse.urlsplit(final).path)
+            self._check(part.head, modality, Path(url_path).suffix)
+            return self._commit(uri, part, _ext_for(url_path, part.head))
+        finally:
+            part.discard()
+
+    def _deadline_error(self, got: int | None = None) -> FetchError:
+        return FetchError(f"deadline exceeded: {self.cfg.deadline_s:g}s for the whole download"
+                          + ("" if got is None else f" ({got} bytes received)"), retry=True)
+
+    def _http(self, url: str, part: "_Part", deadline: float) -> str:
+        """Streams `url` into `part`; returns the url after redirects."""
+        expected = None
+        try:
+            resp, url = self._open(url, deadline)
+            try:
+                if resp.status_code != 200:
+                    _drain(resp, deadline)
+                    transient = resp.status_code >= 500 or resp.status_code in (408, 429)
+                    raise FetchError(f"http {resp.status_code} {resp.reason_phrase}".strip(), retry=transient)
+                length = resp.headers.get("Content-Length", "")
+                expected = int(length) if length.isdigit() else None
+                if expected is not None and expected > self.cfg.max_bytes:
+                    raise FetchError(f"exceeds max_bytes ({expected} > {self.cfg.max_bytes} bytes, Content-Length)")
+                for chunk in resp.iter_raw():  # as the socket delivers: no decoding, no re-chunking
+                    if time.monotonic() > deadline:
+                        raise self._deadline_error(part.size)
+                    part.write(chunk)
+            finally:
+                resp.close()
+        except httpx.ConnectTimeout:
+            raise FetchError(f"connect timeout after {self.cfg.connect_timeout_s:g}s", retry=True) from None
+        except httpx.TimeoutException:
+            if time.monotonic() >= deadline - 0.05:  # the read timeout was cut short by the deadline
+                raise self._deadline_error() from None
+            raise FetchError(f"timeout after {self.cfg.read_timeout_s:g}s without data", retry=True) from None
+        except httpx.RemoteProtocolError as exc:
+            if expected is not None:  # the server closed before sending Content-Length bytes
+                raise FetchError(f"truncated body: got {part.size} of {expected} bytes", retry=True) from None
+            raise FetchError(f"connection error: {_root_cause(exc)}", retry=True) from None
+        except httpx.TransportError as exc:  # refused, reset, DNS, TLS
+            raise FetchError(f"connection error: {_root_cause(exc)}", retry=True) from None
+        if expected is not None and part.size != expected:
+            raise FetchError(f"truncated body: got {part.size} of {expected} bytes", retry=True)
+        return url
+
+    def _open(self, url: str, deadline: float) -> tuple[httpx.Response, str]:
+        """Follows redirects (capped, loops detected, the scheme allow-list applied to every hop)."""
+        seen: list[str] = []
+        for _ in range(self.cfg.max_redirects + 1):
+            parts = urllib.parse.urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme not in HTTP or scheme not in self.cfg.schemes:
+                raise FetchError(f"scheme {scheme!r} not allowed" + (" (redirect)" if seen else ""))
+            if not parts.hostname:
+                raise FetchError(f"no host in url {url!r}")
+            seen.append(url)
+            left = max(0.01, deadline - time.monotonic())
+            timeout = httpx.Timeout(connect=min(self.cfg.connect_timeout_s, left),
+                                    read=min(self.cfg.read_timeout_s, left),
+                                    write=min(self.cfg.read_timeout_s, left), pool=left)
+            resp = self.client.send(self.client.build_request("GET", url, timeout=timeout), stream=True)
+            if resp.status_code not in REDIRECTS:
+                return resp, url
+            location = resp.headers.get("Location")
+            _drain(resp, deadline)
+            if not location:
+                raise FetchError(f"http {resp.status_code} without Location")
+            url = urllib.parse.urljoin(url, location)
+            if url in seen:
+                raise FetchError(f"redirect loop ({len(seen)} hops back to {url})")
+        raise FetchError(f"too many redirects (> {self.cfg.max_redirects})")
+
+    def _object(self, uri: str, part: "_Part", deadline: float) -> str:
+        """Streams an object-store URI into `part`."""
+        try:
+            with open_uri(uri, self.storage_options) as f:
+                size = f.size()
+                if size > self.cfg.max_bytes:
+                    raise FetchError(f"exceeds max_bytes ({size} > {self.cfg.max_bytes} bytes, object size)")
+                while chunk := f.read(self.cfg.chunk_bytes):
+                    if time.monotonic() > deadline:
+                        raise self._deadline_error(part.size)
+                    part.write(chunk)
+        except FileNotFoundError:
+            raise FetchError(f"no such object: {uri}") from None
+        except PermissionError as exc:
+            raise FetchError(f"access denied: {exc}") from None
+        except StorageError as exc:
+            raise FetchError(str(exc)) from None
+        except OSError as exc:  # network, throttling, 5xx: pyarrow says which in the message
+            raise FetchError(f"storage error: {exc}", retry=True) from None
+        if part.size != size:
+            raise FetchError(f"truncated body: got {part.size} of {size} bytes", retry=True)
+        return uri
 
 
-def cached(cfg: FetchConfig, url: str) -> str | None:
-    """Local path of a previously fetched url, or None (also when the cached file went missing or changed size)."""
+class _Part:
+    """A download in progress: written, hashed and size-checked chunk by chunk; `discard` removes what is left."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+        self.path, self.file, self.max_bytes = Path(name), os.fdopen(fd, "wb"), max_bytes
+        self.sha, self.size, self.head = hashlib.sha256(), 0, b""
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise FetchError(f"exceeds max_bytes (> {self.max_bytes} bytes)")
+        if len(self.head) < HEAD_BYTES:
+            self.head += chunk[:HEAD_BYTES - len(self.head)]
+        self.sha.update(chunk)
+        self.file.write(chunk)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)  # gone already once committed
+
+
+def _drain(resp: httpx.Response, deadline: float) -> None:
+    """Reads a small unwanted body (a redirect, an error page) so the connection can be reused, then closes."""
     try:
-        entry = json.loads(_index_path(cfg, url).read_text())
-        path = Path(cfg.cache_dir) / entry["path"]
-        return str(path) if path.stat().st_size == entry["bytes"] else None
-    except (OSError, ValueError, KeyError):
-        return None
+        length = resp.headers.get("Content-Length", "")
+        if length.isdigit() and int(length) <= 64 << 10:
+            for _ in resp.iter_raw():
+                if time.monotonic() > deadline:
+                    break
+    except httpx.HTTPError:
+        pass
+    finally:
+        resp.close()
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def _local_path(uri: str) -> Path:
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() != "file":
+        return Path(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"file url with a remote host {parts.netloc!r}")
+    return Path(urllib.request.url2pathname(parts.path))
 
 
-def _commit(cfg: FetchConfig, url: str, tmp: Path, sha: str, size: int, ext: str) -> str:
-    rel = f"{sha[:2]}/{sha}{ext}"
-    final = Path(cfg.cache_dir) / rel
-    final.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, final)  # same bytes under the same name: concurrent writers are harmless
-    _atomic_write_text(_index_path(cfg, url), json.dumps({"url": url, "sha256": sha, "path": rel, "bytes": size}))
-    return str(final)
+def _root_cause(exc: BaseException) -> str:
+    """'ConnectionRefusedError: [Errno 111] ...': httpx wraps the OS error twice."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _ext_for(url_path: str, head: bytes) -> str:
-    ext = Path(urllib.parse.unquote(url_path)).suffix.lower()
+    """The file name extension for fetched bytes: the url's when known, else from the magic bytes."""
+    ext = Path(url_path).suffix.lower()
     if ext in EXTENSIONS:
         return ext
     fmt = sniff_bytes(head)
     return CANONICAL_EXT.get(fmt, "") if fmt else (ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else "")
 
 
-# ---- HTTP ----------------------------------------------------------------------------------------------------
-
-def _open(cfg: FetchConfig, url: str, deadline: float):
-    """Follow redirects (capped, loops detected) and return (response, connection, socket, final url)."""
-    seen = []
-    for _ in range(cfg.max_redirects + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or parts.scheme not in cfg.schemes:
-            raise FetchError(f"scheme {parts.scheme!r} not allowed" + (" (redirect)" if seen else ""))
-        if not parts.hostname:
-            raise FetchError(f"no host in url {url!r}")
-        seen.append(url)
-        timeout = min(cfg.connect_timeout_s, max(0.01, deadline - time.monotonic()))
-        if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout,
-                                               context=ssl.create_default_context())
-        else:
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-        try:
-            conn.connect()
-        except socket.timeout:
-            raise FetchError(f"connect timeout after {timeout:g}s", retry=True) from None
-        sock = conn.sock
-        sock.settimeout(min(cfg.read_timeout_s, max(0.01, deadline - time.monotonic())))
-        path = parts.path or "/"
-        conn.request("GET", path + (f"?{parts.query}" if parts.query else ""),
-                     headers={"User-Agent": cfg.user_agent, "Accept-Encoding": "identity"})
-        resp = conn.getresponse()
-        if resp.status in (301, 302, 303, 307, 308):
-            location = resp.getheader("Location")
-            conn.close()
-            if not location:
-                raise FetchError(f"http {resp.status} without Location")
-            url = urllib.parse.urljoin(url, location)
-            if url in seen:
-                raise FetchError(f"redirect loop ({len(seen)} hops back to {url})")
-            continue
-        return resp, conn, sock, url
-    raise FetchError(f"too many redirects (> {cfg.max_redirects})")
-
-
-def _download(cfg: FetchConfig, url: str, modality: str) -> str:
-    """One attempt: stream the body to cache_dir/tmp while hashing, check it, commit it."""
-    start = time.monotonic()
-    deadline = start + cfg.deadline_s
-    tmp_dir = Path(cfg.cache_dir) / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    conn = None
-    fd, tmp_name = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        try:
-            resp, conn, sock, final_url = _open(cfg, url, deadline)
-            if resp.status != 200:
-                transient = resp.status >= 500 or resp.status in (408, 429)
-                raise FetchError(f"http {resp.status} {resp.reason}".strip(), retry=transient)
-            length = resp.getheader("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            if expected is not None and expected > cfg.max_bytes:
-                raise FetchError(f"exceeds max_bytes ({expected} > {cfg.max_bytes} bytes, Content-Length)")
-            sha, got, head = hashlib.sha256(), 0, b""
-            with os.fdopen(fd, "wb") as out:
-                fd = None
-                while True:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise FetchError(f"deadline exceeded: {cfg.deadline_s:g}s for the whole download "
-                                         f"({got} bytes received)", retry=True)
-                    sock.settimeout(min(cfg.read_timeout_s, left))
-                    chunk = resp.read1(cfg.chunk_bytes)
-                    if not chunk:
-                        break
-                    got += len(chunk)
-                    if got > cfg.max_bytes:
-                        raise FetchError(f"exceeds max_bytes (> {cfg.max_bytes} bytes)")
-                    if len(head) < HEAD_BYTES:
-                        head += chunk[:HEAD_BYTES - len(head)]
-                    sha.update(chunk)
-                    out.write(chunk)
-            if expected is not None and got != expected:
-                raise FetchError(f"truncated body: got {got} of {expected} bytes", retry=True)
-        except socket.timeout:
-            if time.monotonic() >= deadline - 0.05:  # the socket timeout was cut short by the deadline
-                raise FetchError(f"deadline exceeded: {cfg.deadline_s:g}s for the whole download", retry=True) \
-                    from None
-            raise FetchError(f"timeout after {cfg.read_timeout_s:g}s without data", retry=True) from None
-        except http.client.IncompleteRead as exc:
-            raise FetchError(f"truncated body: got {len(exc.partial)} bytes of a chunk", retry=True) from None
-        except (http.client.HTTPException, OSError) as exc:  # resets, refused, DNS, TLS
-            raise FetchError(f"connection error: {type(exc).__name__}: {exc}", retry=True) from None
-        if cfg.check_magic:
-            reason = check_modality(head, modality, Path(urllib.parse.urlsplit(final_url).path).suffix)
-            if reason:
-                raise FetchError(reason)
-        return _commit(cfg, url, tmp, sha.hexdigest(), got, _ext_for(urllib.parse.urlsplit(final_url).path, head))
-    finally:
-        if fd is not None:
-            os.close(fd)
-        if conn is not None:
-            conn.close()
-        tmp.unlink(missing_ok=True)
-
-
-def backoff(cfg: FetchConfig, attempt: int, rng: random.Random) -> float:
-    return min(cfg.backoff_max_s, cfg.backoff_s * 2 ** attempt) * (1 + rng.uniform(0, cfg.jitter))
-
-
-def fetch_url(cfg: FetchConfig, url: str, modality: str, rng: random.Random | None = None) -> str:
-    """Local path for an http(s) url: from the cache, or downloaded with retries. Raises FetchError."""
-    hit = cached(cfg, url)
-    if hit:
-        return hit
-    rng = rng or random.Random()
-    for attempt in range(cfg.retries + 1):
-        try:
-            return _download(cfg, url, modality)
-        except FetchError as exc:
-            if not exc.retry or attempt == cfg.retries:
-                if exc.retry and cfg.retries:
-                    raise FetchError(f"{exc} (after {attempt + 1} attempts)") from None
-                raise
-        time.sleep(backoff(cfg, attempt, rng))
-    raise AssertionError("unreachable")
-
-
-# ---- local files ---------------------------------------------------------------------------------------------
-
-def fetch_local(cfg: FetchConfig, path: Path, modality: str) -> str:
-    if not path.is_file():
-        raise FetchError(f"no such file: {path}")
-    size = path.stat().st_size
-    if size > cfg.max_bytes:
-        raise FetchError(f"exceeds max_bytes ({size} > {cfg.max_bytes} bytes)")
-    with open(path, "rb") as f:
-        head = f.read(HEAD_BYTES)
-    if cfg.check_magic:
-        reason = check_modality(head, modality, path.suffix)
-        if reason:
-            raise FetchError(reason)
-    if not cfg.copy_local:
-        return str(path.resolve())
-    key = path.resolve().as_uri()
-    hit = cached(cfg, key)
-    if hit:
-        return hit
-    sha = hashlib.sha256()
-    tmp_dir = Path(cfg.cache_dir) / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".part")
-    try:
-        with open(path, "rb") as src, os.fdopen(fd, "wb") as out:
-            while chunk := src.read(cfg.chunk_bytes):
-                sha.update(chunk)
-                out.write(chunk)
-        return _commit(cfg, key, Path(tmp), sha.hexdigest(), size, _ext_for(path.name, head))
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-# ---- stage ---------------------------------------------------------------------------------------------------
-
-def fetch(cfg: FetchConfig, uri: str, modality: str, rng: random.Random | None = None) -> str:
-    """Local path for `uri` (http(s) url, file:// url or local path). Raises FetchError with a readable reason."""
-    if not uri:
-        raise FetchError("empty uri")
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    if len(scheme) == 1 or not scheme:  # a local path (a one-letter "scheme" is a Windows drive)
-        scheme, path = "file", Path(uri)
-    elif scheme == "file":
-        parts = urllib.parse.urlsplit(uri)
-        if parts.netloc not in ("", "localhost"):
-            raise FetchError(f"file url with a remote host {parts.netloc!r}")
-        path = Path(urllib.request.url2pathname(parts.path))
-    else:
-        path = None
-    if scheme not in cfg.schemes:
-        raise FetchError(f"scheme {scheme!r} not allowed")
-    if path is not None:
-        return fetch_local(cfg, path, modality)
-    if scheme not in ("http", "https"):
-        raise FetchError(f"scheme {scheme!r} not supported")
-    return fetch_url(cfg, uri, modality, rng)
-
-
-def fetch_row(row: dict, cfg: FetchConfig) -> dict:
-    """Adds `path`, or returns the row failed at stage "fetch" with the reason."""
-    if not is_ok(row):
-        return row
-    try:
-        path = fetch(cfg, row.get("uri") or "", row.get("modality", ""))
-    except FetchError as exc:
-        return fail(row, STAGE, str(exc))
-    except Exception as exc:  # never crash the pipeline on one sample
-        return fail(row, STAGE, f"{type(exc).__name__}: {exc}")
-    return {**row, "path": path, "stage": STAGE}
-
-
-__all__ = ["FetchConfig", "FetchError", "fetch", "fetch_row", "fetch_url", "cached"]
+__all__ = ["FetchConfig", "FetchError", "Fetched", "Fetcher"]

@@ -1,8 +1,8 @@
 """Run a call in a child process under a wall-clock limit, so a hanging or crashing decoder costs one sample
 instead of the worker. `timeout_s=0` runs in-process (no isolation, no overhead).
 
-The child is long-lived: one per calling process, reused from call to call, and replaced only after it hung
-(killed) or died. Forking a big, threaded Ray worker for every sample costs ~0.5 s on a 16-core machine
+The child is long-lived: an `Isolator` (one per worker) reuses it from call to call and replaces it only after
+it hung (killed) or died. Forking a big, threaded Ray worker for every sample costs ~0.5 s on a 16-core machine
 (measured: benchmarks/README.md); a reused child costs about a millisecond a call.
 """
 from __future__ import annotations
@@ -115,23 +115,42 @@ class Isolated:
         return value
 
 
-_children: dict[tuple[int, str], Isolated] = {}  # per calling process: its reusable child
+class Isolator:
+    """Owns one reusable child (started on first use, replaced after a timeout or crash). One per worker."""
+
+    def __init__(self, method: str = "fork"):
+        self.method = method
+        self.child: Isolated | None = None
+
+    def run(self, fn: Callable, *args: Any, timeout_s: float, label: str = "decode", **kwargs: Any) -> Any:
+        """fn(*args, **kwargs) in the child, killed after `timeout_s` seconds (0: in this process).
+
+        Raises IsolateError("<label> timed out after Ns") or IsolateError("<label> crashed (signal N, NAME)");
+        an exception raised by fn is re-raised here. fn and its arguments must be picklable."""
+        if not timeout_s or timeout_s <= 0:
+            return fn(*args, **kwargs)
+        if self.child is None or not self.child.alive():
+            self.child = Isolated(self.method)
+        try:
+            return self.child.call(fn, args, kwargs, timeout_s, label)
+        except IsolateError:
+            self.child = None  # killed or dead: the next call starts a fresh child
+            raise
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.close()
+            self.child = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def run_with_timeout(fn: Callable, *args: Any, timeout_s: float, label: str = "decode",
                      method: str = "fork", **kwargs: Any) -> Any:
-    """Return fn(*args, **kwargs), computed in a child process killed after `timeout_s` seconds.
-
-    Raises IsolateError("<label> timed out after Ns") or IsolateError("<label> crashed (signal N, NAME)");
-    an exception raised by fn is re-raised here. fn and its arguments must be picklable (module-level functions)."""
-    if not timeout_s or timeout_s <= 0:
-        return fn(*args, **kwargs)
-    key = (os.getpid(), method)
-    child = _children.get(key)
-    if child is None or not child.alive():
-        child = _children[key] = Isolated(method)
-    try:
-        return child.call(fn, args, kwargs, timeout_s, label)
-    except IsolateError:
-        _children.pop(key, None)  # killed or dead: the next call starts a fresh child
-        raise
+    """One isolated call in a fresh child (stages keep an Isolator instead, to reuse theirs)."""
+    with Isolator(method) as iso:
+        return iso.run(fn, *args, timeout_s=timeout_s, label=label, **kwargs)

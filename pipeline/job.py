@@ -1,127 +1,172 @@
-"""Job files: YAML -> dataclasses. Unknown keys are errors, so a typo never silently does nothing."""
+"""Job files: YAML -> validated configs (pydantic). Everything is checked before any work starts, with one line
+per problem naming the key, the value and what is allowed; `--set key.path=value` overrides any key.
+
+Each stage gets its own slice (`job.fetch`, `job.decode`, ...). `preprocess_identity` hashes the settings that
+change the tokens; with the tokenizer identity it names the store's version directory, so a rerun with other
+settings never appends to shards made with the old ones.
+"""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
+from pydantic import Field, SerializeAsAny, field_validator
 
+from pipeline.config import Config, ConfigError, explain, identity_hash
+from pipeline.decode import DecodeConfig
+from pipeline.fetch import FetchConfig
+from pipeline.mesh.stage import MeshConfig
+from pipeline.sources import SourceConfig, make_source, source_config
+from pipeline.storage import StorageOptions, check_uri
 from pipeline.tokenize import TokenizeConfig
-
-SOURCE_TYPES = ("folder", "webvid", "panda70m", "objaverse")
-
-
-@dataclass
-class SourceConfig:
-    type: str                         # folder | webvid | panda70m | objaverse
-    path: str | None = None           # folder root or CSV file
-    name: str | None = None           # source name in ids and shards (default: the type)
-    limit: int | None = None          # first N samples only
-    base_dir: str | None = None       # resolves relative URIs in a CSV (local mirrors of WebVid/Panda)
-    objaverse: dict = field(default_factory=dict)   # ObjaverseConfig fields
-
-    def __post_init__(self):
-        if self.type not in SOURCE_TYPES:
-            raise ValueError(f"unknown source type {self.type!r}; expected one of {SOURCE_TYPES}")
+from pipeline.writer import WriteConfig
+from schemas.tokens import SCHEMA_VERSION
 
 
-@dataclass
-class WriteConfig:
-    shard_rows: int = 512
-    compression: str = "zstd"
+class QAConfig(Config):
+    samples: int = Field(8, ge=0)        # decoded back per modality for PSNR/SSIM; 0 disables
+    grid: bool = True                    # write a PNG grid of inputs next to reconstructions
 
 
-@dataclass
-class QAConfig:
-    samples: int = 8                  # decoded back per modality for PSNR/SSIM; 0 disables
-    grid: bool = True                 # write a PNG grid of inputs next to reconstructions
+class RayConfig(Config):
+    address: str | None = None           # None: RAY_ADDRESS or a fresh local cluster
+    num_cpus: int | None = Field(None, ge=1)  # local cluster size
+    num_gpus: int | None = Field(None, ge=0)
+    max_task_retries: int = Field(3, ge=0)
+    prepare_actors: int | tuple[int, int] | None = None  # fetch+decode pool (default: 1..CPUs, autoscaled)
+    prepare_cpus: float | None = Field(None, gt=0)  # per fetch+decode worker (default 1, or 0.5 on <= 4 CPUs)
+    prepare_batch_rows: int = Field(8, ge=1)
+    mesh_actors: int | tuple[int, int] | None = None     # fetch+mesh pool for 3D sources
+    mesh_gpus: float = Field(0.1, ge=0, le=1)  # GPU share per 3D worker when the cluster has GPUs
+    write_cpus: float = Field(0.25, gt=0)
+    buckets: int = Field(256, ge=1, le=65536)  # ledger hash buckets (fixed when a store is created)
+    restarts: int = Field(2, ge=0)       # in-run re-executions after an infrastructure failure (lost node, ...)
+    interrupt_grace_s: float = Field(120.0, ge=0)  # after Ctrl-C: how long in-flight rows may take to finish
 
 
-@dataclass
-class RayConfig:
-    address: str | None = None        # None: RAY_ADDRESS or a local cluster
-    num_cpus: int | None = None       # local cluster size
-    fetch_cpus: float = 0.25          # CPU share per fetch task (I/O bound)
-    decode_cpus: float = 1.0
-    max_task_retries: int = 3
-
-
-@dataclass
-class JobConfig:
-    name: str
+class JobConfig(Config):
+    name: str = "job"
     out: str
-    sources: list[SourceConfig]
-    fetch: Any = None
-    decode: Any = None
-    mesh: Any = None
-    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
-    write: WriteConfig = field(default_factory=WriteConfig)
-    qa: QAConfig = field(default_factory=QAConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
+    sources: list[SerializeAsAny[SourceConfig]] = Field(min_length=1)
+    storage: StorageOptions = Field(default_factory=StorageOptions)
+    fetch: FetchConfig = Field(default_factory=FetchConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    write: WriteConfig = Field(default_factory=WriteConfig)
+    qa: QAConfig = Field(default_factory=QAConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
-    def __post_init__(self):
-        from pipeline.decode import DecodeConfig
-        from pipeline.fetch import FetchConfig
-        from pipeline.mesh.stage import MeshConfig
+    @field_validator("out")
+    @classmethod
+    def _out(cls, v: str) -> str:
+        check_uri(v, writable=True)
+        return v
 
-        if not isinstance(self.fetch, FetchConfig):
-            self.fetch = build(FetchConfig, {"cache_dir": str(Path(self.out) / "fetch-cache"), **(self.fetch or {})})
-        self.decode = self.decode if isinstance(self.decode, DecodeConfig) else build(DecodeConfig, self.decode or {})
-        self.mesh = self.mesh if isinstance(self.mesh, MeshConfig) else build(MeshConfig, self.mesh or {})
+    @field_validator("sources")
+    @classmethod
+    def _names(cls, v: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.source_name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two sources are named {dup[0]!r}: give each a distinct `name` (ids start with it)")
+        return v
+
+    def branches(self) -> set[str]:
+        return {b for s in self.sources for b in make_source(s, self.storage).branches}
 
 
-def build(cls, data: dict):
-    """Dataclass from a dict, recursing into nested dataclass fields; unknown keys raise."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
-    kwargs = {}
-    for k, v in data.items():
-        f = fields[k]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if (cls, k) == (JobConfig, "sources"):
-            kwargs[k] = [build(SourceConfig, s) for s in v]
-        elif dataclasses.is_dataclass(default) and isinstance(v, dict):
-            kwargs[k] = build(type(default), v)
-        elif isinstance(v, list) and isinstance(default, tuple):
-            kwargs[k] = tuple(v)
+def preprocess_identity(job: JobConfig) -> dict:
+    """The settings that change the tokens (decode for images/videos, mesh for 3D, tokenize), and their hash."""
+    branches = job.branches()
+    settings = {"schema": SCHEMA_VERSION, "tokenize": job.tokenize.identity()}
+    if "media" in branches:
+        settings["decode"] = job.decode.identity()
+    if "3d" in branches:
+        settings["mesh"] = job.mesh.identity()
+    return {"id": identity_hash(settings), "settings": settings}
+
+
+# ---- loading -------------------------------------------------------------------------------------------------
+
+def parse_set(items: list[str] | None) -> list[tuple[list[str], Any]]:
+    """`key.path=value` overrides; values are YAML (`8`, `true`, `[a, b]`, `null`)."""
+    out = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        out.append((key.strip().split("."), yaml.safe_load(value) if value.strip() else ""))
+    return out
+
+
+def apply_set(data: dict, path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, key in enumerate(path[:-1]):
+        nxt = path[i + 1]
+        if isinstance(node, list):
+            node = node[_index(node, key, path)]
+            continue
+        if key not in node or node[key] is None:
+            node[key] = [] if nxt.isdigit() else {}
+        node = node[key]
+    last = path[-1]
+    if isinstance(node, list):
+        idx = _index(node, last, path, allow_append=True)
+        if idx == len(node):
+            node.append(value)
         else:
-            kwargs[k] = v
-    return cls(**kwargs)
-
-
-def load_job(path: str | Path, **overrides) -> JobConfig:
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    data.setdefault("name", Path(path).stem)
-    return build(JobConfig, data)
-
-
-def job_to_dict(job: JobConfig) -> dict:
-    return dataclasses.asdict(job)
-
-
-def iter_descriptors(src: SourceConfig) -> Iterator[dict]:
-    """Sample descriptors of one source, in a stable order."""
-    from pipeline import sources
-
-    name = src.name or src.type
-    if src.type == "folder":
-        it = sources.local_files(src.path, source=name)
-    elif src.type == "webvid":
-        it = sources.webvid_csv(src.path, source=name)
-    elif src.type == "panda70m":
-        it = sources.panda70m_csv(src.path, source=name)
+            node[idx] = value
     else:
-        it = sources.objaverse_objects(build(sources.ObjaverseConfig, src.objaverse))
-    for i, row in enumerate(it):
-        if src.limit is not None and i >= src.limit:
-            break
-        if src.base_dir and row.get("uri") and "://" not in row["uri"] and not Path(row["uri"]).is_absolute():
-            row["uri"] = str(Path(src.base_dir) / row["uri"])
-        yield row
+        node[last] = value
+
+
+def _index(node: list, key: str, path: list[str], allow_append: bool = False) -> int:
+    if not key.isdigit() or int(key) > len(node) - (0 if allow_append else 1):
+        raise ConfigError(f"--set {'.'.join(path)}: {key!r} is not an index of a list of {len(node)}")
+    return int(key)
+
+
+def load_job(path: str | Path | None = None, data: dict | None = None, out: str | None = None,
+             overrides: list[str] | None = None) -> JobConfig:
+    """A validated job from a YAML file (or a dict), with `--out` and `--set` overrides applied."""
+    if data is None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror or exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a job file is a mapping of keys, got {type(data).__name__}")
+    data = yaml.safe_load(yaml.safe_dump(data))  # a private copy
+    for keys, value in parse_set(overrides):
+        apply_set(data, keys, value)
+    if out:
+        data["out"] = out
+    data.setdefault("name", Path(path).stem if path else "job")
+    return validate_job(data)
+
+
+def validate_job(data: dict) -> JobConfig:
+    """Validates everything and reports every problem at once (sources by their own modules' configs)."""
+    from pydantic import ValidationError
+
+    errors, raw = [], data.get("sources")
+    sources = raw
+    if isinstance(raw, list):
+        sources = []
+        for i, s in enumerate(raw):
+            try:
+                sources.append(source_config(s, i))
+            except ConfigError as exc:
+                errors.append(str(exc))
+    source_errors = bool(errors)
+    try:
+        job = JobConfig.model_validate({**data, "sources": sources})
+    except ValidationError as exc:
+        errors += [l for l in explain(exc).splitlines() if not (source_errors and l.startswith("sources"))]
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return job

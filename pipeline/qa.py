@@ -1,48 +1,45 @@
 """Reconstruction check: decode a sample of the cached tokens back and compare with the decoded inputs.
 
-Inputs are re-read through the same fetch + decode stages (the fetch cache makes that free), tokens come from the
-written shards (fp16 latents, or FSQ indices for discrete tokenizers), so the check covers the whole chain:
-a swapped channel, a wrong patch layout or a misplaced crop shows up as a bad PSNR.
+Inputs are fetched and decoded again by the same prepare stage, with the settings recorded in the store's
+`preprocess.json` (never the job's current ones); tokens come from the committed shards (fp16 latents, or FSQ
+indices for discrete tokenizers). So the check covers the whole chain: a swapped channel, a wrong patch layout or
+a misplaced crop shows up as a bad PSNR.
 """
 from __future__ import annotations
 
+import io
 import json
-from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from atoken.metrics import psnr, ssim
-from pipeline.rows import is_ok
+from pipeline.rows import is_ok, new_row
 
 
-def _descriptor(rec: dict) -> dict:
-    span = None if rec.get("span_start") is None else [rec["span_start"], rec["span_end"]]
-    return {"id": rec["id"], "modality": rec["modality"], "source": rec["source"], "uri": rec["uri"],
-            "caption": rec.get("caption"), "span": span, "status": "ok", "stage": "source", "error": None}
+def recorded_configs(store, job):
+    """The job's decode and mesh configs with the token-changing settings replaced by the recorded ones."""
+    settings = store.read_json("preprocess.json").get("settings", {})
+    decode = job.decode.model_validate({**job.decode.model_dump(), **settings.get("decode", {})})
+    mesh = job.mesh.model_validate({**job.mesh.model_dump(), **settings.get("mesh", {})})
+    return decode, mesh
 
 
-def reconstruct_record(tok, rec: dict, job) -> tuple[np.ndarray, np.ndarray] | None:
+def reconstruct_record(tok, rec: dict, prepare, kv_cache_size: int = 0):
     """(input, reconstruction) as float arrays in [0, 1]: [T, H, W, 3] for image/video, [M, 768] for 3D."""
     from atoken.sparse import tokens_to_video
-    from pipeline.fetch import fetch_row
 
-    row = fetch_row(_descriptor(rec), job.fetch)
-    if rec["modality"] == "3d":
-        from pipeline.mesh.stage import mesh_to_voxels
-        row = mesh_to_voxels(row, job.mesh)
-    else:
-        from pipeline.decode import decode_row
-        row = decode_row(row, job.decode)
+    row = new_row(rec["id"], rec["modality"], rec["source"], uri=rec["uri"], span_start=rec.get("span_start"),
+                  span_end=rec.get("span_end"))
+    row = prepare([row])[0]
     if not is_ok(row):
         return None
     coords = np.asarray(rec["coords"], np.int64)
     if rec.get("fsq_indices") is not None:
-        feats = tok.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)],
-                                   kv_cache_size=job.tokenize.kv_cache_size)[0]
+        feats = tok.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)], kv_cache_size=kv_cache_size)[0]
     else:
-        feats = tok.decode([(np.asarray(rec["latent"], np.float32), coords)],
-                           kv_cache_size=job.tokenize.kv_cache_size)[0]
+        feats = tok.decode([(np.asarray(rec["latent"], np.float32), coords)], kv_cache_size=kv_cache_size)[0]
     feats = torch.from_numpy(feats)
     if rec["modality"] == "3d":
         ref = np.asarray(row["voxel_feats"], np.float32)
@@ -56,40 +53,42 @@ def reconstruct_record(tok, rec: dict, job) -> tuple[np.ndarray, np.ndarray] | N
 
 
 def run_qa(store, job) -> dict:
-    """PSNR/SSIM per modality over the first `job.qa.samples` ids of each modality; writes qa.json and grids."""
-    import pyarrow.parquet as pq
-
+    """PSNR/SSIM per modality over the first `job.qa.samples` rows of each modality; writes qa.json and grids."""
     from atoken.tokenizer import Tokenizer
+    from pipeline.prepare import Prepare
 
+    decode, mesh = recorded_configs(store, job)
     tok = Tokenizer.from_files(job.tokenize.config, job.tokenize.checkpoint, device=job.tokenize.device)
-    results, qa_dir = {}, store.dir / "qa"
-    qa_dir.mkdir(exist_ok=True)
-    for modality in sorted({s["modality"] for s in store.state.shards}):
-        files = sorted((store.dir / "data" / modality).glob("*.parquet"))
+    results = {}
+    for modality in sorted({s.modality for s in store.shards.values()}):
         recs = []
-        for f in files:
-            recs += pq.read_table(f).slice(0, job.qa.samples - len(recs)).to_pylist()
+        for path in sorted(p for p, s in store.shards.items() if s.modality == modality):
+            with store.storage.open_input(path) as f:
+                recs += pq.read_table(f).slice(0, job.qa.samples - len(recs)).to_pylist()
             if len(recs) >= job.qa.samples:
                 break
+        prepare = Prepare(job.fetch, decode, mesh, job.storage, "3d" if modality == "3d" else "media")
         scores, pairs = {"psnr": [], "ssim": []}, []
-        for rec in recs:
-            got = reconstruct_record(tok, rec, job)
-            if got is None:
-                continue
-            ref, out = got
-            scores["psnr"].append(psnr(torch.from_numpy(ref), torch.from_numpy(out)))
-            if modality != "3d":
-                scores["ssim"].append(ssim(torch.from_numpy(ref), torch.from_numpy(out)))
-                pairs.append((ref[0], out[0]))
-        results[modality] = {"n": len(scores["psnr"]),
-                             **{k: float(np.mean(v)) for k, v in scores.items() if v}}
+        try:
+            for rec in recs:
+                got = reconstruct_record(tok, rec, prepare, job.tokenize.kv_cache_size)
+                if got is None:
+                    continue
+                ref, out = got
+                scores["psnr"].append(psnr(torch.from_numpy(ref), torch.from_numpy(out)))
+                if modality != "3d":
+                    scores["ssim"].append(ssim(torch.from_numpy(ref), torch.from_numpy(out)))
+                    pairs.append((ref[0], out[0]))
+        finally:
+            prepare.teardown()
+        results[modality] = {"n": len(scores["psnr"]), **{k: float(np.mean(v)) for k, v in scores.items() if v}}
         if job.qa.grid and pairs:
-            write_grid(pairs, qa_dir / f"{modality}.png")
-    (qa_dir / "qa.json").write_text(json.dumps(results, indent=2))
+            store.storage.write_bytes(f"qa/{modality}.png", grid_png(pairs))
+    store.storage.write_bytes("qa/qa.json", json.dumps(results, indent=2).encode())
     return results
 
 
-def write_grid(pairs: list[tuple[np.ndarray, np.ndarray]], path: Path, cell: int = 192) -> None:
+def grid_png(pairs: list[tuple[np.ndarray, np.ndarray]], cell: int = 192) -> bytes:
     """Inputs on the top row, reconstructions below, one column per sample."""
     from PIL import Image
 
@@ -99,4 +98,6 @@ def write_grid(pairs: list[tuple[np.ndarray, np.ndarray]], path: Path, cell: int
             im = Image.fromarray((img * 255).round().astype(np.uint8))
             im.thumbnail((cell, cell))
             canvas.paste(im, (i * cell, j * cell))
-    canvas.save(path)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

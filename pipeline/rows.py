@@ -1,33 +1,86 @@
-"""Row helpers shared by every stage.
+"""Rows: the typed dicts that travel from the source stage to the shard writer, one field name end to end.
 
-A row is a plain dict. It always carries `id`, `modality`, `source`, `status` (ok|failed|skipped), `stage`
-(the last stage that touched it) and `error` (None unless failed/skipped). A stage never raises for bad input:
-it returns the row marked failed, and later stages pass such rows through untouched.
+Every row carries the status fields: `status` (ok | failed | skipped), `stage` (the last stage that touched it)
+and `reason` (None unless failed or skipped). A stage never raises for bad input: it returns the row marked
+failed with a readable reason, and later stages pass such rows through untouched. Field names are the shard's
+column names (`schemas/tokens.py`); each stage adds its fields and drops the bulky ones it consumed.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any, TypedDict
+
+import numpy as np
 
 OK, FAILED, SKIPPED = "ok", "failed", "skipped"
-MAX_ERROR_CHARS = 500
+MAX_REASON_CHARS = 500
 
 
-def new_row(id: str, modality: str, source: str, **fields: Any) -> dict:
-    return {"id": id, "modality": modality, "source": source, "status": OK, "stage": "source", "error": None,
-            **fields}
+class Row(TypedDict, total=False):
+    """A source descriptor: what every later row starts from."""
+    id: str                      # `<source>-<key>`, stable and path-safe (pipeline/sources/ids.py)
+    bucket: int                  # hash bucket of the id's group (resume and grouping)
+    modality: str                # image | video | 3d (or "unknown" for a skipped file)
+    source: str
+    uri: str                     # where the bytes are: a local path or a URI
+    caption: str | None
+    span_start: float | None     # seconds, for clips cut out of a longer video
+    span_end: float | None
+    meta: str                    # JSON: source extras
+    status: str
+    stage: str
+    reason: str | None
+    timings: dict[str, float]    # stage -> seconds spent on this row; "_done" = time.time() at the last stage
 
 
-def fail(row: dict, stage: str, reason: str) -> dict:
-    """Return a copy of `row` marked failed at `stage` with a readable reason."""
-    return {**row, "status": FAILED, "stage": stage, "error": str(reason)[:MAX_ERROR_CHARS]}
+class Decoded(Row, total=False):
+    """After fetch + decode (images, videos)."""
+    pixels: np.ndarray           # uint8 [T, H, W, 3] (T = 1 for images)
+    fps: float                   # sampling rate (0.0 for images)
+    num_frames: int
+    orig_width: int              # after EXIF rotation
+    orig_height: int
 
 
-def skip(row: dict, stage: str, reason: str) -> dict:
-    return {**row, "status": SKIPPED, "stage": stage, "error": str(reason)[:MAX_ERROR_CHARS]}
+class Voxelized(Row, total=False):
+    """After fetch + mesh render + voxelise (3D)."""
+    voxel_feats: np.ndarray      # fp16 [M, 768] in [0, 1]
+    voxel_coords: np.ndarray     # int16 [M, 3]
+    num_voxels: int
 
 
-def is_ok(row: dict) -> bool:
+class Tokenized(Row, total=False):
+    """After tokenize: the shard's columns."""
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    orig_width: int
+    orig_height: int
+    num_voxels: int
+    coords: np.ndarray           # int16 [n, 4]
+    latent: np.ndarray           # fp16 [n, 48]
+    logvar: np.ndarray | None
+    fsq_indices: np.ndarray | None
+    pooled: np.ndarray           # fp16 [D]
+    tokenizer: str
+    preprocess: str
+
+
+def new_row(id: str, modality: str, source: str, **fields: Any) -> Row:
+    return {"id": id, "modality": modality, "source": source, "status": OK, "stage": "source", "reason": None,
+            "caption": None, "span_start": None, "span_end": None, "meta": "{}", **fields}
+
+
+def fail(row: Row, stage: str, reason: str) -> Row:
+    """A copy of `row` marked failed at `stage` with a readable reason."""
+    return {**row, "status": FAILED, "stage": stage, "reason": str(reason)[:MAX_REASON_CHARS]}
+
+
+def skip(row: Row, stage: str, reason: str) -> Row:
+    return {**row, "status": SKIPPED, "stage": stage, "reason": str(reason)[:MAX_REASON_CHARS]}
+
+
+def is_ok(row: Row) -> bool:
     return row.get("status", OK) == OK
 
 
@@ -37,20 +90,8 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
-def stage(name: str) -> Callable:
-    """Decorator for `fn(row, *args) -> row`: passes non-ok rows through, turns exceptions into a failed row,
-    and records `name` as the row's stage on success."""
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(row: dict, *args: Any, **kwargs: Any) -> dict:
-            if not is_ok(row):
-                return row
-            try:
-                out = fn(row, *args, **kwargs)
-            except Exception as exc:  # bad input must never crash the pipeline
-                return fail(row, name, describe(exc))
-            if is_ok(out):
-                out["stage"] = name
-            return out
-        return run
-    return wrap
+def outcome(row: Row) -> dict:
+    """The ledger record of a finished row."""
+    return {"id": row["id"], "bucket": int(row.get("bucket") or 0), "status": row.get("status", OK),
+            "stage": row.get("stage"), "reason": row.get("reason"), "modality": row.get("modality"),
+            "source": row.get("source"), "uri": row.get("uri")}

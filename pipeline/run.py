@@ -1,61 +1,109 @@
-"""Wires the stages into a Ray Data job: sources -> fetch -> decode | mesh -> tokenize (actors) -> store.
+"""The driver: validated job -> locked store -> Ray Data job -> commits, with graceful interrupts.
 
-This is the only module that imports Ray. Rows travel between Ray operators as one pickled `payload` column
-(plus `id`), so ragged arrays and failed rows never fight Ray's Arrow tensor types; the stages themselves see
-plain dicts. The driver is the single writer: it streams results into the ShardStore, which makes every
-sample land exactly once across crashes and reruns.
+The driver holds no sample list and no id set: sources are read on the workers, the resume filter runs there
+against the ledger, writers on the workers write the shards, and the driver only commits their small records
+(`pipeline/store.py`). The first SIGINT/SIGTERM stops new work, lets in-flight rows finish (up to
+`ray.interrupt_grace_s`), commits them and ends with one line; a second one aborts at once (the commit protocol
+keeps what was committed). An execution that fails for an infrastructure reason (a lost node) is started again,
+up to `ray.restarts` times: the resume filter skips what was committed meanwhile.
 """
 from __future__ import annotations
 
+import _thread
 import collections
-import os
-import pickle
+import signal
+import sys
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 
 from pipeline.faults import maybe_fault
-from pipeline.job import JobConfig, iter_descriptors
-from pipeline.rows import OK, fail, is_ok
-from pipeline.store import ShardStore
-from pipeline.tokenize import Tokenize
+from pipeline.job import JobConfig, preprocess_identity
+from pipeline.lock import RunLock
+from pipeline.storage import Storage
+from pipeline.store import Store, versions
+
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 @dataclass
 class Summary:
     store_dir: str
+    run_id: str = ""
     wall_s: float = 0.0
-    todo: int = 0
-    skipped_done: int = 0
-    counts: dict = field(default_factory=collections.Counter)       # status -> n
+    resume: dict = field(default_factory=dict)                      # source -> filter counts
+    counts: dict = field(default_factory=collections.Counter)       # status -> n (this run)
     reasons: dict = field(default_factory=collections.Counter)      # (stage, reason) -> n
     stage_s: dict = field(default_factory=collections.Counter)      # stage -> summed seconds
     stage_n: dict = field(default_factory=collections.Counter)
-    shards: list = field(default_factory=list)
+    shards: list = field(default_factory=list)                      # shards committed this run
+    commits: int = 0
+    commit_s: float = 0.0
+    write_s: float = 0.0
     qa: dict = field(default_factory=dict)
-    arrivals: list = field(default_factory=list)                    # time.time() of each finished row
+    arrivals: list = field(default_factory=list)                    # time.time() each row finished tokenizing
+    notes: list = field(default_factory=list)
+    interrupted: int | None = None                                  # the signal that stopped the run
+    dry_run: bool = False
+
+    @property
+    def todo(self) -> int:
+        return sum(c.get("todo", 0) for c in self.resume.values())
+
+    @property
+    def done_before(self) -> dict:
+        out = collections.Counter()
+        for c in self.resume.values():
+            for k in ("ok", "failed", "skipped"):
+                out[k] += c.get(k, 0)
+        return out
+
+    @property
+    def finished(self) -> int:
+        return sum(self.counts.values())
+
+    def add_record(self, rec: dict, commit: dict, commit_s: float) -> None:
+        self.commits += 1
+        self.commit_s += commit_s
+        self.write_s += rec.get("write_s", 0.0)
+        self.shards += commit["shards"]
+        for k, v in rec.get("counts", {}).items():
+            self.counts[k] += v
+        for stage, reason, n in rec.get("reasons", []):
+            if len(self.reasons) < 1000 or (stage, reason) in self.reasons:
+                self.reasons[(stage, reason)] += n
+        for k, (s, n) in rec.get("timings", {}).items():
+            self.stage_s[k] += s
+            self.stage_n[k] += n
+        self.arrivals += rec.get("done_at", [])
 
     def steady_rate(self, lo: float = 0.1, hi: float = 0.9) -> tuple[float, float, float] | None:
-        """(samples/s, start, end) between the lo and hi quantiles of row arrivals: startup and tail excluded."""
-        n = len(self.arrivals)
-        if len(set(self.arrivals)) < 10:  # rows arrive in blocks: too few blocks for a rate
+        """(samples/s, start, end) between the lo and hi quantiles of row finish times: startup and tail out."""
+        times = sorted(self.arrivals)
+        n = len(times)
+        if n < 10:
             return None
         a, b = int(n * lo), int(n * hi) - 1
-        t0, t1 = self.arrivals[a], self.arrivals[b]
+        t0, t1 = times[a], times[b]
         return ((b - a) / (t1 - t0) if t1 > t0 else float("inf")), t0, t1
 
-    def add(self, row: dict) -> None:
-        self.counts[row.get("status", OK)] += 1
-        if not is_ok(row):
-            self.reasons[(row.get("stage"), _short(row.get("error")))] += 1
-        for k, v in (row.get("timings") or {}).items():
-            self.stage_s[k] += v
-            self.stage_n[k] += 1
-
     def render(self) -> str:
-        lines = [f"run summary: {self.store_dir}",
-                 f"  samples: {self.todo} to do, {self.skipped_done} already done; "
-                 + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())),
-                 f"  wall {self.wall_s:.1f}s, {sum(self.counts.values()) / max(self.wall_s, 1e-9):.2f} samples/s"]
+        done = self.done_before
+        lines = [f"run summary: {self.store_dir}" + (" (dry run: nothing fetched)" if self.dry_run else "")]
+        for src, c in sorted(self.resume.items()):
+            lines.append(f"  source {src}: {c.get('rows', 0)} rows, {c.get('todo', 0)} to do, already done: "
+                         f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
+                         + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else ""))
+        if done.get("failed") and not self.dry_run:
+            lines.append(f"  {done['failed']} samples failed before and were not retried (--retry-failed retries "
+                         "them)")
+        lines += [f"  note: {n}" for n in self.notes]
+        if self.dry_run:
+            return "\n".join(lines)
+        lines.append(f"  this run: {self.finished} of {self.todo} finished; "
+                     + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
+        lines.append(f"  wall {self.wall_s:.1f}s, {self.finished / max(self.wall_s, 1e-9):.2f} samples/s")
         for k in self.stage_s:
             per = self.stage_s[k] / max(self.stage_n[k], 1)
             lines.append(f"  stage {k:9s} {self.stage_n[k]:6d} samples, {per * 1e3:8.1f} ms/sample/worker, "
@@ -64,156 +112,257 @@ class Summary:
             lines.append(f"  {n:5d} x {stage}: {reason}")
         if self.shards:
             sizes = [s["bytes"] for s in self.shards]
-            lines.append(f"  shards: {len(sizes)} written this run, {sum(sizes) / 1e6:.2f} MB, "
-                         f"{min(sizes) / 1e3:.1f}-{max(sizes) / 1e3:.1f} kB each")
+            lines.append(f"  shards: {len(sizes)} in {self.commits} commits this run, {sum(sizes) / 1e6:.2f} MB, "
+                         f"{min(sizes) / 1e3:.1f}-{max(sizes) / 1e3:.1f} kB each; commits took "
+                         f"{self.commit_s * 1e3 / max(self.commits, 1):.1f} ms each on the driver")
         for m, q in self.qa.items():
             lines.append(f"  qa {m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in q.items()))
+        if self.interrupted:
+            left = max(0, self.todo - self.finished)
+            lines.append(f"interrupted ({signal.Signals(self.interrupted).name}): {self.finished} samples committed "
+                         f"this run, {left} left; rerun the same command to continue")
         return "\n".join(lines)
 
 
-def _short(reason: str | None, n: int = 120) -> str:
-    return (reason or "").splitlines()[0][:n] if reason else ""
+# ---- identity and the version directory ---------------------------------------------------------------------
+
+def version_name(tokenizer: dict, preprocess: dict) -> str:
+    return f"{tokenizer['id']}-pp{preprocess['id']}"
 
 
-# ---- stage adapters: payload in, payload out, timings recorded -----------------------------------------
-def _timed(stage_name: str, fn, row: dict, *args) -> dict:
-    maybe_fault(stage_name)
-    t0 = time.perf_counter()
-    out = fn(row, *args) if is_ok(row) else row
-    if is_ok(row):
-        out.setdefault("timings", {})[stage_name] = time.perf_counter() - t0
+def identities(job: JobConfig) -> tuple[dict, dict]:
+    from atoken.tokenizer import tokenizer_identity
+
+    return tokenizer_identity(job.tokenize.config, job.tokenize.checkpoint), preprocess_identity(job)
+
+
+def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_settings(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k} {a!r} -> {b!r}")
     return out
 
 
-def _fetch(item: dict, cfg) -> dict:
-    from pipeline.fetch import fetch_row
-
-    return {"id": item["id"], "payload": pickle.dumps(_timed("fetch", fetch_row, pickle.loads(item["payload"]), cfg))}
-
-
-def _prepare(item: dict, decode_cfg, mesh_cfg) -> dict:
-    """Decode images/videos, or render + voxelise 3D assets (CPU backend)."""
-    row = pickle.loads(item["payload"])
-    if row["modality"] == "3d":
-        from pipeline.mesh.stage import mesh_to_voxels
-        row = _timed("mesh", mesh_to_voxels, row, mesh_cfg)
-    else:
-        from pipeline.decode import decode_row
-        row = _timed("decode", decode_row, row, decode_cfg)
-    return {"id": item["id"], "payload": pickle.dumps(row)}
+def version_notes(root: Storage, tokenizer: dict, preprocess: dict, name: str) -> list[str]:
+    """A line when this job's settings differ from an existing version of the same tokenizer."""
+    notes = []
+    for v in versions(root):
+        if v.root.rsplit("/", 1)[-1] == name or not v.exists("preprocess.json"):
+            continue
+        tok = Store(v).read_json("tokenizer.json")
+        if tok.get("id") != tokenizer["id"]:
+            continue
+        diff = changed_settings(Store(v).read_json("preprocess.json").get("settings", {}), preprocess["settings"])
+        notes.append(f"settings differ from {v.root.rsplit('/', 1)[-1]} ({'; '.join(diff[:6])}): "
+                     f"writing a new version {name}")
+    return notes
 
 
-class TokenizeActor:
-    """Ray actor around the plain Tokenize stage: one model per actor."""
+# ---- the run ---------------------------------------------------------------------------------------------------
 
-    def __init__(self, cfg):
-        self.stage = Tokenize(cfg)
+class _Signals:
+    """First SIGINT/SIGTERM: request a stop and arm the grace timer; second: abort (KeyboardInterrupt)."""
 
-    def __call__(self, batch: dict) -> dict:
-        rows = [pickle.loads(p) for p in batch["payload"]]
-        maybe_fault("tokenize")
-        t0 = time.perf_counter()
-        out = self.stage(rows)
-        dt = (time.perf_counter() - t0) / max(len(rows), 1)
-        for r in out:
-            if is_ok(r):
-                r.setdefault("timings", {})["tokenize"] = dt
-        return {"id": [r["id"] for r in out], "payload": [pickle.dumps(r) for r in out]}
+    def __init__(self, grace_s: float):
+        self.grace_s, self.signum, self.expired, self.control = grace_s, None, False, None
+        self.old = {}
 
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in SIGNAL_EXIT:
+                self.old[s] = signal.signal(s, self._handle)
+        return self
 
-# ---- the job -------------------------------------------------------------------------------------------
-def init_ray(job: JobConfig):
-    import ray
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
-    if ray.is_initialized():
-        return ray
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # under `ray job submit`: merge with the job's env
-    os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
-    env = {k: v for k, v in os.environ.items() if k.startswith("PIPELINE_") or k == "RAY_AUTH_MODE"}
-    address = job.ray.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
-    else:
-        # "local": always a fresh cluster; without it Ray joins any cluster it finds running on this machine
-        ray.init(address="local", num_cpus=job.ray.num_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": env})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = bool(os.environ.get("PIPELINE_PROGRESS", "1") == "1")
-    return ray
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name}: no new work; finishing in-flight samples (up to "
+              f"{self.grace_s:.0f}s), then committing. Press Ctrl-C again to abort.", file=sys.stderr, flush=True)
+        if self.control is not None:
+            self.control.request_stop.remote()
+        timer = threading.Timer(self.grace_s, self._expire)
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self):
+        self.expired = True
+        _thread.interrupt_main()
 
 
-def open_store(job: JobConfig) -> ShardStore:
-    from atoken.tokenizer import tokenizer_identity
+def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -> Summary:
+    from pipeline import ray_job
 
-    ident = tokenizer_identity(job.tokenize.config, job.tokenize.checkpoint)
-    from schemas.tokens import TokenDims
-    return ShardStore(job.out, ident, TokenDims(**ident["dims"]), job.write.shard_rows, job.write.compression)
-
-
-def collect(job: JobConfig, store: ShardStore, retry_failed: bool) -> tuple[list[dict], list[dict], int]:
-    """(descriptors still to do, rows already finished at the source stage, ids skipped as done before)."""
-    done = store.done_ids(retry_failed)
-    todo, finished, seen, skipped = [], [], set(), 0
-    for src in job.sources:
-        for row in iter_descriptors(src):
-            if row["id"] in done:
-                skipped += 1
-                continue
-            if row["id"] in seen:
-                finished.append(fail(row, "source", f"duplicate sample id {row['id']!r} in the sources"))
-                continue
-            seen.add(row["id"])
-            (todo if is_ok(row) else finished).append(row)
-    return todo, finished, skipped
-
-
-def run_job(job: JobConfig, retry_failed: bool = False) -> Summary:
     t0 = time.perf_counter()
-    store = open_store(job)
-    todo, finished, skipped = collect(job, store, retry_failed)
-    summary = Summary(store_dir=str(store.dir), todo=len(todo) + len(finished), skipped_done=skipped)
-    for row in finished:  # source-level failures and skips (bad CSV rows, unknown files)
-        summary.add(row)
-        store.add(row)
-    shards_before = len(store.state.shards)
-    if todo:
-        for row in stream(job, todo):
-            summary.arrivals.append(time.time())
-            summary.add(row)
-            row.pop("timings", None)
-            store.add(row)
-    store.close()
-    summary.shards = store.state.shards[shards_before:]
-    if job.qa.samples > 0:
+    tok, pre = identities(job)
+    root = Storage(job.out, job.storage)
+    name = version_name(tok, pre)
+    store = Store(root.child(name))
+    summary = Summary(store_dir=store.uri, dry_run=dry_run)
+    if dry_run:
+        buckets = store.read_json("version.json")["buckets"] if store.storage.exists("version.json") \
+            else job.ray.buckets
+        summary.resume = ray_job.dry_run_counts(job, store.ledger.view(), buckets)
+        summary.notes += version_notes(root, tok, pre, name)
+        summary.wall_s = time.perf_counter() - t0
+        return summary
+    root.makedirs()
+    summary.notes += version_notes(root, tok, pre, name)
+    run_id = summary.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    with RunLock(store.storage, run_id) as lock:
+        if lock.took_over:
+            summary.notes.append(f"took over a stale lock of run {lock.took_over.get('run')} "
+                                 f"(host {lock.took_over.get('host')}, pid {lock.took_over.get('pid')})")
+        store.init({"name": name, "buckets": job.ray.buckets}, tok, pre)
+        buckets = store.read_json("version.json")["buckets"]
+        rec = store.recover(run_id)
+        if rec.rolled_forward:
+            summary.notes.append(f"completed {rec.rolled_forward} moves of commits interrupted by a crash")
+        if rec.quarantined:
+            summary.notes.append(f"{len(rec.quarantined)} files in data/ that no commit names were moved to "
+                                 f"quarantine/ (e.g. {rec.quarantined[0]})")
+        summary.notes += rec.problems
+        ray = ray_job.init_ray(job.ray)
+        _compact_ledger(ray, store)
+        with _Signals(job.ray.interrupt_grace_s) as sig:
+            try:
+                _stream(job, store, run_id, retry_failed, ray, sig, summary)
+            except KeyboardInterrupt:
+                if not sig.expired:  # a second Ctrl-C: abort now; what was committed stays, the rest is redone
+                    summary.interrupted = sig.signum or signal.SIGINT
+                    raise
+                summary.notes.append(f"in-flight samples did not finish within {job.ray.interrupt_grace_s:.0f}s; "
+                                     "they are redone on the next run")
+            summary.interrupted = sig.signum
+        _finish(store, run_id, summary, ray)
+    if job.qa.samples > 0 and not summary.interrupted and store.shards:
         from pipeline.qa import run_qa
+
         summary.qa = run_qa(store, job)
     summary.wall_s = time.perf_counter() - t0
     return summary
 
 
-def stream(job: JobConfig, todo: list[dict]):
-    """Runs the Ray Data pipeline over `todo` and yields finished rows as they arrive."""
-    ray = init_ray(job)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 and job.tokenize.device != "cpu"
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    items = [{"id": r["id"], "payload": pickle.dumps(r)} for r in todo]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 8 * cpus)))
-    retries = {"max_retries": job.ray.max_task_retries}
-    ds = ds.map(_fetch, fn_kwargs={"cfg": job.fetch}, num_cpus=job.ray.fetch_cpus, **retries)
-    ds = ds.map(_prepare, fn_kwargs={"decode_cfg": job.decode, "mesh_cfg": job.mesh},
-                num_cpus=job.ray.decode_cpus, **retries)
-    if use_gpu:
-        n = max(1, gpus * job.tokenize.actors_per_gpu)
-        actor = dict(compute=ray.data.ActorPoolStrategy(size=min(n, max(1, len(items)))),
-                     num_gpus=1.0 / job.tokenize.actors_per_gpu)
-    else:
-        actor = dict(compute=ray.data.ActorPoolStrategy(size=max(1, job.tokenize.actors)), num_cpus=1)
-    ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"cfg": job.tokenize},
-                        batch_size=job.tokenize.batch_rows, batch_format="numpy", **actor)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for payload in batch["payload"]:
-            yield pickle.loads(payload)
+def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
+    from pipeline import ray_job
 
+    for attempt in range(job.ray.restarts + 1):
+        control = sig.control = ray_job.make_control(ray)
+        if sig.signum is not None:  # a stop requested while restarting
+            return
+        ds = ray_job.build(job, make_stages(job, store, run_id, pre_id(store), ray), store.ledger.view(),
+                           store.read_json("version.json")["buckets"], retry_failed, control, ray)
+        try:
+            for rec in ray_job.records(ds):
+                maybe_fault("record_received")
+                t = time.perf_counter()
+                commit = store.commit(rec, run_id)
+                summary.add_record(rec, commit, time.perf_counter() - t)
+            if attempt == 0 or not summary.resume:
+                summary.resume = ray.get(control.get_counts.remote())
+            return
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            cause = root_cause(exc)
+            if not infrastructure(exc) or attempt == job.ray.restarts:
+                raise cause from None
+            if not summary.resume:
+                summary.resume = ray.get(control.get_counts.remote())
+            summary.notes.append(f"the execution failed ({type(cause).__name__}: {str(cause)[:200]}); "
+                                 f"started again ({attempt + 1}/{job.ray.restarts})")
+            _compact_ledger(ray, store)
+
+
+def infrastructure(exc: BaseException) -> bool:
+    """A lost node, worker or object (worth running again), as opposed to an error in our code or storage."""
+    import ray.exceptions as rex
+
+    lost = (rex.NodeDiedError, rex.ObjectLostError, rex.ActorDiedError, rex.WorkerCrashedError,
+            rex.ActorUnavailableError, rex.OwnerDiedError, rex.RaySystemError)
+    seen = exc
+    for _ in range(10):
+        if isinstance(seen, lost):
+            return True
+        if isinstance(seen, (rex.UserCodeException, OSError)):
+            return False
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if not isinstance(nxt, BaseException):
+            break
+        seen = nxt
+    return isinstance(exc, rex.RayError) and not isinstance(exc, rex.UserCodeException)
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The user-facing error inside Ray's wrappers (a task's OSError, say)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        break
+    return exc
+
+
+def pre_id(store: Store) -> str:
+    return store.read_json("preprocess.json")["id"]
+
+
+def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray) -> dict:
+    from pipeline.prepare import Prepare
+    from pipeline.ray_job import cluster
+    from pipeline.tokenize import Tokenize
+    from pipeline.writer import ShardWriter
+    from schemas.tokens import TokenDims
+
+    cpus, gpus = cluster(ray)
+    use_gpu = gpus > 0 and job.tokenize.device != "cpu"
+    tok_actors = max(1, gpus * job.tokenize.actors_per_gpu) if use_gpu else job.tokenize.actors
+    tokenize = Tokenize(job.tokenize, preprocess, gpus=1.0 / job.tokenize.actors_per_gpu if use_gpu else 0.0)
+    mesh_gpus = job.ray.mesh_gpus if gpus > 0 and job.mesh.backend != "cpu" else 0.0
+    # small machines: leave a CPU for the source, filter and writer tasks beside the actor pools
+    prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
+    free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
+    dims = TokenDims(**store.read_json("tokenizer.json")["dims"])
+    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus)
+    return {
+        "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
+        "media_actors": job.ray.prepare_actors or (1, free),
+        "3d": Prepare(**common, branch="3d", gpus=mesh_gpus, batch_size=1),
+        "3d_actors": job.ray.mesh_actors or (1, free),
+        "tokenize": tokenize,
+        "tokenize_actors": tok_actors,
+        "writer": ShardWriter(store.uri, job.storage.model_dump(), run_id, dims, job.write),
+    }
+
+
+def _compact_ledger(ray, store: Store) -> None:
+    from pipeline.ray_job import remote_compact
+
+    for files in store.ledger.plan_compaction():
+        remote_compact(ray, store.storage, files)
+
+
+def _finish(store: Store, run_id: str, summary: Summary, ray) -> None:
+    """Folds this run's commits into the checkpoint, the ledger into a level, and updates the card."""
+    import json
+
+    store.checkpoint()
+    _compact_ledger(ray, store)
+    store.write_card()
+    record = {"run": run_id, "time": time.time(), "interrupted": summary.interrupted, "counts": dict(summary.counts),
+              "resume": summary.resume, "commits": summary.commits, "notes": summary.notes,
+              "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)]}
+    store.storage.write_bytes(f"runs/{run_id}.json", json.dumps(record, indent=1, default=str).encode())
+    store.drop_staging(run_id)

@@ -1,291 +1,303 @@
-"""The output store: immutable Parquet shards, an append-only manifest, per-sample status and a dataset card.
+"""The token store: one version directory (tokenizer + preprocessing identity) of immutable Parquet shards,
+the commit records that name them, the ledger of every sample's outcome, and the dataset card.
 
-Crash safety rests on three rules:
-1. a shard is written to `.tmp/` and renamed into `data/<modality>/`, so readers never see a partial file;
-2. the manifest line that commits a shard is appended (and fsynced) after the rename; a torn last line is dropped;
-3. on open, a renamed shard that no manifest line names is adopted (its rows are complete), so a crash between
-   rename and commit neither loses nor duplicates its samples.
+    data/<modality>/part-<seq:06d>-<k>.parquet    shards: only committed files ever appear here
+    manifest/<seq:010d>.json                      one commit record per commit (written atomically)
+    manifest/checkpoint-<seq:010d>.parquet        every shard committed up to seq (older records are folded in)
+    ledger/                                       per-sample outcomes (pipeline/ledger.py)
+    staging/<run>/<attempt>/                      what writers on the workers wrote, not yet committed
+    runs/<run>.json, version.json, tokenizer.json, preprocess.json, README.md, qa/, quarantine/
+
+The commit protocol (docs/design.md), with one live driver (pipeline/lock.py):
+1. a writer task writes its shards and its ledger fragment under `staging/<run>/<attempt>/` and returns a small
+   record; nothing it writes is visible to readers of `data/`;
+2. the driver writes `manifest/<seq>.json` naming every move `staging -> final`: this is the commit point;
+3. the driver performs the moves (a rename on local disk, a server-side copy + delete on object stores).
+A crash before 2 leaves only staging garbage (collected on the next open); a crash after 2 is rolled forward on
+the next open. Files in `data/` that no commit names are moved to `quarantine/`. So a reader that globs
+`data/**/*.parquet` never sees a partial file, a duplicate row or a row from an attempt that was not committed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.faults import maybe_fault
-from schemas.tokens import MODALITIES, TokenDims, rows_to_table, status_table
+from pipeline.ledger import Ledger, fragment_path, read_all
+from pipeline.storage import Storage
+from schemas.tokens import MODALITIES, SCHEMA_VERSION, shard_index_schema
 
-MANIFEST = "manifest.jsonl"
+FORMAT = "atoken-cache/2"
+MANIFEST = "manifest"
+CHECKPOINT_EVERY = 256
 
 
-def sha256_file(path: Path) -> str:
+def sha256_of(storage: Storage, rel: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with storage.open_input(rel) as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+@dataclass
+class Shard:
+    path: str
+    modality: str
+    rows: int
+    bytes: int
+    sha256: str
+    row_groups: int = 1
+    seq: int = 0
 
 
 @dataclass
-class StoreState:
-    """What the manifest says is done: ok ids with their shard, and the last status of every other id."""
-    ok: dict[str, str] = field(default_factory=dict)          # id -> shard path
-    other: dict[str, dict] = field(default_factory=dict)      # id -> {status, stage, reason, ...}
-    shards: list[dict] = field(default_factory=list)
-    commits: int = 0
+class Recovery:
+    rolled_forward: int = 0
+    quarantined: list[str] = field(default_factory=list)
+    staging_removed: int = 0
+    problems: list[str] = field(default_factory=list)
 
 
-class ShardStore:
-    """One tokenizer version's output directory. Single writer (the job driver)."""
+class Store:
+    """One version directory. Readers may open it any time; only the lock holder calls the writing methods."""
 
-    def __init__(self, root: Path, tokenizer: dict, dims: TokenDims, shard_rows: int = 512,
-                 compression: str = "zstd"):
-        self.dir = Path(root) / tokenizer["id"]
-        self.tokenizer, self.dims = tokenizer, dims
-        self.shard_rows, self.compression = shard_rows, compression
-        self.buffers: dict[str, list[dict]] = {m: [] for m in MODALITIES}
-        self.buffered: set[str] = set()
-        self.pending_status: list[dict] = []
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / ".tmp").mkdir(exist_ok=True)
-        self._write_json_once("tokenizer.json", tokenizer)
-        self.state = self._recover()
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.ledger = Ledger(storage)
+        self.shards: dict[str, Shard] = {}
+        self.next_seq = 0
+        self.checkpoint_seq = -1
+        self._records_since_checkpoint: list[str] = []
 
-    # ---- reading the committed state -------------------------------------------------------------
-    def _read_manifest(self) -> list[dict]:
-        path = self.dir / MANIFEST
-        if not path.exists():
-            return []
-        raw = path.read_bytes()
-        lines, good = [], 0
-        for line in raw.split(b"\n"):
-            if not line.strip():
-                good += len(line) + 1
+    @property
+    def uri(self) -> str:
+        return self.storage.root
+
+    # ---- identity ---------------------------------------------------------------------------------------------
+    def init(self, version: dict, tokenizer: dict, preprocess: dict) -> None:
+        """Writes the identity files once (a store's identity never changes)."""
+        for name, obj in (("version.json", {"format": FORMAT, "schema_version": SCHEMA_VERSION, **version}),
+                          ("tokenizer.json", tokenizer), ("preprocess.json", preprocess)):
+            if not self.storage.exists(name):
+                self.storage.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+    def read_json(self, name: str) -> dict:
+        return json.loads(self.storage.read_bytes(name))
+
+    # ---- reading the committed state --------------------------------------------------------------------------
+    def load(self) -> list[dict]:
+        """Reads the checkpoint and the commit records after it; returns those records (oldest first)."""
+        self.shards, records = {}, []
+        entries = self.storage.list(MANIFEST)
+        checkpoints = sorted(e.path for e in entries if e.path.rsplit("/", 1)[-1].startswith("checkpoint-"))
+        if checkpoints:
+            with self.storage.open_input(checkpoints[-1]) as f:
+                for rec in pq.read_table(f).to_pylist():
+                    self.shards[rec["path"]] = Shard(**rec)
+            self.checkpoint_seq = int(checkpoints[-1].rsplit("-", 1)[-1].split(".")[0])
+        self.next_seq = self.checkpoint_seq + 1
+        for e in entries:
+            name = e.path.rsplit("/", 1)[-1]
+            if not name.endswith(".json") or not name[:-5].isdigit() or int(name[:-5]) <= self.checkpoint_seq:
                 continue
             try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a torn tail from a crash mid-append: everything after it is dropped
-            good += len(line) + 1
-        if good < len(raw):
-            with open(path, "r+b") as f:
-                f.truncate(min(good, len(raw)))
-        return lines
+                rec = json.loads(self.storage.read_bytes(e.path))
+            except json.JSONDecodeError:  # cannot be torn (atomic writes); a damaged one is reported, not applied
+                continue
+            records.append(rec)
+        records.sort(key=lambda r: r["seq"])
+        for rec in records:
+            self._apply(rec)
+            self._records_since_checkpoint.append(f"{MANIFEST}/{rec['seq']:010d}.json")
+            self.next_seq = max(self.next_seq, rec["seq"] + 1)
+        return records
 
-    def _recover(self) -> StoreState:
-        for tmp in (self.dir / ".tmp").iterdir():
-            tmp.unlink()
-        state = StoreState()
-        for commit in self._read_manifest():
-            self._apply(state, commit)
-        named = {s["path"] for s in state.shards}
-        for path in sorted((self.dir / "data").glob("*/*.parquet")):
-            rel = path.relative_to(self.dir).as_posix()
-            if rel not in named:  # renamed but never committed: complete, so adopt it
-                try:
-                    shard = self._describe_shard(path, path.parent.name)
-                except (OSError, pa.ArrowException):  # unreadable: keep it out of readers' sight, never delete
-                    quarantine = self.dir / "quarantine" / rel.replace("/", "-")
-                    quarantine.parent.mkdir(exist_ok=True)
-                    os.replace(path, quarantine)
-                    continue
-                self._commit(state, [shard], [], adopted=True)
-        return state
+    def _apply(self, rec: dict) -> None:
+        for path in rec.get("removes", []):
+            self.shards.pop(path, None)
+        for s in rec.get("shards", []):
+            self.shards[s["path"]] = Shard(**{**s, "seq": rec["seq"]})
 
-    @staticmethod
-    def _apply(state: StoreState, commit: dict) -> None:
-        for shard in commit.get("shards", []):
-            state.shards.append(shard)
-            for i in shard["ids"]:
-                state.ok[i] = shard["path"]
-                state.other.pop(i, None)
-        for rec in commit.get("status", []):
-            if rec["id"] not in state.ok:
-                state.other[rec["id"]] = rec
-        state.commits += 1
+    # ---- opening for a run: roll forward, quarantine, collect garbage ------------------------------------------
+    def recover(self, run_id: str | None = None) -> Recovery:
+        out = Recovery()
+        for rec in self.load():
+            out.rolled_forward += self._finish_moves(rec, out.problems)
+        known = set(self.shards)
+        for e in self.storage.list("data", recursive=True):
+            rel = f"data/{e.path}"
+            if rel not in known:  # not named by any commit: a foreign or copied file, kept out of readers' sight
+                dest = f"quarantine/{int(time.time())}/{rel}"
+                self.storage.move(rel, dest)
+                out.quarantined.append(rel)
+        for e in self.storage.list("staging", recursive=True):
+            if run_id is None or not e.path.startswith(f"{run_id}/"):
+                self.storage.delete(f"staging/{e.path}")
+                out.staging_removed += 1
+        return out
 
-    def done_ids(self, retry_failed: bool = False) -> set[str]:
-        """Ids a rerun must not redo: ok ones, plus failed/skipped ones unless retrying failures."""
-        done = set(self.state.ok)
-        if not retry_failed:
-            done |= set(self.state.other)
-        else:
-            done |= {i for i, r in self.state.other.items() if r["status"] == "skipped"}
+    def _finish_moves(self, rec: dict, problems: list[str]) -> int:
+        """Completes a commit's removes and moves (idempotent). Returns how many moves were done now."""
+        done = 0
+        for path in rec.get("removes", []):
+            self.storage.delete(path)
+        for src, dst in rec.get("moves", []):
+            if self.storage.exists(dst):
+                continue
+            if self.storage.exists(src):
+                self.storage.move(src, dst)
+                done += 1
+            else:
+                problems.append(f"commit {rec['seq']}: {dst} is missing and its staged copy {src} is gone")
         return done
 
-    # ---- writing --------------------------------------------------------------------------------
-    def add(self, row: dict) -> None:
-        """Buffers a finished row: ok rows go to shards, others to the status log."""
-        # only ok rows need a shard; failed/skipped ones may say modality "unknown" (an unrecognised file)
-        if row.get("status", "ok") == "ok" and row.get("modality") not in self.buffers:
-            raise ValueError(f"row {row.get('id')!r}: unknown modality {row.get('modality')!r}")
-        if row["id"] in self.state.ok or row["id"] in self.buffered:
-            return  # exactly once, even if an upstream task was retried
-        if row.get("status", "ok") == "ok":
-            self.buffered.add(row["id"])
-            buf = self.buffers[row["modality"]]
-            buf.append(row)
-            if len(buf) >= self.shard_rows:
-                self.flush(row["modality"])
-        else:
-            self.pending_status.append(_status_record(row))
-            if len(self.pending_status) >= self.shard_rows:
-                self.flush()
+    # ---- committing ------------------------------------------------------------------------------------------
+    def commit(self, record: dict, run_id: str) -> dict:
+        """Commits a writer's record: names the final paths, writes the commit record, performs the moves."""
+        seq = self.next_seq
+        shards, moves = [], []
+        for k, f in enumerate(record.get("shards", [])):
+            final = f"data/{f['modality']}/part-{seq:06d}-{k}.parquet"
+            moves.append([f["staging"], final])
+            shards.append({"path": final, "modality": f["modality"], "rows": f["rows"], "bytes": f["bytes"],
+                           "sha256": f["sha256"], "row_groups": f.get("row_groups", 1)})
+        ledger = None
+        if record.get("ledger"):
+            ledger = fragment_path(seq)
+            moves.append([record["ledger"], ledger])  # last: the outcomes count only once the shards are in
+        commit = {"seq": seq, "op": record.get("op", "write"), "run": run_id, "time": time.time(),
+                  "shards": shards, "removes": record.get("removes", []), "ledger": ledger,
+                  "counts": record.get("counts", {}), "moves": moves}
+        name = f"{MANIFEST}/{seq:010d}.json"
+        self.storage.write_bytes(name, json.dumps(commit, ensure_ascii=False).encode())
+        self.next_seq = seq + 1
+        maybe_fault("commit_written")
+        for path in commit["removes"]:  # compaction: the old shards go first, so no reader sees a row twice
+            self.storage.delete(path)
+        self._move_all(moves)
+        maybe_fault("commit_moved")
+        self._apply(commit)
+        self._records_since_checkpoint.append(name)
+        if len(self._records_since_checkpoint) >= CHECKPOINT_EVERY:
+            self.checkpoint()
+        return commit
 
-    def flush(self, modality: str | None = None) -> None:
-        """Writes buffered rows as shards and commits them with the pending statuses in one manifest line."""
-        shards = []
-        for m in ([modality] if modality else MODALITIES):
-            rows, self.buffers[m] = self.buffers[m], []
-            self.buffered.difference_update(r["id"] for r in rows)
-            if rows:
-                shards.append(self._write_shard(m, rows))
-        status, self.pending_status = self.pending_status, []
-        if shards or status:
-            self._commit(self.state, shards, status)
+    def _move_all(self, moves: list[list[str]]) -> None:
+        if self.storage.local or len(moves) < 2:
+            for src, dst in moves:
+                self.storage.move(src, dst)
+            return
+        with ThreadPoolExecutor(min(8, len(moves))) as pool:  # server-side copies run side by side
+            list(pool.map(lambda m: self.storage.move(*m), moves[:-1]))
+        self.storage.move(*moves[-1])
 
-    def _write_shard(self, modality: str, rows: list[dict]) -> dict:
-        table = rows_to_table(rows, self.dims)
-        name = f"part-{self.state.commits:05d}.parquet"
-        final = self.dir / "data" / modality / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / ".tmp" / f"{modality}-{name}"
-        maybe_fault("shard_write")
-        pq.write_table(table, tmp, compression=self.compression)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        maybe_fault("shard_tmp_written")
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
-        maybe_fault("shard_renamed")
-        return self._describe_shard(final, modality, ids=[r["id"] for r in rows])
+    def checkpoint(self) -> None:
+        """Folds the commit records into one shard index (only after their moves are done), then drops them."""
+        if not self._records_since_checkpoint:
+            return
+        seq = self.next_seq - 1
+        table = pa.Table.from_pylist([vars(s) for s in self.shards.values()], schema=shard_index_schema())
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, compression="zstd")
+        name = f"{MANIFEST}/checkpoint-{seq:010d}.parquet"
+        self.storage.write_bytes(name, buf.getvalue().to_pybytes())
+        for rel in self._records_since_checkpoint:
+            self.storage.delete(rel)
+        for e in self.storage.list(MANIFEST):
+            if e.path.startswith(f"{MANIFEST}/checkpoint-") and e.path != name:
+                self.storage.delete(e.path)
+        self._records_since_checkpoint = []
+        self.checkpoint_seq = seq
 
-    def _describe_shard(self, path: Path, modality: str, ids: list[str] | None = None) -> dict:
-        if ids is None:
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-        return {"path": path.relative_to(self.dir).as_posix(), "modality": modality, "rows": len(ids),
-                "bytes": path.stat().st_size, "sha256": sha256_file(path), "ids": ids}
+    def drop_staging(self, run_id: str) -> None:
+        self.storage.delete_dir(f"staging/{run_id}")
 
-    def _commit(self, state: StoreState, shards: list[dict], status: list[dict], adopted: bool = False) -> None:
-        commit = {"seq": state.commits, "time": time.time(), "shards": shards, "status": status}
-        if adopted:
-            commit["adopted"] = True
-        line = (json.dumps(commit, ensure_ascii=False) + "\n").encode()
-        with open(self.dir / MANIFEST, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        maybe_fault("manifest_appended")
-        self._apply(state, commit)
-
-    def close(self) -> None:
-        self.flush()
-        self.write_status()
-        self.write_card()
-
-    # ---- derived files ------------------------------------------------------------------------------
-    def status_records(self) -> list[dict]:
-        recs = [{"id": i, "status": "ok", "shard": p, "modality": p.split("/")[1]} for i, p in self.state.ok.items()]
-        recs += list(self.state.other.values())
-        return sorted(recs, key=lambda r: r["id"])
-
-    def write_status(self) -> None:
-        tmp = self.dir / ".tmp" / "status.parquet"
-        pq.write_table(status_table(self.status_records()), tmp)
-        os.replace(tmp, self.dir / "status.parquet")
+    # ---- derived views -----------------------------------------------------------------------------------------
+    def counts(self) -> dict:
+        """Rows, shards and bytes per modality (from the commit records; no shard is opened)."""
+        out = {}
+        for s in self.shards.values():
+            c = out.setdefault(s.modality, {"rows": 0, "shards": 0, "bytes": 0})
+            c["rows"] += s.rows
+            c["shards"] += 1
+            c["bytes"] += s.bytes
+        return out
 
     def write_card(self) -> None:
-        present = sorted({s["modality"] for s in self.state.shards})
+        counts = self.counts()
+        tok = self.read_json("tokenizer.json") if self.storage.exists("tokenizer.json") else {}
+        pre = self.read_json("preprocess.json") if self.storage.exists("preprocess.json") else {}
+        present = [m for m in MODALITIES if m in counts]
         configs = "".join(f"- config_name: {m}\n  data_files: \"data/{m}/*.parquet\"\n" for m in present)
-        counts = {m: sum(s["rows"] for s in self.state.shards if s["modality"] == m) for m in present}
         body = (f"---\nconfigs:\n{configs}---\n\n# AToken token cache\n\n"
-                f"Tokenizer: `{self.tokenizer['id']}` ({self.tokenizer.get('config_name', '')}).\n\n"
-                + "".join(f"- {m}: {n} samples\n" for m, n in counts.items())
-                + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")`, "
-                  "or `datasets.load_dataset(<this dir>, \"<modality>\")`. Columns are described by the "
-                  "Arrow schema in `schemas/tokens.py`; `with_format(\"arrow\")` keeps fp16.\n")
-        tmp = self.dir / ".tmp" / "README.md"
-        tmp.write_text(body)
-        os.replace(tmp, self.dir / "README.md")
-
-    def _write_json_once(self, name: str, obj: dict) -> None:
-        path = self.dir / name
-        if not path.exists():
-            tmp = self.dir / ".tmp" / name
-            tmp.parent.mkdir(exist_ok=True)
-            tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-            os.replace(tmp, path)
+                f"- tokenizer: `{tok.get('id', '?')}` (config {tok.get('config', '?')}, weights sha256 "
+                f"{str(tok.get('weights_sha256'))[:12]})\n"
+                f"- preprocessing: `{pre.get('id', '?')}` (settings in `preprocess.json`)\n"
+                + "".join(f"- {m}: {counts[m]['rows']} samples in {counts[m]['shards']} shards "
+                          f"({counts[m]['bytes'] / 1e6:.1f} MB)\n" for m in present)
+                + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")` or "
+                  "`datasets.load_dataset(<this folder>, \"<modality>\")`; `with_format(\"arrow\")` keeps fp16. "
+                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n")
+        if not self.storage.exists("README.md") or self.storage.read_bytes("README.md").decode() != body:
+            self.storage.write_bytes("README.md", body.encode())
 
 
-def _status_record(row: dict) -> dict:
-    return {"id": row["id"], "modality": row.get("modality"), "source": row.get("source"), "uri": row.get("uri"),
-            "status": row.get("status", "failed"), "stage": row.get("stage"), "reason": row.get("error")}
-
-
-def verify(store_dir: Path) -> list[str]:
-    """Re-hashes every shard against the manifest; returns a list of problems (empty when all is well)."""
-    store_dir = Path(store_dir)
-    problems, seen = [], {}
-    lines = [json.loads(l) for l in (store_dir / MANIFEST).read_text().splitlines() if l.strip()]
-    named = set()
-    for commit in lines:
-        for s in commit["shards"]:
-            path = store_dir / s["path"]
-            named.add(s["path"])
-            if not path.exists():
-                problems.append(f"missing shard {s['path']}")
-                continue
-            if path.stat().st_size != s["bytes"] or sha256_file(path) != s["sha256"]:
-                problems.append(f"hash mismatch {s['path']}")
-            try:
-                ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-            except (OSError, pa.ArrowException) as e:
-                problems.append(f"unreadable shard {s['path']}: {e}")
-                continue
-            if ids != s["ids"] or len(ids) != s["rows"]:
-                problems.append(f"ids in {s['path']} differ from the manifest")
-            for i in ids:
-                if i in seen:
-                    problems.append(f"duplicate id {i} in {s['path']} and {seen[i]}")
-                seen[i] = s["path"]
-    for path in (store_dir / "data").glob("*/*.parquet"):
-        if path.relative_to(store_dir).as_posix() not in named:
-            problems.append(f"uncommitted shard {path.relative_to(store_dir)}")
+def verify(storage: Storage) -> list[str]:
+    """Re-hashes every committed shard, checks ids are unique and agree with the ledger, and lists files in
+    `data/` that no commit names. Returns the problems (empty when all is well)."""
+    store = Store(storage)
+    problems = []
+    try:
+        store.load()
+    except Exception as exc:  # a store this damaged is a finding, not a crash
+        return [f"cannot read the manifest: {type(exc).__name__}: {exc}"]
+    seen: dict[str, str] = {}
+    for path, s in sorted(store.shards.items()):
+        size = storage.size(path)
+        if size is None:
+            problems.append(f"missing shard {path}")
+            continue
+        if size != s.bytes or sha256_of(storage, path) != s.sha256:
+            problems.append(f"hash mismatch {path}")
+        try:
+            with storage.open_input(path) as f:
+                ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"unreadable shard {path}: {exc}")
+            continue
+        if len(ids) != s.rows:
+            problems.append(f"{path}: {len(ids)} rows, the commit says {s.rows}")
+        for i in ids:
+            if i in seen:
+                problems.append(f"duplicate id {i} in {path} and {seen[i]}")
+            seen[i] = path
+    known = set(store.shards)
+    for e in storage.list("data", recursive=True):
+        if f"data/{e.path}" not in known:
+            problems.append(f"uncommitted file data/{e.path}")
+    outcomes = read_all(storage, ["id", "status"])
+    ok = set(outcomes.filter(pc.equal(outcomes.column("status"), "ok")).column("id").to_pylist())
+    if ok != set(seen):
+        problems.append(f"ledger and shards disagree: {len(ok - set(seen))} ok in the ledger without a row, "
+                        f"{len(set(seen) - ok)} rows without an ok outcome")
     return problems
 
 
-def open_versions(out: Path) -> list[Path]:
-    """Tokenizer-version directories under a job's output root."""
-    return sorted(p for p in Path(out).iterdir() if (p / "tokenizer.json").exists()) if Path(out).exists() else []
+def versions(root: Storage) -> list[Storage]:
+    """The version directories under a job's output root (each holds a version.json)."""
+    import pyarrow.fs as pafs
 
-
-def read_table(store_dir: Path, modality: str) -> pa.Table:
-    files = sorted((Path(store_dir) / "data" / modality).glob("*.parquet"))
-    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
-
-
-def load_state(store_dir: Path) -> StoreState:
-    """The committed state of a store, read-only (a torn manifest tail is ignored, not repaired)."""
-    state = StoreState()
-    path = Path(store_dir) / MANIFEST
-    for line in (path.read_text().splitlines() if path.exists() else []):
-        try:
-            commit = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        ShardStore._apply(state, commit)
-    return state
+    out = []
+    infos = root.fs.get_file_info(pafs.FileSelector(root.path(""), recursive=False, allow_not_found=True))
+    for info in sorted(infos, key=lambda i: i.base_name):
+        if info.type == pafs.FileType.Directory and root.exists(f"{info.base_name}/version.json"):
+            out.append(root.child(info.base_name))
+    return out

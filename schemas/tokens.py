@@ -1,18 +1,23 @@
-"""The token shard format: the only definition of what a shard row holds.
+"""The store's file formats: the only definition of what a token shard, a ledger file and a shard index hold.
 
-One row per sample (image, video clip or 3D asset). Per-token columns are lists with one entry per token,
-in the tokenizer's packing order. Hugging Face feature metadata is embedded so that
+Token shards: one row per sample (image, video clip or 3D asset). Per-token columns are lists with one entry per
+token, in the tokenizer's packing order. Hugging Face feature metadata is embedded so that
 `datasets.load_dataset("parquet", ...)` restores typed columns (fp16 stays fp16 under `with_format("arrow")`).
+Row field names are the column names, from the source stage to the shard (`pipeline/rows.py`).
+
+Ledger files: one row per sample outcome (ok, failed, skipped) with the reason; resume reads them.
+Shard index: one row per committed shard (the manifest checkpoint).
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: `preprocess` column; ledger and shard index
 MODALITIES = ("image", "video", "3d")
 STATUSES = ("ok", "failed", "skipped")
 
@@ -25,6 +30,7 @@ class TokenDims:
     embed: int = 1152
 
 
+@functools.lru_cache(maxsize=8)
 def token_schema(dims: TokenDims) -> pa.Schema:
     """Arrow schema of a token shard, with HF feature metadata and the format version."""
     f16, i16 = pa.float16(), pa.int16()
@@ -51,23 +57,40 @@ def token_schema(dims: TokenDims) -> pa.Schema:
         pa.field("pooled", pa.list_(f16, dims.embed)),             # semantic embedding
         pa.field("meta", pa.string()),                 # JSON: source extras, render settings
         pa.field("tokenizer", pa.string(), nullable=False),
+        pa.field("preprocess", pa.string(), nullable=False),   # preprocessing identity (decode/mesh settings)
     ]
     return _with_hf_metadata(pa.schema(fields), {"schema_version": SCHEMA_VERSION, "dims": dims.__dict__})
 
 
-def status_schema() -> pa.Schema:
-    """Per-sample status table: one row per sample id and its final state."""
+@functools.lru_cache(maxsize=1)
+def ledger_schema() -> pa.Schema:
+    """One sample outcome: the ledger's rows (`ledger/**/*.parquet`). `seq` is the commit that recorded it."""
     fields = [
         pa.field("id", pa.string(), nullable=False),
+        pa.field("bucket", pa.int32(), nullable=False),    # hash bucket of the id (resume reads one bucket at a time)
+        pa.field("status", pa.string(), nullable=False),   # ok | failed | skipped
+        pa.field("stage", pa.string()),                    # the stage that decided it (failed/skipped)
+        pa.field("reason", pa.string()),
         pa.field("modality", pa.string()),
         pa.field("source", pa.string()),
         pa.field("uri", pa.string()),
-        pa.field("status", pa.string(), nullable=False),   # ok | failed | skipped
-        pa.field("stage", pa.string()),                    # where it failed
-        pa.field("reason", pa.string()),
-        pa.field("shard", pa.string()),                    # shard holding an ok sample
+        pa.field("seq", pa.int64(), nullable=False),
     ]
     return _with_hf_metadata(pa.schema(fields), {"schema_version": SCHEMA_VERSION})
+
+
+def shard_index_schema() -> pa.Schema:
+    """One committed shard (the manifest checkpoint)."""
+    fields = [
+        pa.field("path", pa.string(), nullable=False),     # relative to the version directory
+        pa.field("modality", pa.string(), nullable=False),
+        pa.field("rows", pa.int64(), nullable=False),
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("row_groups", pa.int32()),
+        pa.field("seq", pa.int64(), nullable=False),
+    ]
+    return pa.schema(fields, metadata={b"atoken_cache": json.dumps({"schema_version": SCHEMA_VERSION}).encode()})
 
 
 def _with_hf_metadata(schema: pa.Schema, extra: dict) -> pa.Schema:
@@ -91,20 +114,9 @@ def rows_to_table(rows: list[dict], dims: TokenDims) -> pa.Table:
     schema = token_schema(dims)
     cols: dict[str, list] = {f.name: [] for f in schema}
     for r in rows:
-        n = int(len(r["coords"]))
-        span = r.get("span") or (None, None)
-        cols["id"].append(r["id"])
-        cols["modality"].append(r["modality"])
-        cols["source"].append(r.get("source"))
-        cols["uri"].append(r.get("uri"))
-        cols["caption"].append(r.get("caption"))
-        cols["span_start"].append(span[0])
-        cols["span_end"].append(span[1])
-        for k in ("width", "height", "num_frames", "fps", "orig_width", "orig_height", "num_voxels"):
+        for k in _SCALARS:
             cols[k].append(r.get(k))
-        cols["num_tokens"].append(n)
-        cols["meta"].append(r.get("meta"))
-        cols["tokenizer"].append(r["tokenizer"])
+        cols["num_tokens"].append(int(len(r["coords"])))
     arrays = []
     for f in schema:
         if f.name in ("coords", "latent", "logvar", "fsq_indices"):
@@ -117,12 +129,13 @@ def rows_to_table(rows: list[dict], dims: TokenDims) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-_TOKEN_KEYS = {"coords": ("coords", np.int16), "latent": ("mean", np.float16),
-               "logvar": ("logvar", np.float16), "fsq_indices": ("indices", np.int16)}
+_SCALARS = ("id", "modality", "source", "uri", "caption", "span_start", "span_end", "width", "height", "num_frames",
+            "fps", "orig_width", "orig_height", "num_voxels", "meta", "tokenizer", "preprocess")
+_TOKEN_DTYPES = {"coords": np.int16, "latent": np.float16, "logvar": np.float16, "fsq_indices": np.int16}
 
 
 def _token_column(rows: list[dict], field: pa.Field) -> pa.Array:
-    key, dtype = _TOKEN_KEYS[field.name]
+    key, dtype = field.name, _TOKEN_DTYPES[field.name]
     width = field.type.value_type.list_size
     offsets, values, valid = [0], [], []
     for r in rows:
@@ -137,6 +150,9 @@ def _token_column(rows: list[dict], field: pa.Field) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), inner, type=field.type, mask=mask)
 
 
-def status_table(records: list[dict]) -> pa.Table:
-    schema = status_schema()
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in records], schema=schema)
+def ledger_table(records: list[dict], seq: int = 0) -> pa.Table:
+    """Ledger rows from outcome records (`id, bucket, status, stage, reason, modality, source, uri`)."""
+    schema = ledger_schema()
+    cols = {f.name: [r.get(f.name) for r in records] for f in schema if f.name != "seq"}
+    cols["seq"] = [seq] * len(records)
+    return pa.Table.from_pydict(cols, schema=schema)

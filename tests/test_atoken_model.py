@@ -318,12 +318,12 @@ def test_tokenizer_encode_decode(model_fsq):
         n = len(coords)
         assert o["coords"].dtype == np.int16 and o["coords"].shape == (n, 4)
         assert np.array_equal(o["coords"], coords.numpy())
-        assert o["mean"].dtype == np.float16 and o["mean"].shape == (n, 48)
+        assert o["latent"].dtype == np.float16 and o["latent"].shape == (n, 48)
         assert o["logvar"].shape == (n, 48)
-        assert o["indices"].dtype == np.int16 and o["indices"].shape == (n, 8) and o["indices"].min() >= 0
+        assert o["fsq_indices"].dtype == np.int16 and o["fsq_indices"].shape == (n, 8) and o["fsq_indices"].min() >= 0
         assert o["pooled"].dtype == np.float16 and o["pooled"].shape == (144,)
-        assert np.allclose(o["mean"], b["mean"], atol=2e-3) and np.array_equal(o["indices"], b["indices"])
-    rec = tok.decode_indices([(o["indices"], o["coords"]) for o in out])
+        assert np.allclose(o["latent"], b["latent"], atol=2e-3) and np.array_equal(o["fsq_indices"], b["fsq_indices"])
+    rec = tok.decode_indices([(o["fsq_indices"], o["coords"]) for o in out])
     assert [r.shape for r in rec] == [(len(c), 3072) for _, c in samples]
     assert tok.identity() == tok.identity() and tok.identity()["dims"] == {"latent": 48, "fsq_groups": 8, "embed": 144}
 
@@ -335,10 +335,10 @@ def test_tokenizer_from_files(tmp_path):
     t2 = Tokenizer.from_files("tiny", device="cpu")
     assert t1.identity()["id"] == t2.identity()["id"] == tokenizer_identity("tiny")["id"]
     samples = [image_to_tokens(rand_image(32, 48))]
-    assert np.array_equal(t1.encode(samples)[0]["mean"], t2.encode(samples)[0]["mean"])  # same (seeded) weights
+    assert np.array_equal(t1.encode(samples)[0]["latent"], t2.encode(samples)[0]["latent"])  # same (seeded) weights
     save_weights(t1.model, tmp_path / "w.safetensors")
     t3 = Tokenizer.from_files("tiny", tmp_path / "w.safetensors", device="cpu")
-    assert np.array_equal(t3.encode(samples)[0]["mean"], t1.encode(samples)[0]["mean"])
+    assert np.array_equal(t3.encode(samples)[0]["latent"], t1.encode(samples)[0]["latent"])
     assert t3.identity()["id"] == tokenizer_identity("tiny", tmp_path / "w.safetensors")["id"]
     assert t3.identity()["id"] != tokenizer_identity("tiny-fsq", tmp_path / "w.safetensors")["id"]
     with pytest.raises(ValueError, match="shape mismatches .*mlp.mlp.0.weight: checkpoint \\(576, 144\\) vs model \\(288, 144\\)"):

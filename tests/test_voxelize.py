@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from atoken.voxelize import _patch_index
 from pipeline.mesh import MeshConfig, MeshStage, occupied_voxels, patch_features, voxel_features
 from pipeline.mesh.cameras import intrinsics_from_fov, look_at
 from pipeline.mesh.procedural import export_assets
-from pipeline.mesh.voxelize import _patch_index
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MESHES = DATA / "meshes"

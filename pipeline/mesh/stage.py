@@ -1,50 +1,48 @@
-"""Row-level 3D stage: mesh file -> normalised -> multi-view renders -> 64^3 voxels with 768-d RGB patch features.
+"""3D: mesh file -> normalised -> multi-view renders -> 64^3 voxels with 768-d RGB patch features.
 
-Adds to an ok row: `voxel_feats` fp16 [M, 768] in [0, 1], `voxel_coords` int16 [M, 3] (x, y, z),
-`num_voxels`, and `render` (json: every setting that determines the output, so mixed settings are detectable).
-Bad input -> status "failed", stage "mesh", error = readable reason. Rows that are not ok pass through untouched.
+`MeshStage.process(path, asset_id)` returns `voxel_feats` fp16 [M, 768] in [0, 1], `voxel_coords` int16 [M, 3]
+(x, y, z), `num_voxels`, and `render` (every setting that determines the output). Bad input raises MeshError with a
+readable reason. One MeshStage holds one renderer (and its CUDA context) for its lifetime: the prepare stage
+(`pipeline/prepare.py`) keeps one per worker.
 """
 
 import json
-from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
+from pydantic import Field
+
+from atoken.voxelize import GRID, occupied_voxels, voxel_features
+from pipeline.config import Config
 
 from .cameras import sphere_cameras
 from .load import MeshError, load_mesh
 from .normalize import normalize
 from .render import RenderConfig, Renderer
-from .voxelize import GRID, occupied_voxels, voxel_features
-
-STAGE = "mesh"
 
 
-@dataclass
-class MeshConfig:
-    views: int = 150  # TRELLIS / AToken-style sphere of cameras
-    resolution: int = 256  # features always use the 256-px view (resized if this differs)
-    fov_deg: float = 40.0
-    radius: float = 2.0
-    backend: str = "auto"  # auto | cuda | cpu
+class MeshConfig(Config):
+    IDENTITY = ("views", "resolution", "fov_deg", "radius", "feature_mode", "visibility_tol")
+
+    views: int = Field(150, ge=1)  # TRELLIS / AToken-style sphere of cameras
+    resolution: int = Field(256, ge=16)  # features always use the 256-px view (resized if this differs)
+    fov_deg: float = Field(40.0, gt=0, lt=180)
+    radius: float = Field(2.0, gt=0)
+    backend: Literal["auto", "cuda", "cpu"] = "auto"
     device: str = "auto"
-    feature_mode: str = "nearest"  # nearest (official) | visible_mean
-    visibility_tol: float = 2.0  # voxel sizes, visible_mean only
-    max_faces: int = 5_000_000  # larger meshes fail with a clear reason instead of exhausting memory
+    feature_mode: Literal["nearest", "visible_mean"] = "nearest"  # nearest (official) | visible_mean
+    visibility_tol: float = Field(2.0, gt=0)  # voxel sizes, visible_mean only
+    max_faces: int = Field(5_000_000, ge=1)  # larger meshes fail with a clear reason instead of exhausting memory
 
     def render_config(self) -> RenderConfig:
         return RenderConfig(resolution=self.resolution, backend=self.backend, device=self.device)
 
 
-def _failed(row: dict, reason: str) -> dict:
-    return {**row, "status": "failed", "stage": STAGE, "error": reason}
-
-
 class MeshStage:
-    """Callable stage that keeps its renderer (and the nvdiffrast context) across rows; use one per worker."""
+    """Keeps its renderer (and the nvdiffrast context) across assets; use one per worker."""
 
-    def __init__(self, cfg: MeshConfig = MeshConfig()):
-        if cfg.feature_mode not in ("nearest", "visible_mean"):
-            raise ValueError(f"feature_mode must be nearest or visible_mean, got {cfg.feature_mode!r}")
+    def __init__(self, cfg: MeshConfig | None = None):
+        cfg = cfg or MeshConfig()
         self.cfg = cfg
         self.renderer = Renderer(cfg.render_config())
 
@@ -76,28 +74,3 @@ class MeshStage:
             "num_voxels": int(coords.shape[0]),
             "render": json.dumps(settings, sort_keys=True),
         }
-
-    def __call__(self, row: dict) -> dict:
-        if row.get("status", "ok") != "ok":
-            return row
-        path = row.get("path")
-        if not path:
-            return _failed(row, "row has no local mesh path (fetch stage missing?)")
-        try:
-            fields = self.process(path, str(row.get("id", path)))
-        except MeshError as e:
-            return _failed(row, str(e))
-        except torch.cuda.OutOfMemoryError as e:
-            return _failed(row, f"out of GPU memory while rendering/voxelising: {e}")
-        except Exception as e:  # unexpected: still recorded per sample, never a crash of the whole job
-            return _failed(row, f"{type(e).__name__}: {e}")
-        return {**row, **fields, "status": "ok", "stage": STAGE, "error": None}
-
-
-def mesh_to_voxels(row: dict, cfg: MeshConfig = MeshConfig(), stage: MeshStage | None = None) -> dict:
-    """Functional form of MeshStage; pass `stage` to reuse a renderer across rows."""
-    return (stage or MeshStage(cfg))(row)
-
-
-def config_dict(cfg: MeshConfig) -> dict:
-    return asdict(cfg)

@@ -1,0 +1,126 @@
+"""Prepare stage: fetch + decode (images, videos) or fetch + mesh render + voxelise (3D), in one call on one node.
+
+Bytes never cross operators as a path: each row's file is fetched into this worker's scratch folder (or read in
+place when local, or found in the fetch cache), decoded at once, and the scratch copy deleted. Several downloads
+are in flight per worker while earlier rows decode. Videos (and any modality in `decode.isolate`) decode in a
+killable child process with a wall-clock limit. A worker holds one HTTP client, one decode child and, for 3D, one
+renderer (one CUDA context) for its lifetime; the 3D branch may declare a GPU share.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import uuid
+
+from pipeline.decode import DecodeConfig, DecodeError, decode_file
+from pipeline.faults import maybe_fault
+from pipeline.fetch import FetchConfig, FetchError, Fetcher
+from pipeline.isolate import IsolateError, Isolator
+from pipeline.mesh.stage import MeshConfig
+from pipeline.rows import Row, describe, fail
+from pipeline.stage import Resources, Stage
+from pipeline.storage import StorageOptions
+
+DECODED = ("pixels", "fps", "num_frames", "orig_width", "orig_height")
+VOXELIZED = ("voxel_feats", "voxel_coords", "num_voxels", "render")
+
+
+def scratch_root() -> str:
+    """This node's scratch folder: PIPELINE_SCRATCH, else the temp dir (both node-local by default)."""
+    return os.environ.get("PIPELINE_SCRATCH") or os.path.join(tempfile.gettempdir(), "atoken-scratch")
+
+
+class Prepare(Stage):
+    reads = ("id", "modality", "uri", "span_start", "span_end")
+    adds = DECODED + VOXELIZED
+
+    def __init__(self, fetch: FetchConfig, decode: DecodeConfig, mesh: MeshConfig,
+                 storage: StorageOptions | None = None, branch: str = "media", gpus: float = 0.0,
+                 cpus: float = 1.0, batch_size: int = 8):
+        self.fetch_cfg, self.decode_cfg, self.mesh_cfg = fetch, decode, mesh
+        self.storage, self.branch, self.gpus, self.cpus, self.batch_size = storage, branch, gpus, cpus, batch_size
+        self.name = "decode" if branch == "media" else "mesh"
+        self.fetcher = self.isolator = self.mesh = None
+
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus, gpus=self.gpus)
+
+    def setup(self) -> None:
+        scratch = os.path.join(scratch_root(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.makedirs(scratch, exist_ok=True)
+        self.fetcher = Fetcher(self.fetch_cfg, scratch, self.storage)
+        self.isolator = Isolator()
+
+    def teardown(self) -> None:
+        for part in (self.fetcher, self.isolator):
+            if part is not None:
+                part.close()
+        self.fetcher = self.isolator = self.mesh = None
+        self._ready = False
+
+    def __del__(self):
+        try:
+            self.teardown()
+        except Exception:
+            pass
+
+    def process_batch(self, rows: list[Row]) -> list[Row]:
+        maybe_fault("fetch")
+        out: list[Row | None] = [None] * len(rows)
+        by_file: dict[tuple[str, str], list[int]] = {}  # the clips of one video are fetched once
+        for i, r in enumerate(rows):
+            by_file.setdefault((r.get("uri") or "", r.get("modality", "")), []).append(i)
+        started = time.perf_counter()
+        for key, got in self.fetcher.fetch_all([(k, k[0], k[1]) for k in by_file]):
+            fetch_s = (time.perf_counter() - started) / len(by_file)  # downloads overlap: a share of the wait
+            for i in by_file[key]:
+                row = rows[i]
+                if isinstance(got, FetchError):
+                    out[i] = fail(row, "fetch", str(got))
+                    continue
+                t0 = time.perf_counter()
+                out[i] = self._one_file(row, got.path)
+                out[i]["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s,
+                                     self._stage_of(row): time.perf_counter() - t0}
+            if not isinstance(got, FetchError):
+                self.fetcher.release(got)
+            started = time.perf_counter()
+        return out
+
+    def _stage_of(self, row: Row) -> str:
+        return "mesh" if row.get("modality") == "3d" else "decode"
+
+    def _one_file(self, row: Row, path: str) -> Row:
+        if row.get("modality") == "3d":
+            return self._mesh(row, path)
+        if row.get("modality") not in ("image", "video"):
+            return fail(row, "decode", f"cannot prepare modality {row.get('modality')!r}")
+        span = (row["span_start"], row["span_end"]) if row.get("span_start") is not None else None
+        timeout = self.decode_cfg.timeout_s if row["modality"] in self.decode_cfg.isolate else 0
+        try:
+            got = self.isolator.run(decode_file, path, row["modality"], self.decode_cfg, span, timeout_s=timeout,
+                                    label="decode")
+        except (IsolateError, DecodeError) as exc:
+            return fail(row, "decode", str(exc))
+        except Exception as exc:  # any decoder error is this sample's, never the worker's
+            return fail(row, "decode", describe(exc))
+        return {**row, **{k: got[k] for k in DECODED}}
+
+    def _mesh(self, row: Row, path: str) -> Row:
+        import torch
+
+        from pipeline.mesh.load import MeshError
+        from pipeline.mesh.stage import MeshStage
+
+        if self.mesh is None:  # the renderer (and its CUDA context) lives as long as this worker
+            self.mesh = MeshStage(self.mesh_cfg)
+        try:
+            got = self.mesh.process(path, str(row["id"]))
+        except MeshError as exc:
+            return fail(row, "mesh", str(exc))
+        except torch.cuda.OutOfMemoryError as exc:
+            return fail(row, "mesh", f"out of GPU memory while rendering/voxelising: {exc}")
+        except Exception as exc:
+            return fail(row, "mesh", describe(exc))
+        return {**row, **got}

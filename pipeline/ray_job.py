@@ -1,0 +1,340 @@
+"""The Ray wiring, and the only module that imports Ray.
+
+    per source (and branch):  read (Ray Data: CSV/Parquet/JSON files, or listing chunks)
+                              -> keys (id, group, bucket)            tasks
+                              -> resume filter, one bucket per call   hash shuffle on `bucket` (groupby)
+                              -> describe (descriptor rows)           tasks
+    per branch:               union -> prepare (fetch + decode | fetch + mesh)   actor pool (3D: GPU share)
+    all:                      union -> tokenize (GPU or CPU actors) -> write shards (tasks, on the workers)
+    driver:                   small shard records -> Store.commit
+
+`map_stage` is the one adapter from a `pipeline.stage.Stage` to a Ray Data task or actor pool. Rows travel between
+operators as one pickled `payload` column (plus `id`), so ragged arrays and failed rows never fight Ray's tensor
+types; stages see plain dicts. A `RunControl` actor carries the stop request of a graceful interrupt and the
+resume counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.ledger import LedgerView
+from pipeline.rows import FAILED, OK, SKIPPED, Row
+from pipeline.sources import Source, make_source
+from pipeline.sources.ids import bucket_of
+from pipeline.sources.tables import csv_options
+from pipeline.stage import Stage
+from pipeline.storage import filesystem
+
+DESCRIBE_ROWS = 64            # descriptor rows per block after the resume filter (parallelism downstream)
+BYTES_PER_TOKEN = 130         # shard bytes per token (coords + fp16 latent + list offsets, ~fsq); for sizing
+_ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAGE_EMULATOR_HOST")
+
+
+# ---- Ray setup -------------------------------------------------------------------------------------------------
+
+def init_ray(ray_cfg):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # under `ray job submit`: merge with the job's env
+    os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
+    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
+    else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
+        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
+                 log_to_driver=False, runtime_env={"env_vars": env})
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = os.environ.get("PIPELINE_PROGRESS", "1") == "1"
+    return ray
+
+
+def cluster(ray) -> tuple[int, int]:
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 1)), int(res.get("GPU", 0))
+
+
+def make_control(ray):
+    @ray.remote(num_cpus=0)
+    class RunControl:
+        """Stop flag for a graceful interrupt, and the resume filter's counts."""
+
+        def __init__(self):
+            self.stop, self.counts = False, {}
+
+        def request_stop(self):
+            self.stop = True
+
+        def stopped(self) -> bool:
+            return self.stop
+
+        def add(self, source: str, counts: dict):
+            c = self.counts.setdefault(source, {})
+            for k, v in counts.items():
+                c[k] = c.get(k, 0) + v
+
+        def get_counts(self) -> dict:
+            return self.counts
+
+    return RunControl.remote()
+
+
+# ---- payload tables ------------------------------------------------------------------------------------------
+
+def to_table(rows: list[Row]) -> pa.Table:
+    return pa.table({"id": pa.array([r["id"] for r in rows], pa.string()),
+                     "payload": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary())})
+
+
+def from_table(batch: pa.Table) -> list[Row]:
+    return [pickle.loads(p) for p in batch.column("payload").to_pylist()]
+
+
+# ---- the adapter: any Stage -> a Ray Data operator ------------------------------------------------------------
+
+class _Gate:
+    """Drops new work once a stop was requested (checked at most every half second)."""
+
+    def __init__(self, control):
+        self.control, self.checked, self.stop = control, 0.0, False
+
+    def closed(self) -> bool:
+        import time
+
+        import ray
+
+        if self.control is None or self.stop:
+            return self.stop
+        if time.monotonic() - self.checked > 0.5:
+            self.checked = time.monotonic()
+            self.stop = bool(ray.get(self.control.stopped.remote()))
+        return self.stop
+
+
+class StageActor:
+    def __init__(self, stage: Stage, control=None, gate: bool = False):
+        self.stage, self.gate = stage, _Gate(control) if gate else None
+        stage.setup()
+        stage._ready = True
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.gate is not None and self.gate.closed():
+            return to_table([])
+        return to_table(self.stage(from_table(batch)))
+
+    def __del__(self):
+        self.stage.teardown()
+
+
+def _stage_task(batch: pa.Table, stage: Stage, control=None, gate: bool = False) -> pa.Table:
+    if gate and _Gate(control).closed():
+        return to_table([])
+    return to_table(stage(from_table(batch)))
+
+
+def pool(size) -> tuple[int, int]:
+    """(min, max) actors from an int (fixed) or a (min, max) pair."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False):
+    """The one adapter: a Stage becomes an actor pool (stateful or GPU stages) or tasks, with its declared
+    resources and batch size. `concurrency`: actors (int, or (min, max) to autoscale) or concurrent tasks.
+    Ray's own retry rules apply (tasks: 3 retries after a lost worker; actors: restarted)."""
+    res = stage.resources()
+    kw: dict[str, Any] = dict(batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus,
+                              zero_copy_batch=True)
+    if res.gpus:
+        kw["num_gpus"] = res.gpus
+    if res.memory:
+        kw["memory"] = res.memory
+    if stage.stateful:
+        lo, hi = pool(concurrency or 1)
+        return ds.map_batches(StageActor, fn_constructor_kwargs={"stage": stage, "control": control, "gate": gate},
+                              compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi), **kw)
+    compute = ray_data().TaskPoolStrategy(size=concurrency) if concurrency else None
+    return ds.map_batches(_stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate},
+                          compute=compute, **kw)
+
+
+def ray_data():
+    import ray.data
+
+    return ray.data
+
+
+# ---- sources: read -> keys -> resume filter -> describe --------------------------------------------------------
+
+SMALL_TASK_CPUS = 0.25        # keys, resume filter, describe: light tasks that must not wait behind actor pools
+READ_CPUS = 0.5
+
+
+def _keys(raw: pa.Table, source: Source, buckets: int, branch: str | None) -> pa.Table:
+    keyed = source.keys(raw)
+    keyed = keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), buckets), pa.int32()))
+    if branch is not None:
+        keyed = keyed.filter(pc.equal(keyed.column("branch"), branch))
+    return keyed
+
+
+def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None,
+                   dry_run: bool = False) -> Iterator[pa.Table]:
+    """One bucket of one source: drops ids already done (per the ledger) and duplicate ids; in a dry run it
+    only counts. Rows come out sorted by group, so the clips of one video travel together."""
+    bucket = group.column("bucket")[0].as_py()
+    group = group.sort_by([("id", "ascending"), ("order", "ascending")])
+    ids = group.column("id").combine_chunks()
+    first = np.ones(len(ids), bool)
+    if len(ids) > 1:
+        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    uniq = group.filter(pa.array(first))
+    known = view.statuses(bucket)
+    status = pc.take(known.column("status"), pc.index_in(uniq.column("id"), value_set=known.column("id")))
+    counts = {"rows": group.num_rows, "duplicate": group.num_rows - uniq.num_rows}
+    for s in (OK, FAILED, SKIPPED):
+        counts[s] = pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
+    done = pc.fill_null(pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry_failed
+                                                             else [OK, SKIPPED, FAILED])), False)
+    todo = uniq.filter(pc.invert(done))
+    counts["todo"] = todo.num_rows
+    if dry_run:
+        yield pa.table({"source": [source], **{k: [v] for k, v in counts.items()}})
+        return
+    if control is not None:
+        control.add.remote(source, counts)
+    todo = todo.sort_by([("group", "ascending"), ("id", "ascending")])
+    for start in range(0, todo.num_rows, DESCRIBE_ROWS):
+        yield todo.slice(start, DESCRIBE_ROWS)
+
+
+def _describe(rows: pa.Table, source: Source) -> pa.Table:
+    return to_table(source.describe(rows))
+
+
+def read_source(ray, source: Source, plan):
+    """The raw rows of a source as a Ray dataset, read in parallel on the workers."""
+    if plan.format == "items":
+        ds = ray.data.from_items([{"item": json.dumps(i)} for i in plan.items],
+                                 override_num_blocks=max(1, len(plan.items)))
+        return ds.flat_map(lambda r: source.list_chunk(json.loads(r["item"])), num_cpus=SMALL_TASK_CPUS)
+    fs, _ = filesystem(plan.uris[0], source.storage)
+    paths = [filesystem(u, source.storage)[1] for u in plan.uris]
+    kw = dict(filesystem=fs, num_cpus=READ_CPUS)
+    if plan.format == "parquet":
+        return ray.data.read_parquet(paths, **kw)
+    if plan.format == "json":
+        return ray.data.read_json(paths, lines=True, **kw)
+    return ray.data.read_csv(paths, **kw, **csv_options(plan.uris[0], plan.columns or []))
+
+
+def source_dataset(ray, source: Source, branch: str | None, view: LedgerView, buckets: int, retry_failed: bool,
+                   control=None, dry_run: bool = False, partitions: int = 16):
+    """One source (one branch of it, when branches go to different pools) up to descriptor rows."""
+    ds = read_source(ray, source, source.plan())
+    ds = ds.map_batches(_keys, fn_kwargs={"source": source, "buckets": buckets, "branch": branch},
+                        batch_format="pyarrow", batch_size=None, num_cpus=SMALL_TASK_CPUS)
+    if source.cfg.limit is not None:
+        ds = ds.limit(source.cfg.limit)
+    ds = ds.groupby("bucket", num_partitions=partitions).map_groups(
+        _resume_filter, fn_kwargs={"view": view, "retry_failed": retry_failed, "source": source.name,
+                                   "control": control, "dry_run": dry_run},
+        batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS)
+    if dry_run:
+        return ds
+    return ds.map_batches(_describe, fn_kwargs={"source": source}, batch_format="pyarrow", batch_size=None,
+                          num_cpus=SMALL_TASK_CPUS)
+
+
+def dry_run_counts(job, view: LedgerView, buckets: int) -> dict[str, dict]:
+    """Per source: rows, to do, already ok / failed / skipped, duplicate rows (nothing is fetched)."""
+    ray = init_ray(job.ray)
+    cpus, _ = cluster(ray)
+    out: dict[str, dict] = {}
+    for cfg in job.sources:
+        source = make_source(cfg, job.storage)
+        ds = source_dataset(ray, source, None, view, buckets, retry_failed=False, dry_run=True,
+                            partitions=max(2, cpus))
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rec in batch.to_pylist():
+                c = out.setdefault(rec.pop("source"), {})
+                for k, v in rec.items():
+                    c[k] = c.get(k, 0) + v
+    return out
+
+
+# ---- the job -----------------------------------------------------------------------------------------------------
+
+def rows_per_write(job) -> int:
+    """Rows per writer call: about one target shard, as a multiple of the tokenizer's batch."""
+    if job.write.rows_per_write:
+        return job.write.rows_per_write
+    b = job.decode.buckets
+    per_video = (b.area // 256) * max(1, job.decode.max_frames // 4)
+    tokens = min([per_video if "media" in job.branches() else 10 ** 9, 20000 if "3d" in job.branches() else 10 ** 9])
+    rows = max(16, min(4096, job.write.shard_bytes // max(1, tokens * BYTES_PER_TOKEN)))
+    step = job.tokenize.batch_rows
+    return max(step, rows // step * step)
+
+
+def _write_task(batch: pa.Table, writer) -> pa.Table:
+    return pa.table({"record": [json.dumps(writer.write(from_table(batch)))]})
+
+
+def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, ray, split: bool,
+              batch_rows: dict) -> dict:
+    """Phase 1: every source read, keyed, filtered against the ledger and described, per branch, materialised
+    in the object store (the shuffle is a barrier anyway; materialising it first leaves the whole cluster to
+    it, before the actor pools of phase 2 take their CPUs and GPUs)."""
+    cpus, _ = cluster(ray)
+    partitions = max(2, min(cpus, 64))
+    branches: dict[str, list] = {}
+    for cfg in job.sources:
+        source = make_source(cfg, job.storage)
+        for branch in (source.branches if split else ("media",)):
+            only = branch if split and len(source.branches) > 1 else None
+            branches.setdefault(branch, []).append(
+                source_dataset(ray, source, only, view, buckets, retry_failed, control, partitions=partitions))
+    out = {}
+    for b, parts in branches.items():
+        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        out[b] = ds.repartition(target_num_rows_per_block=batch_rows[b]).materialize()  # blocks of one batch
+    return out
+
+
+def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray):
+    """The whole job as one Ray dataset of writer records. Sources are split by branch only when the 3D branch
+    has resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
+    split = stages["3d"].resources() != stages["media"].resources()
+    todo = plan_work(job, view, buckets, retry_failed, control, ray, split,
+                     {b: stages[b].batch_size for b in ("media", "3d")})
+    prepared = []
+    for branch, ds in todo.items():
+        stage = stages[branch]
+        prepared.append(map_stage(ds, stage, concurrency=stages[f"{branch}_actors"], control=control, gate=True))
+    ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
+    ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"])
+    return ds.map_batches(_write_task, fn_kwargs={"writer": stages["writer"]}, batch_size=rows_per_write(job),
+                          batch_format="pyarrow", num_cpus=job.ray.write_cpus)
+
+
+def records(ds) -> Iterator[dict]:
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for rec in batch.column("record").to_pylist():
+            yield json.loads(rec)
+
+
+def remote_compact(ray, storage, files: list[str]) -> str | None:
+    """Ledger compaction on a worker (its memory grows with the rows compacted, not the driver's)."""
+    from pipeline.ledger import compact
+
+    return ray.get(ray.remote(num_cpus=SMALL_TASK_CPUS)(compact).remote(storage, files))
