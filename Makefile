@@ -2,14 +2,19 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-OUT ?= out
+OUT ?=
 JOB ?= jobs/demo.yaml
+CSV ?=
+SET ?=
 RAY_ADDRESS ?= http://127.0.0.1:8265
+# job targets take OUT= (output root), CSV= (the first source's path: a CSV, Parquet, folder or URI) and SET=
+# ("key=value key=value": any job key, e.g. SET="decode.fps=8 ray.num_cpus=4")
+JOB_ARGS = $(if $(OUT),--out $(OUT)) $(if $(CSV),--set sources.0.path=$(CSV)) $(foreach s,$(SET),--set $(s))
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo images webvid panda70m objaverse run submit status verify test test-reliability \
-        bench-tokenizer bench-pipeline bench-3d train-tiny clean
+.PHONY: install demo images webvid panda70m objaverse run dry-run submit status verify compact test test-reliability \
+        bench-tokenizer bench-pipeline bench-3d bench-scale train-tiny clean
 
 # Without a GPU, pin the CPU build of torch so pip does not pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -23,20 +28,23 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m pipeline demo --out $(OUT)/demo
+	$(PY) -m pipeline demo --out $(or $(OUT),out/demo)
 
 images webvid panda70m objaverse: install
-	$(PY) -m pipeline run jobs/$@.yaml
+	$(PY) -m pipeline run jobs/$@.yaml $(JOB_ARGS)
 
 run: install
-	$(PY) -m pipeline run $(JOB)
+	$(PY) -m pipeline run $(JOB) $(JOB_ARGS)
+
+dry-run: install
+	$(PY) -m pipeline run $(JOB) --dry-run $(JOB_ARGS)
 
 # Submit a job file to a running Ray cluster (ray job submit), working dir = this repository.
 submit: install
-	$(PY) -m pipeline submit $(JOB) --address $(RAY_ADDRESS)
+	$(PY) -m pipeline submit $(JOB) --address $(RAY_ADDRESS) $(JOB_ARGS)
 
-status verify: install
-	$(PY) -m pipeline $@ $(OUT)
+status verify compact: install
+	$(PY) -m pipeline $@ $(or $(OUT),out)
 
 test: install
 	$(PY) -m pytest -q
@@ -53,8 +61,11 @@ bench-pipeline: install
 bench-3d: install
 	$(PY) benchmarks/bench_3d.py --out benchmarks/results/3d.json
 
+bench-scale: install
+	$(PY) benchmarks/bench_scale.py --out benchmarks/results/scale.json
+
 train-tiny: install
 	$(PY) -m atoken.train --config atoken/configs/tiny-train.yaml
 
 clean:
-	rm -rf $(OUT) runs
+	rm -rf $(or $(OUT),out) runs

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.job import JobConfig, build  # noqa: E402
+from pipeline.job import JobConfig, validate_job  # noqa: E402
 
 DEFAULT_VIDEOS = ("Big_Buck_Bunny_180_10s.webm", "bbb_480p_vp9_opus_1second.webm", "chaplin.mp4", "stub_mp4v.mp4",
                   "max-heromode.mp4")
@@ -76,36 +76,54 @@ def make_inputs(src: Path, names: list[str], n: int, dest: Path) -> Path:
 
 
 def job_for(inputs: Path, out: Path, args) -> JobConfig:
-    return build(JobConfig, {
+    ray = {"prepare_batch_rows": args.prepare_batch_rows}
+    if args.prepare_actors:
+        ray["prepare_actors"] = args.prepare_actors
+    return validate_job({
         "name": "bench", "out": str(out), "sources": [{"type": "folder", "path": str(inputs), "name": "bench"}],
         "decode": {"fps": args.fps, "max_frames": args.frames, "timeout_s": args.decode_timeout,
                    "buckets": {"area": args.area, "min_side": 128, "max_side": 1024}},
         "tokenize": {"config": args.config, "device": args.device, "batch_tokens": args.batch_tokens,
                      "batch_rows": args.batch_rows, "actors_per_gpu": args.actors_per_gpu},
-        "write": {"shard_rows": 256}, "qa": {"samples": 0}})
+        "write": {"rows_per_write": args.rows_per_write}, "qa": {"samples": 0}, "ray": ray})
 
 
 def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
-    """The baseline: one clip at a time, decode -> tokenize -> write, in one process."""
-    from pipeline.decode import decode_row
-    from pipeline.fetch import fetch_row
-    from pipeline.run import open_store
-    from pipeline.sources import local_files
-    from pipeline.tokenize import Tokenize
+    """The baseline: one clip at a time, fetch+decode -> tokenize -> write + commit, in one process."""
+    import torch
 
-    rows = [r for r in local_files(inputs, source="loop")][:n]
-    first = decode_row(fetch_row(rows[0], job.fetch), job.decode)  # loads the decoder before CUDA starts
-    stage = Tokenize(job.tokenize)
-    store = open_store(job)
+    from pipeline.prepare import Prepare
+    from pipeline.run import identities, version_name
+    from pipeline.sources import iter_rows, make_source
+    from pipeline.storage import Storage
+    from pipeline.store import Store
+    from pipeline.tokenize import Tokenize
+    from pipeline.writer import ShardWriter
+    from schemas.tokens import TokenDims
+
+    rows = list(iter_rows(make_source(job.sources[0])))[:n]
+    prepare = Prepare(job.fetch, job.decode, job.mesh, job.storage, batch_size=1)
+    first = prepare([rows[0]])[0]  # loads the decoder before CUDA starts
+    stage = Tokenize(job.tokenize, "loop", gpus=1.0 if torch.cuda.is_available() else 0.0)
+    tok, pre = identities(job)
+    store = Store(Storage(job.out).child(version_name(tok, pre)))
+    store.init({"name": "loop", "buckets": 256}, tok, pre)
+    store.recover("loop")
+    writer = ShardWriter(store.uri, {}, "loop", TokenDims(**tok["dims"]), job.write)
     stage([first])  # warm-up (CUDA context, kernels)
     t0 = time.perf_counter()
-    ok = 0
+    ok, buf = 0, []
     for r in rows:
-        out = stage([decode_row(fetch_row(r, job.fetch), job.decode)])[0]
-        store.add(out)
+        out = stage(prepare([r]))[0]
         ok += out["status"] == "ok"
-    store.close()
+        buf.append(out)
+        if len(buf) >= job.write.rows_per_write:
+            store.commit(writer.write(buf), "loop")
+            buf = []
+    if buf:
+        store.commit(writer.write(buf), "loop")
     wall = time.perf_counter() - t0
+    prepare.teardown()
     return {"clips": len(rows), "ok": ok, "wall_s": wall, "clips_per_s": len(rows) / wall}
 
 
@@ -123,6 +141,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--actors-per-gpu", type=int, default=2)
+    p.add_argument("--prepare-actors", type=int, default=None, help="fetch+decode actors (default: autoscaled)")
+    p.add_argument("--rows-per-write", type=int, default=128)
+    p.add_argument("--prepare-batch-rows", type=int, default=8)
     p.add_argument("--decode-timeout", type=float, default=120.0,
                    help="per-clip wall-clock limit; 0 decodes in the Ray worker itself (no forked child)")
     p.add_argument("--work", default="/tmp/bench-pipeline")
@@ -145,9 +166,12 @@ def main(argv=None) -> int:
     t1 = time.time()
     sampler.stop()
     print(summary.render())
+    print(summary.ray_stats)
     steady, s0, s1 = summary.steady_rate() or (summary.todo / summary.wall_s, t0, t1)
     pipe = {"clips": summary.todo, "ok": summary.counts.get("ok", 0), "wall_s": summary.wall_s,
             "clips_per_s": summary.todo / summary.wall_s, "gpu_busy_whole_run": sampler.busy(t0, t1, trim=0.0),
+            "commits": summary.commits, "commit_ms": 1e3 * summary.commit_s / max(summary.commits, 1),
+            "written_MB": sum(s["bytes"] for s in summary.shards) / 1e6,
             "steady_clips_per_s": steady, "gpu_busy": sampler.busy(s0, s1, trim=0.0),
             "stages": {k: {"samples": summary.stage_n[k], "s_per_sample_per_worker": summary.stage_s[k] /
                            max(summary.stage_n[k], 1)} for k in summary.stage_s}}
@@ -155,6 +179,8 @@ def main(argv=None) -> int:
     import ray
     ray.shutdown()
     write_json(args.out, {"pipeline": pipe})  # kept even if the baseline fails
+    if args.baseline_clips <= 0:
+        return 0
     loop_job = job_for(inputs, work / "loop", args)
     loop_job.decode.timeout_s = 0  # a plain loop: decode in-process, no isolation
     loop = sequential_loop(loop_job, inputs, args.baseline_clips)

@@ -23,6 +23,15 @@ def _fail(msg: str, code: int = 1) -> int:
     return code
 
 
+def _os_error(exc: OSError) -> str:
+    """`[Errno 28] No space left on device: 'path'`, without the retry advice Ray Data appends to a task's
+    exception arguments (it lands in `filename`, several lines long)."""
+    if exc.errno is None or exc.strerror is None:
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    name = exc.filename if isinstance(exc.filename, str) and "\n" not in exc.filename else None
+    return f"[Errno {exc.errno}] {exc.strerror}" + (f": {name!r}" if name else "")
+
+
 def cmd_run(args) -> int:
     from pipeline.run import SIGNAL_EXIT, run_job
 
@@ -36,7 +45,8 @@ def cmd_run(args) -> int:
         print("aborted: what was committed is kept; rerun the same command to continue", file=sys.stderr)
         return 130
     except OSError as exc:  # disk full, read-only output, missing input: one clear line, no traceback
-        return _fail(f"{exc}. Committed shards are intact; rerun the same command to resume once this is fixed.")
+        return _fail(f"{_os_error(exc)}. Committed shards are intact; rerun the same command to resume once this "
+                     "is fixed.")
     print(summary.render())
     if args.dry_run:
         import resource
@@ -73,14 +83,22 @@ def _show_loaded(store_dir: str) -> None:
 
 
 def _versions(out: str):
-    """The version stores under OUT, or OUT itself when it is one."""
+    """The version stores under OUT (or one level further down), or OUT itself when it is one."""
+    import pyarrow.fs as pafs
+
     from pipeline.storage import Storage
     from pipeline.store import Store, versions
 
     root = Storage(out)
     if root.exists("version.json"):
         return [Store(root)]
-    return [Store(v) for v in versions(root)]
+    found = versions(root)
+    if not found and root.is_dir():
+        infos = root.fs.get_file_info(pafs.FileSelector(root.path(""), recursive=False))
+        for info in sorted(infos, key=lambda i: i.base_name):
+            if info.type == pafs.FileType.Directory:
+                found += versions(root.child(info.base_name))
+    return [Store(v) for v in found]
 
 
 def cmd_status(args) -> int:
@@ -164,11 +182,13 @@ def cmd_submit(args) -> int:
     client = JobSubmissionClient(args.address)
     sets = "".join(f" --set {json.dumps(s)}" for s in args.set or [])
     entry = f"{sys.executable} -m pipeline run {Path(args.job).resolve()} --out {out}{sets}"
+    from pipeline.ray_job import forwarded_env
+
     sub_id = client.submit_job(
         entrypoint=entry,
         runtime_env={"working_dir": str(root),
                      "excludes": [".venv", ".git", "out", "runs", ".device", ".devdata", "*.parquet"],
-                     "env_vars": {"RAY_AUTH_MODE": "disabled", "PIPELINE_PROGRESS": "0"}})
+                     "env_vars": {**forwarded_env(), "RAY_AUTH_MODE": "disabled", "PIPELINE_PROGRESS": "0"}})
     print(f"submitted {sub_id} to {args.address}")
     for chunk in _tail(client, sub_id):
         print(chunk, end="", flush=True)

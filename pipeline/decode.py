@@ -83,13 +83,18 @@ def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) ->
 
 
 def decode_image(path: str, cfg: DecodeConfig) -> dict:
-    with Image.open(path) as im:
-        w, h = im.size
-        if w * h > cfg.max_pixels:
-            raise DecodeError(f"image too large: {w}x{h} > max_pixels={cfg.max_pixels}")
-        im.load()  # truncated or corrupt data fails here, not later
-        im = ImageOps.exif_transpose(im)
-        rgb = to_rgb8(im, cfg.background, cfg.icc_to_srgb)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > cfg.max_pixels:
+                raise DecodeError(f"image too large: {w}x{h} > max_pixels={cfg.max_pixels}")
+            im.load()  # truncated or corrupt data fails here, not later
+            im = ImageOps.exif_transpose(im)
+            rgb = to_rgb8(im, cfg.background, cfg.icc_to_srgb)
+    except DecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # Pillow's ways to say "bad file"
+        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
     h, w = rgb.shape[:2]
     size = choose_bucket(h, w, make_buckets(cfg.buckets))
     out = np.asarray(resize_crop(Image.fromarray(rgb), size))[None]

@@ -164,7 +164,7 @@ def validate_job(data: dict) -> JobConfig:
                 errors.append(str(exc))
     source_errors = bool(errors)
     try:
-        job = JobConfig.model_validate({**data, "sources": sources})
+        job = JobConfig.model_validate({**data, "sources": sources} if "sources" in data else data)  # else "missing"
     except ValidationError as exc:
         errors += [l for l in explain(exc).splitlines() if not (source_errors and l.startswith("sources"))]
     if errors:

@@ -3,8 +3,10 @@ workers, so resume never holds the ids on the driver and its cost per bucket sta
 
 Layout, under the version directory:
     ledger/log/<seq:010d>.parquet           one fragment per commit (written by a writer, moved in by the commit)
-    ledger/levels/<first>-<last>.parquet    compacted fragments: one row per id, sorted by (bucket, id), row
-                                            groups cut at bucket boundaries, so reading one bucket reads ~1 group
+    ledger/levels/<first>-<last>-<n>.parquet
+                                            compacted fragments of commits first..last (n input files): one row per
+                                            id, sorted by (bucket, id), row groups cut at bucket boundaries, so
+                                            reading one bucket reads ~1 group
 `compact` turns fragments (or levels) into one level, then deletes its inputs: a crash in between leaves the same
 outcome twice, which is harmless (an id's status is decided by priority: ok > skipped > failed, then the latest
 commit), never a loss. The schema is `schemas.tokens.ledger_schema`.
@@ -27,10 +29,17 @@ PRIORITY = {"failed": 1, "skipped": 2, "ok": 3}
 ROW_GROUP_ROWS = 65536
 MAX_LEVELS = 8
 _SEQ = re.compile(r"(\d{10})\.parquet$")
+_SPAN = re.compile(r"(\d{10})(?:-(\d{10})-\d+)?\.parquet$")
 
 
 def fragment_path(seq: int) -> str:
     return f"{LOG}/{seq:010d}.parquet"
+
+
+def seq_span(rel: str) -> tuple[int, int] | None:
+    """The commits a ledger file covers, from its name: a fragment its own seq, a level `<first>-<last>-<n>`."""
+    m = _SPAN.search(rel)
+    return None if not m else (int(m.group(1)), int(m.group(2) or m.group(1)))
 
 
 def write_table(storage: Storage, rel: str, table: pa.Table, row_group_rows: int | None = None) -> None:
@@ -110,6 +119,10 @@ class Ledger:
     def view(self) -> LedgerView:
         return LedgerView(self.storage.root, self.storage.options.model_dump(), tuple(self.levels() + self.fragments()))
 
+    def covers(self, seq: int) -> bool:
+        """True if a level holds the fragment of commit `seq` (a fragment compacted since its commit)."""
+        return any(sp and sp[0] <= seq <= sp[1] for sp in map(seq_span, self.levels()))
+
     def plan_compaction(self) -> list[list[str]]:
         """Groups of files to compact now: all fragments into one level; all levels into one when too many."""
         jobs = []
@@ -132,6 +145,9 @@ def compact(storage: Storage, files: list[str]) -> str | None:
     table = deduplicate(pa.concat_tables(tables)).sort_by([("bucket", "ascending"), ("id", "ascending")])
     table = table.cast(ledger_schema())
     seqs = pc.min_max(table.column("seq")).as_py() if table.num_rows else {"min": 0, "max": 0}
+    spans = [seq_span(rel) for rel in files]  # name the commits of the inputs (not of the rows that won)
+    if all(spans):
+        seqs = {"min": min(a for a, _ in spans), "max": max(b for _, b in spans)}
     out = f"{LEVELS}/{seqs['min']:010d}-{seqs['max']:010d}-{len(files):06d}.parquet"
     write_levels(storage, out, table)
     for rel in files:

@@ -1,11 +1,14 @@
 """One live run per store: a lock file naming its holder (host, pid, run), refreshed by a heartbeat.
 
-Local disk: created with O_EXCL; a lock whose holder is gone (same host: the pid is dead; any host: no heartbeat
-for `stale_s`) is taken over by renaming it aside first, so two contenders cannot both win. Object stores have no
-exclusive create: the lock is written, left to settle, and read back; the holder is whoever's lock is there.
+Local disk: written whole and hard-linked into place (exclusive, like O_EXCL); a lock whose holder is gone (same
+host: the pid is dead; any host: no heartbeat for `stale_s`) is taken over by hard-linking it aside under a name
+derived from its content first, which only one contender can do, so two contenders cannot both win. Object stores
+have no exclusive create: the lock is written, left to settle, and read back; the holder is whoever's lock is there.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import socket
@@ -30,6 +33,24 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _link(src: str, dst: str) -> None:
+    """os.link (exclusive: FileExistsError if dst exists); where the filesystem has no hard links (FUSE mounts of
+    object stores), an O_EXCL create of dst with src's bytes, which is as exclusive but not written in one step."""
+    try:
+        os.link(src, dst)
+        return
+    except (FileExistsError, FileNotFoundError):
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    with open(src, "rb") as f:
+        data = f.read()
+    fd = os.open(dst, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 class RunLock:
@@ -76,16 +97,32 @@ class RunLock:
             path = st.path(LOCK)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             if stale is not None:
-                try:  # exactly one contender renames the stale lock aside
-                    os.replace(path, f"{path}.stale-{uuid.uuid4().hex[:8]}")
-                except FileNotFoundError:
+                # Exactly one contender takes over a given stale lock: a hard link named after it can be created
+                # once (a rename aside could move a newer holder's lock, taken over meanwhile, out of the way).
+                tag = hashlib.sha256(json.dumps(stale, sort_keys=True).encode()).hexdigest()[:16]
+                aside = f"{path}.stale-{tag}"
+                try:
+                    _link(path, aside)
+                except (FileExistsError, FileNotFoundError):
                     return False
+                try:
+                    with open(aside, "rb") as f:
+                        still = json.loads(f.read()) == stale
+                except (OSError, ValueError):
+                    still = False
+                if not still:  # the link caught a lock that came after the stale one: leave it be
+                    os.unlink(aside)
+                    return False
+                os.unlink(path)
+            tmp = f"{path}.new-{self.me['token']}"  # written whole, then linked in: never an empty LOCK.json
+            with open(tmp, "wb") as f:
+                f.write(self._body())
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                _link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._body())
+            finally:
+                os.unlink(tmp)
             return True
         st.write_bytes(LOCK, self._body())
         time.sleep(self.settle_s)

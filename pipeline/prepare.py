@@ -9,6 +9,7 @@ renderer (one CUDA context) for its lifetime; the 3D branch may declare a GPU sh
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 import uuid
@@ -49,6 +50,7 @@ class Prepare(Stage):
     def setup(self) -> None:
         scratch = os.path.join(scratch_root(), f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
         os.makedirs(scratch, exist_ok=True)
+        self.scratch = scratch  # this worker's own folder: removed by teardown()
         self.fetcher = Fetcher(self.fetch_cfg, scratch, self.storage)
         self.isolator = Isolator()
 
@@ -57,6 +59,9 @@ class Prepare(Stage):
             if part is not None:
                 part.close()
         self.fetcher = self.isolator = self.mesh = None
+        if getattr(self, "scratch", None):  # the Fetcher removes its own sub-folder, not this one
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            self.scratch = None
         self._ready = False
 
     def __del__(self):
@@ -115,6 +120,8 @@ class Prepare(Stage):
 
         if self.mesh is None:  # the renderer (and its CUDA context) lives as long as this worker
             self.mesh = MeshStage(self.mesh_cfg)
+        if self.branch != "3d":  # a mesh in the media pool (no GPU share: one pool for all); the 3D pool's
+            maybe_fault("mesh")  # calls pass the stage-level "mesh" point (Stage.__call__) already
         try:
             got = self.mesh.process(path, str(row["id"]))
         except MeshError as exc:

@@ -1,12 +1,13 @@
 """The Ray wiring, and the only module that imports Ray.
 
-    per source (and branch):  read (Ray Data: CSV/Parquet/JSON files, or listing chunks)
-                              -> keys (id, group, bucket)            tasks
-                              -> resume filter, one bucket per call   hash shuffle on `bucket` (groupby)
-                              -> describe (descriptor rows)           tasks
-    per branch:               union -> prepare (fetch + decode | fetch + mesh)   actor pool (3D: GPU share)
-    all:                      union -> tokenize (GPU or CPU actors) -> write shards (tasks, on the workers)
-    driver:                   small shard records -> Store.commit
+    phase 1, per source:  read (Ray Data: CSV/Parquet/JSON files, or listing chunks)
+                          -> keys (id, group, bucket)                  tasks
+                          -> resume filter, one bucket per call         shuffle on `bucket` (groupby)
+                          -> describe (descriptor rows + branch)        tasks
+                          all sources -> union -> materialised, split into media / 3d when they differ
+    phase 2, per branch:  prepare (fetch + decode | fetch + mesh)       actor pool (3D: a GPU share)
+                          -> union -> tokenize (GPU or CPU actors) -> write shards (tasks, on the workers)
+    driver:               small shard records -> Store.commit
 
 `map_stage` is the one adapter from a `pipeline.stage.Stage` to a Ray Data task or actor pool. Rows travel between
 operators as one pickled `payload` column (plus `id`), so ragged arrays and failed rows never fight Ray's tensor
@@ -39,6 +40,12 @@ _ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAG
 
 # ---- Ray setup -------------------------------------------------------------------------------------------------
 
+def forwarded_env() -> dict:
+    """The environment every worker needs too: pipeline settings and storage credentials/endpoints."""
+    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH")  # each node keeps its own scratch folder
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k not in node_local}
+
+
 def init_ray(ray_cfg):
     import ray
 
@@ -47,7 +54,7 @@ def init_ray(ray_cfg):
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # under `ray job submit`: merge with the job's env
     os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
-    env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+    env = {**forwarded_env(), "PIPELINE_DRIVER_PID": str(os.getpid())}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
@@ -161,7 +168,7 @@ def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = Fal
     if stage.stateful:
         lo, hi = pool(concurrency or 1)
         return ds.map_batches(StageActor, fn_constructor_kwargs={"stage": stage, "control": control, "gate": gate},
-                              compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi), **kw)
+                              compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi), **kw)
     compute = ray_data().TaskPoolStrategy(size=concurrency) if concurrency else None
     return ds.map_batches(_stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate},
                           compute=compute, **kw)
@@ -179,12 +186,9 @@ SMALL_TASK_CPUS = 0.25        # keys, resume filter, describe: light tasks that 
 READ_CPUS = 0.5
 
 
-def _keys(raw: pa.Table, source: Source, buckets: int, branch: str | None) -> pa.Table:
+def _keys(raw: pa.Table, source: Source, buckets: int) -> pa.Table:
     keyed = source.keys(raw)
-    keyed = keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), buckets), pa.int32()))
-    if branch is not None:
-        keyed = keyed.filter(pc.equal(keyed.column("branch"), branch))
-    return keyed
+    return keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), buckets), pa.int32()))
 
 
 def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None,
@@ -218,7 +222,10 @@ def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source
 
 
 def _describe(rows: pa.Table, source: Source) -> pa.Table:
-    return to_table(source.describe(rows))
+    """Descriptor rows as a payload table, with the branch (prepare pool) each row goes to."""
+    described = source.describe(rows)
+    branch = pa.array(["3d" if r.get("modality") == "3d" else "media" for r in described], pa.string())
+    return to_table(described).append_column("branch", branch)
 
 
 def read_source(ray, source: Source, plan):
@@ -237,11 +244,11 @@ def read_source(ray, source: Source, plan):
     return ray.data.read_csv(paths, **kw, **csv_options(plan.uris[0], plan.columns or []))
 
 
-def source_dataset(ray, source: Source, branch: str | None, view: LedgerView, buckets: int, retry_failed: bool,
-                   control=None, dry_run: bool = False, partitions: int = 16):
-    """One source (one branch of it, when branches go to different pools) up to descriptor rows."""
+def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_failed: bool, control=None,
+                   dry_run: bool = False, partitions: int = 16):
+    """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run."""
     ds = read_source(ray, source, source.plan())
-    ds = ds.map_batches(_keys, fn_kwargs={"source": source, "buckets": buckets, "branch": branch},
+    ds = ds.map_batches(_keys, fn_kwargs={"source": source, "buckets": buckets},
                         batch_format="pyarrow", batch_size=None, num_cpus=SMALL_TASK_CPUS)
     if source.cfg.limit is not None:
         ds = ds.limit(source.cfg.limit)
@@ -262,8 +269,7 @@ def dry_run_counts(job, view: LedgerView, buckets: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for cfg in job.sources:
         source = make_source(cfg, job.storage)
-        ds = source_dataset(ray, source, None, view, buckets, retry_failed=False, dry_run=True,
-                            partitions=max(2, cpus))
+        ds = source_dataset(ray, source, view, buckets, retry_failed=False, dry_run=True, partitions=max(2, cpus))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.to_pylist():
                 c = out.setdefault(rec.pop("source"), {})
@@ -292,35 +298,35 @@ def _write_task(batch: pa.Table, writer) -> pa.Table:
 
 def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, ray, split: bool,
               batch_rows: dict) -> dict:
-    """Phase 1: every source read, keyed, filtered against the ledger and described, per branch, materialised
-    in the object store (the shuffle is a barrier anyway; materialising it first leaves the whole cluster to
-    it, before the actor pools of phase 2 take their CPUs and GPUs)."""
+    """Phase 1: every source read, keyed, filtered against the ledger and described, materialised in the object
+    store, then split by branch when the branches go to different pools. (The shuffle is a barrier anyway;
+    materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    branches: dict[str, list] = {}
-    for cfg in job.sources:
-        source = make_source(cfg, job.storage)
-        for branch in (source.branches if split else ("media",)):
-            only = branch if split and len(source.branches) > 1 else None
-            branches.setdefault(branch, []).append(
-                source_dataset(ray, source, only, view, buckets, retry_failed, control, partitions=partitions))
+    parts = [source_dataset(ray, make_source(cfg, job.storage), view, buckets, retry_failed, control,
+                            partitions=partitions) for cfg in job.sources]
+    todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
-    for b, parts in branches.items():
-        ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        out[b] = ds.repartition(target_num_rows_per_block=batch_rows[b]).materialize()  # blocks of one batch
+    if not todo.count():
+        return out
+    for branch in (("media", "3d") if split else ("media",)):
+        ds = todo.filter(expr=f"branch == '{branch}'", num_cpus=SMALL_TASK_CPUS) if split else todo
+        ds = ds.repartition(target_num_rows_per_block=batch_rows[branch]).materialize()  # one batch a block
+        if ds.count():
+            out[branch] = ds
     return out
 
 
 def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray):
-    """The whole job as one Ray dataset of writer records. Sources are split by branch only when the 3D branch
-    has resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
+    """The whole job as one Ray dataset of writer records. 3D rows get a pool of their own only when it has
+    resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
     split = stages["3d"].resources() != stages["media"].resources()
     todo = plan_work(job, view, buckets, retry_failed, control, ray, split,
                      {b: stages[b].batch_size for b in ("media", "3d")})
-    prepared = []
-    for branch, ds in todo.items():
-        stage = stages[branch]
-        prepared.append(map_stage(ds, stage, concurrency=stages[f"{branch}_actors"], control=control, gate=True))
+    if not todo:  # nothing new: no actor pool, no model load
+        return None
+    prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True)
+                for branch, ds in todo.items()]
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
     ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"])
     return ds.map_batches(_write_task, fn_kwargs={"writer": stages["writer"]}, batch_size=rows_per_write(job),
@@ -328,6 +334,8 @@ def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool,
 
 
 def records(ds) -> Iterator[dict]:
+    if ds is None:
+        return
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for rec in batch.column("record").to_pylist():
             yield json.loads(rec)

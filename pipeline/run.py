@@ -46,6 +46,7 @@ class Summary:
     notes: list = field(default_factory=list)
     interrupted: int | None = None                                  # the signal that stopped the run
     dry_run: bool = False
+    ray_stats: str = ""
 
     @property
     def todo(self) -> int:
@@ -232,6 +233,9 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
                                  f"quarantine/ (e.g. {rec.quarantined[0]})")
         summary.notes += rec.problems
         ray = ray_job.init_ray(job.ray)
+        # A task's own exception (an OSError of a full disk, say) reaches the driver as itself, not as Ray Data's
+        # UserCodeException, whose __cause__ is lost on the way: root_cause() and the CLI's one-line errors need it.
+        ray.data.DataContext.get_current().raise_original_map_exception = True
         _compact_ledger(ray, store)
         with _Signals(job.ray.interrupt_grace_s) as sig:
             try:
@@ -244,7 +248,7 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
                                      "they are redone on the next run")
             summary.interrupted = sig.signum
         _finish(store, run_id, summary, ray)
-    if job.qa.samples > 0 and not summary.interrupted and store.shards:
+    if job.qa.samples > 0 and not summary.interrupted and summary.shards:  # only when this run added shards
         from pipeline.qa import run_qa
 
         summary.qa = run_qa(store, job)
@@ -269,6 +273,8 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
                 summary.add_record(rec, commit, time.perf_counter() - t)
             if attempt == 0 or not summary.resume:
                 summary.resume = ray.get(control.get_counts.remote())
+            if ds is not None:
+                summary.ray_stats = ds.stats()  # per-operator time and throughput (benchmarks print it)
             return
         except KeyboardInterrupt:
             raise

@@ -81,6 +81,8 @@ class Stage:
 
     def _one(self, row: Row) -> Row:
         try:
-            return self.process(row) if type(self).process is not Stage.process else self.process_batch([row])[0]
+            if type(self).process is Stage.process and type(self).process_batch is not Stage.process_batch:
+                return self.process_batch([row])[0]
+            return self.process(row)  # (neither overridden: NotImplementedError, not endless recursion)
         except Exception as exc:  # bad input must never crash the job
             return fail(row, self.name, describe(exc))

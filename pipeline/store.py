@@ -76,6 +76,7 @@ class Store:
         self.next_seq = 0
         self.checkpoint_seq = -1
         self._records_since_checkpoint: list[str] = []
+        self.damaged: list[str] = []  # commit records that could not be parsed (by load)
 
     @property
     def uri(self) -> str:
@@ -96,6 +97,7 @@ class Store:
     def load(self) -> list[dict]:
         """Reads the checkpoint and the commit records after it; returns those records (oldest first)."""
         self.shards, records = {}, []
+        self.checkpoint_seq, self._records_since_checkpoint, self.damaged = -1, [], []
         entries = self.storage.list(MANIFEST)
         checkpoints = sorted(e.path for e in entries if e.path.rsplit("/", 1)[-1].startswith("checkpoint-"))
         if checkpoints:
@@ -110,7 +112,9 @@ class Store:
                 continue
             try:
                 rec = json.loads(self.storage.read_bytes(e.path))
-            except json.JSONDecodeError:  # cannot be torn (atomic writes); a damaged one is reported, not applied
+            except (json.JSONDecodeError, UnicodeDecodeError):  # cannot be torn (atomic writes): a damaged one is
+                self.damaged.append(e.path)                     # reported, not applied, and its number not reused
+                self.next_seq = max(self.next_seq, int(name[:-5]) + 1)
                 continue
             records.append(rec)
         records.sort(key=lambda r: r["seq"])
@@ -129,18 +133,21 @@ class Store:
     # ---- opening for a run: roll forward, quarantine, collect garbage ------------------------------------------
     def recover(self, run_id: str | None = None) -> Recovery:
         out = Recovery()
-        for rec in self.load():
+        records = self.load()
+        out.problems += [f"damaged commit record {p} (not applied)" for p in self.damaged]
+        for rec in records:
             out.rolled_forward += self._finish_moves(rec, out.problems)
+        self.checkpoint()  # fold the records now that their moves are done: none outlives a later compaction
         known = set(self.shards)
-        for e in self.storage.list("data", recursive=True):
-            rel = f"data/{e.path}"
+        for e in self.storage.list("data", recursive=True):  # paths are relative to the store root
+            rel = e.path
             if rel not in known:  # not named by any commit: a foreign or copied file, kept out of readers' sight
                 dest = f"quarantine/{int(time.time())}/{rel}"
                 self.storage.move(rel, dest)
                 out.quarantined.append(rel)
         for e in self.storage.list("staging", recursive=True):
-            if run_id is None or not e.path.startswith(f"{run_id}/"):
-                self.storage.delete(f"staging/{e.path}")
+            if run_id is None or not e.path.startswith(f"staging/{run_id}/"):
+                self.storage.delete(e.path)
                 out.staging_removed += 1
         return out
 
@@ -150,11 +157,15 @@ class Store:
         for path in rec.get("removes", []):
             self.storage.delete(path)
         for src, dst in rec.get("moves", []):
+            if dst.startswith("data/") and dst not in self.shards:  # removed by a later commit (compaction)
+                continue
             if self.storage.exists(dst):
                 continue
             if self.storage.exists(src):
                 self.storage.move(src, dst)
                 done += 1
+            elif dst.startswith("ledger/") and self.ledger.covers(rec["seq"]):
+                continue  # the fragment was moved in, then compacted into a level
             else:
                 problems.append(f"commit {rec['seq']}: {dst} is missing and its staged copy {src} is gone")
         return done
@@ -259,6 +270,7 @@ def verify(storage: Storage) -> list[str]:
         store.load()
     except Exception as exc:  # a store this damaged is a finding, not a crash
         return [f"cannot read the manifest: {type(exc).__name__}: {exc}"]
+    problems += [f"damaged commit record {p}" for p in store.damaged]
     seen: dict[str, str] = {}
     for path, s in sorted(store.shards.items()):
         size = storage.size(path)
@@ -281,8 +293,8 @@ def verify(storage: Storage) -> list[str]:
             seen[i] = path
     known = set(store.shards)
     for e in storage.list("data", recursive=True):
-        if f"data/{e.path}" not in known:
-            problems.append(f"uncommitted file data/{e.path}")
+        if e.path not in known:
+            problems.append(f"uncommitted file {e.path}")
     outcomes = read_all(storage, ["id", "status"])
     ok = set(outcomes.filter(pc.equal(outcomes.column("status"), "ok")).column("id").to_pylist())
     if ok != set(seen):

@@ -7,7 +7,8 @@ worker nodes, each a separate process group, each with its own custom resource, 
         ray.init(address=c.address)                   # the driver attaches to the head node
         ...ray.remote(resources={"node_w0": 0.01})...  # pin work to worker 0
         subprocess.run(["ray", "job", "submit", "--address", c.dashboard_url, "--", "python", "x.py"], env=c.env())
-        c.kill_worker(1)                             # SIGKILL every process of worker node 1 at once (a lost machine)
+        c.kill_worker(1, wait_dead=True)             # SIGKILL every process of worker node 1 at once (a lost machine)
+        c.restart_worker(1)                          # the node comes back (new node id, same resource and scratch)
 
 Layout and choices:
 - The head has `head_cpus` CPUs (default 0: no task or actor that needs a CPU lands on it, so work really runs on
@@ -19,7 +20,8 @@ Layout and choices:
   the dashboard binds to 127.0.0.1. The GCS, dashboard and Ray-client ports are picked free here (so workers can
   start at the same time as the head); every other port is 0 (Ray lets the OS pick, so no race between picks).
 - Ray temp dirs are short dirs under /tmp (unix socket paths must stay under ~107 bytes); they are deleted at
-  teardown unless LOCAL_CLUSTER_KEEP=1. The `ray start` logs are in <tmp_dir>/logs.
+  teardown unless LOCAL_CLUSTER_KEEP=1 (each node's --temp-dir is its own: Ray allows one per node on one host;
+  the session name is shared). The `ray start` output is in <tmp_dir>/logs/{h,w0,w1,w1.1,...}.log.
 - Failure detection is sped up (GCS health checks every 500 ms, dead after 3 misses) unless fast_failure=False
   (Ray's default is 3 s x 5). Graceful drain on SIGTERM is off (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0).
 - Every process of the cluster carries LOCAL_CLUSTER_ID=<uid>:<node> in its environment; teardown and kill_worker
@@ -46,17 +48,9 @@ RAY_BIN = str(Path(sys.executable).with_name("ray"))
 MARKER = "LOCAL_CLUSTER_ID"
 
 _WATCHDOG = r"""
-import os, signal, sys, time
-parent, tag = int(sys.argv[1]), sys.argv[2].encode()
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-while alive(parent):
+import os, shutil, signal, sys, time
+parent, tag, root = int(sys.argv[1]), sys.argv[2].encode(), sys.argv[3]
+while os.getppid() == parent:  # reparented once the test process is gone (even while it is a zombie)
     time.sleep(1)
 for pid in os.listdir("/proc"):
     if pid.isdigit():
@@ -66,6 +60,8 @@ for pid in os.listdir("/proc"):
                     os.kill(int(pid), signal.SIGKILL)
         except OSError:
             pass
+time.sleep(1)
+shutil.rmtree(root, ignore_errors=True)
 """
 
 
@@ -265,7 +261,8 @@ class LocalCluster:
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ray_root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
-        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), f"{MARKER}={self.uid}:"],
+        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), f"{MARKER}={self.uid}:",
+                                           str(self._ray_root)],
                                           start_new_session=True, stdin=subprocess.DEVNULL)
         self._gcs_port, dash_port = _free_ports(2)
         self.dashboard_url = f"http://127.0.0.1:{dash_port}"

@@ -8,10 +8,10 @@ import pytest
 from PIL import Image
 
 from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
-from pipeline.decode import DecodeConfig, decode_image, decode_row, frame_count, sample_indices, to_rgb8
-from pipeline.isolate import IsolateError, run_with_timeout
-from pipeline.rows import fail
-from pipeline.sources import local_files
+from pipeline.decode import (DecodeConfig, DecodeError, clean_decoder_error, decode_file, decode_image, frame_count,
+                             sample_indices, to_rgb8)
+from pipeline.isolate import IsolateError, Isolator, run_with_timeout
+from pipeline.sources import iter_rows, make_source, source_config
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 CFG = DecodeConfig(fps=8.0, max_frames=16, timeout_s=30.0)
@@ -19,9 +19,7 @@ BUCKETS = set(make_buckets(CFG.buckets))
 
 
 def decoded(path, modality, cfg=CFG, span=None):
-    row = {"id": "t", "modality": modality, "source": "test", "status": "ok", "stage": "fetch", "error": None,
-           "path": str(path), "span": span}
-    return decode_row(row, cfg)
+    return decode_file(str(path), modality, cfg, span)
 
 
 # ---- buckets -----------------------------------------------------------------------------------------------
@@ -79,10 +77,9 @@ VIDEOS = {
 def test_real_videos(name):
     frames, orig, bucket = VIDEOS[name]
     out = decoded(DATA / "videos" / name, "video")
-    assert out["status"] == "ok", out["error"]
     px = out["pixels"]
     assert px.dtype == np.uint8 and px.shape == (frames, *bucket, 3) and out["num_frames"] == frames
-    assert out["orig_size"] == orig and out["stage"] == "decode"
+    assert [out["orig_height"], out["orig_width"]] == orig and px.flags.c_contiguous
     assert out["fps"] == 8.0 if frames >= 4 else out["fps"] > 8.0  # short clips are sampled faster
     assert 5 < px.mean() < 250 and px.std() > 5  # real picture content
     if frames > 1:
@@ -90,17 +87,24 @@ def test_real_videos(name):
 
 
 def test_video_span_cut():
-    out = decoded(DATA / "videos" / "chaplin.mp4", "video", span=[2.0, 3.0])
-    assert out["status"] == "ok" and out["pixels"].shape[0] == 8
+    out = decoded(DATA / "videos" / "chaplin.mp4", "video", span=(2.0, 3.0))
+    assert out["pixels"].shape[0] == 8 and out["num_frames"] == 8 and out["fps"] == 8.0
     assert out["frame_indices"].tolist() == [50, 53, 56, 59, 62, 65, 68, 71]
-    late = decoded(DATA / "videos" / "chaplin.mp4", "video", span=[60.0, 65.0])
-    assert late["status"] == "failed" and late["stage"] == "decode"
-    assert late["error"] == "span [60, 65]s starts after the video ends (9.640s)"
+    with pytest.raises(DecodeError) as exc:
+        decoded(DATA / "videos" / "chaplin.mp4", "video", span=(60.0, 65.0))
+    assert str(exc.value) == "span [60, 65]s starts after the video ends (9.640s)"
+    with pytest.raises(DecodeError, match=r"bad span \[3.0, 2.0\]"):
+        decoded(DATA / "videos" / "chaplin.mp4", "video", span=(3.0, 2.0))
+    # a span running past the end is cut at the end
+    tail = decoded(DATA / "videos" / "chaplin.mp4", "video", span=(9.0, 20.0))
+    assert tail["num_frames"] == 4 and tail["frame_indices"].max() < 241
 
 
 def test_video_timeout_is_recorded():
-    out = decoded(DATA / "videos" / "video-1080p-60fps-2s.mp4", "video", DecodeConfig(timeout_s=0.001))
-    assert out["status"] == "failed" and out["error"] == "decode timed out after 0.001s"
+    with pytest.raises(IsolateError) as exc:
+        run_with_timeout(decode_file, str(DATA / "videos" / "video-1080p-60fps-2s.mp4"), "video", CFG, None,
+                         timeout_s=0.001)
+    assert str(exc.value) == "decode timed out after 0.001s"
 
 
 # ---- images ------------------------------------------------------------------------------------------------
@@ -108,11 +112,10 @@ def test_video_timeout_is_recorded():
 @pytest.mark.parametrize("name", sorted(p.name for p in (DATA / "images").iterdir()))
 def test_real_images(name):
     out = decoded(DATA / "images" / name, "image")
-    assert out["status"] == "ok", out["error"]
     px = out["pixels"]
     assert px.dtype == np.uint8 and px.ndim == 4 and px.shape[0] == 1 and px.shape[-1] == 3
-    h, w = out["orig_size"]
-    assert px.shape[1:3] == choose_bucket(h, w, sorted(BUCKETS)) and out["fps"] == 0.0
+    h, w = out["orig_height"], out["orig_width"]
+    assert px.shape[1:3] == choose_bucket(h, w, sorted(BUCKETS)) and out["fps"] == 0.0 and out["num_frames"] == 1
     assert 0 < px.mean() < 255 and px.std() > 3
 
 
@@ -122,7 +125,7 @@ def test_exif_orientation(name):
     assert raw.getexif().get(0x0112) == 6  # "rotate 90 CW to display"
     w, h = raw.size
     out = decode_image(str(DATA / "images" / name), DecodeConfig(icc_to_srgb=False))  # compare like with like
-    assert out["orig_size"] == [w, h]  # displayed height = stored width
+    assert (out["orig_height"], out["orig_width"]) == (w, h)  # displayed height = stored width
     rgb = np.asarray(raw.convert("RGB"))
     size = out["pixels"].shape[1:3]
     cw = np.asarray(resize_crop(Image.fromarray(np.ascontiguousarray(np.rot90(rgb, k=-1))), size)).astype(float)
@@ -171,43 +174,58 @@ def test_alpha_palette_gray():
 
 # ---- bad files and isolation -------------------------------------------------------------------------------
 
-BAD = {  # file -> expected final status after source + decode (3d files pass to the mesh stages)
-    "block_ends_beyond_cluster.mkv": ("failed", "decode", "Failed to seek_accurate to frame 0"),
-    "broken.png": ("failed", "decode", "cannot identify image"),
-    "corrupted.mp4": ("ok", "decode", None),  # damaged mid-stream: ffmpeg conceals the errors
-    "empty.ply": ("skipped", "source", "empty file"),
-    "empty_file.glb": ("skipped", "source", "empty file"),
-    "fixed_lacing_bad_lace_size.mkv": ("failed", "decode", "Cannot create buffer source"),
-    "invalid_magic.glb": ("skipped", "source", "unrecognised content"),
-    "no_duration.webm": ("failed", "decode", "Failed to measure duration/frame-count"),
-    "truncated.jpg": ("failed", "decode", "Truncated File Read"),
-    "truncated_jpeg.jpg": ("failed", "decode", "image file is truncated"),
+BAD = {  # file -> what happens to it after the folder source + decode_file (3d files go to the mesh branch)
+    "block_ends_beyond_cluster.mkv": ("failed", "Failed to seek_accurate to frame 0"),
+    "broken.png": ("failed", "cannot identify image"),
+    "corrupted.mp4": ("ok", None),  # damaged mid-stream: ffmpeg conceals the errors
+    "empty.ply": ("skipped", "empty file"),
+    "empty_file.glb": ("skipped", "empty file"),
+    "fixed_lacing_bad_lace_size.mkv": ("failed", "Cannot create buffer source"),
+    "invalid_magic.glb": ("skipped", "unrecognised content"),
+    "no_duration.webm": ("failed", "Failed to measure duration/frame-count"),
+    "truncated.jpg": ("failed", "Truncated File Read"),
+    "truncated_jpeg.jpg": ("failed", "image file is truncated"),
 }
 
 
 def test_bad_files_end_with_recorded_errors():
-    rows = {Path(r["uri"]).name: r for r in local_files(DATA / "bad")}
+    rows = {Path(r["uri"]).name: r for r in iter_rows(make_source(source_config({"type": "folder",
+                                                                                  "path": str(DATA / "bad")})))}
+    assert {n for n, r in rows.items() if r["modality"] != "3d"} == set(BAD)
     for name, row in rows.items():
-        out = decode_row({**row, "path": row["uri"]}, CFG)
         if name not in BAD:
-            assert out["modality"] == "3d" and out["status"] == "ok" and "pixels" not in out, name
+            assert row["modality"] == "3d" and row["status"] == "ok", name
             continue
-        status, stage, text = BAD[name]
-        assert (out["status"], out["stage"]) == (status, stage), (name, out["error"])
-        if text:
-            assert text in out["error"] and len(out["error"]) < 400, (name, out["error"])
-            assert "/project/src" not in out["error"]  # decoder source locations stripped
-        else:
-            assert out["pixels"].shape == (16, 192, 336, 3)
+        status, text = BAD[name]
+        if status == "skipped":
+            assert (row["status"], row["stage"]) == ("skipped", "source") and text in row["reason"], name
+            continue
+        assert row["status"] == "ok", name
+        if status == "ok":
+            assert decoded(row["uri"], row["modality"])["pixels"].shape == (16, 192, 336, 3)
+            continue
+        with pytest.raises(DecodeError) as exc:  # bad input is always a DecodeError with a readable reason
+            decoded(row["uri"], row["modality"])
+        reason = str(exc.value)
+        assert text in reason and len(reason) < 400, (name, reason)
+        assert "/project/src" not in reason and "Stack trace" not in reason  # decoder source locations stripped
 
 
-def test_failed_and_3d_rows_pass_through():
-    r = fail({"id": "x", "modality": "image", "source": "s", "status": "ok"}, "fetch", "http 404")
-    assert decode_row(r, CFG) is r
-    mesh = {"id": "m", "modality": "3d", "source": "s", "status": "ok", "path": "x.glb"}
-    assert decode_row(mesh, CFG) is mesh
-    missing = decoded("/nonexistent/file.jpg", "image")
-    assert missing["status"] == "failed" and "No such file" in missing["error"]
+def test_decode_file_refuses_what_it_cannot_decode(tmp_path):
+    with pytest.raises(DecodeError, match="decode handles image and video, not '3d'"):
+        decoded(DATA / "meshes" / "Box.glb", "3d")
+    with pytest.raises(DecodeError, match="No such file"):
+        decoded("/nonexistent/file.jpg", "image")
+    with pytest.raises(DecodeError):
+        decoded("/nonexistent/file.mp4", "video")
+    with pytest.raises(DecodeError, match="max_pixels=1000"):
+        decoded(DATA / "images" / "coffee.png", "image", DecodeConfig(max_pixels=1000))
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(DecodeError, match="^UnidentifiedImageError: cannot identify image"):
+        decoded(tmp_path / "x.png", "image")
+    noisy = RuntimeError("[12:34:56] /project/src/video/video_reader.cc:83: ERROR opening: x.mp4\n"
+                         "Stack trace:\n  [bt] (0) libdecord.so")
+    assert clean_decoder_error(noisy) == "RuntimeError: ERROR opening: x.mp4"
 
 
 def _sleep_forever():
@@ -216,6 +234,8 @@ def _sleep_forever():
 
 
 def _segfault():
+    import faulthandler
+    faulthandler.disable()  # (pytest's handler, inherited through fork, would print a traceback)
     os.kill(os.getpid(), signal.SIGSEGV)
 
 
@@ -236,3 +256,23 @@ def test_run_with_timeout_kills_hangs_and_crashes():
     assert big.shape == (16, 64, 64, 3) and (big == 7).all()
     assert run_with_timeout(os.getpid, timeout_s=0) == os.getpid()  # in-process
     assert run_with_timeout(os.getpid, timeout_s=10) != os.getpid()
+
+
+def test_isolator_reuses_its_child_and_replaces_it_after_a_hang():
+    with Isolator() as iso:
+        pid = iso.run(os.getpid, timeout_s=10)
+        assert pid != os.getpid() and iso.run(os.getpid, timeout_s=10) == pid  # one child, reused
+        with pytest.raises(KeyError):
+            iso.run(_raise, timeout_s=10)
+        assert iso.run(os.getpid, timeout_s=10) == pid  # an exception does not cost the child
+        with pytest.raises(IsolateError, match="timed out"):
+            iso.run(_sleep_forever, timeout_s=0.3, label="decode")
+        new = iso.run(os.getpid, timeout_s=10)
+        assert new != pid  # the hung child was killed and replaced
+        with pytest.raises(IsolateError, match=r"^mesh crashed \(signal 11, SIGSEGV\)$"):
+            iso.run(_segfault, timeout_s=10, label="mesh")
+        assert iso.run(os.getpid, timeout_s=10) not in (pid, new)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # the hung child is gone, not left behind
+        out = iso.run(decode_file, str(DATA / "images" / "coffee.png"), "image", CFG, timeout_s=10)
+        assert out["pixels"].shape[0] == 1

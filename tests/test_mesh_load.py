@@ -142,12 +142,8 @@ def test_every_bad_mesh_file_is_covered():
 def test_bad_files_recorded_as_failed(name):
     with pytest.raises(MeshError, match=BAD_FILES[name]):
         load_mesh(BAD / name)
-    row = {"id": name, "modality": "3d", "source": "test", "path": str(BAD / name), "status": "ok",
-           "stage": "fetch", "error": None}
-    out = MeshStage(MeshConfig(views=4, resolution=64, backend="cpu"))(row)
-    assert out["status"] == "failed" and out["stage"] == "mesh"
-    assert BAD_FILES[name] in out["error"]
-    assert "voxel_feats" not in out
+    with pytest.raises(MeshError, match=BAD_FILES[name]):
+        MeshStage(MeshConfig(views=4, resolution=64, backend="cpu")).process(BAD / name, name)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""End-to-end jobs on a real local Ray cluster (2 CPUs) over real files, loaded back with Hugging Face datasets."""
+"""End-to-end jobs on a real local Ray cluster (2 CPUs) over real files, written to local disk or a real S3 server
+(SeaweedFS), loaded back with Hugging Face datasets."""
 import csv
+import json
 import shutil
 
 import datasets
@@ -7,10 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import JobConfig, build
+from pipeline.job import validate_job
+from pipeline.ledger import read_all
 from pipeline.run import run_job
-from pipeline.store import load_state, verify
+from pipeline.storage import Storage
+from pipeline.store import Store, verify, versions
 from tests.http_server import Fault, FaultServer
+from tests.s3_server import s3_prefix, s3_server  # noqa: F401 (fixtures)
 
 IMAGES = ["astronaut.png", "Channel_digital_image_CMYK_color.jpg", "portrait-orientation-6.jpg", "hopper_16bit.pgm"]
 VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm"]
@@ -22,20 +27,43 @@ def ray_local():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
 
 
-def make_job(out, sources, **extra) -> JobConfig:
+def make_job(out, sources, **extra):
     cfg = {"name": "t", "out": str(out), "sources": sources,
            "decode": {"fps": 4, "max_frames": 8, "timeout_s": 30, "buckets": {"area": 128 * 128, "min_side": 64,
                                                                                "max_side": 256}},
            "fetch": {"retries": 2, "backoff_s": 0.05, "read_timeout_s": 1.0, "deadline_s": 5.0},
            "mesh": {"views": 8, "backend": "cpu"},
            "tokenize": {"config": "tiny", "batch_tokens": 4096, "batch_rows": 4, "device": "cpu"},
-           "write": {"shard_rows": 4}, "qa": {"samples": 1}}
-    cfg.update(extra)
-    return build(JobConfig, cfg)
+           "write": {"rows_per_write": 4}, "qa": {"samples": 1}}
+    for k, v in extra.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return validate_job(cfg)
+
+
+def the_store(out, options=None) -> Store:
+    found = versions(Storage(str(out), options))
+    assert len(found) == 1, found
+    store = Store(found[0])
+    store.load()
+    return store
+
+
+def outcomes(store: Store) -> dict:
+    return {r["id"]: r for r in read_all(store.storage).to_pylist()}
+
+
+def shard_rows(store: Store, modality=None) -> list[dict]:
+    out = []
+    for path, s in sorted(store.shards.items()):
+        if modality is None or s.modality == modality:
+            with store.storage.open_input(path) as f:
+                out += pq.read_table(f).to_pylist()
+    return out
 
 
 def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
@@ -51,20 +79,20 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     job = make_job(tmp_path / "out", [{"type": "folder", "path": str(src), "name": "local"}])
 
     summary = run_job(job)
-    store_dir = summary.store_dir
-    state = load_state(store_dir)
+    store = the_store(tmp_path / "out")
+    state = outcomes(store)
     assert summary.counts["ok"] == len(IMAGES) + len(VIDEOS) + 1
     assert summary.counts["failed"] == len(BAD)
-    assert {r["stage"] for r in state.other.values()} == {"decode"}
-    assert all(r["reason"] for r in state.other.values())
-    assert verify(store_dir) == []
+    failed = [r for r in state.values() if r["status"] == "failed"]
+    assert {r["stage"] for r in failed} == {"decode"} and all(r["reason"] for r in failed)
+    assert verify(store.storage) == []
     assert summary.qa["image"]["n"] == 1 and np.isfinite(summary.qa["image"]["psnr"])
     assert 0 < summary.qa["video"]["ssim"] <= 1
     from PIL import Image
-    with Image.open(f"{store_dir}/qa/image.png") as grid:  # inputs above reconstructions
+    with Image.open(f"{store.uri}/qa/image.png") as grid:  # inputs above reconstructions
         assert grid.size[1] == 2 * grid.size[0] and np.asarray(grid).std() > 0
 
-    images = datasets.load_dataset("parquet", data_files=f"{store_dir}/data/image/*.parquet", split="train")
+    images = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/image/*.parquet", split="train")
     assert len(images) == len(IMAGES)
     table = images.with_format("arrow")[:]
     assert str(table.column("latent").type.value_type) == "fixed_size_list<item: halffloat>[48]"
@@ -72,20 +100,27 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     for rec in images:
         assert rec["num_tokens"] == (rec["height"] // 16) * (rec["width"] // 16) == len(rec["latent"])
         assert rec["fsq_indices"] is None  # continuous tokenizer
+        assert rec["preprocess"] == store.read_json("preprocess.json")["id"]
     portrait = next(r for r in images if r["id"].endswith("portrait-orientation-6.jpg"))
     assert portrait["width"] > portrait["height"]  # stored 700x840, EXIF orientation 6 turns it landscape
     assert (portrait["orig_width"], portrait["orig_height"]) == (840, 700)
-    videos = datasets.load_dataset("parquet", data_files=f"{store_dir}/data/video/*.parquet", split="train",
+    videos = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/video/*.parquet", split="train",
                                    streaming=True)
     vids = list(videos)
     assert sorted(v["num_frames"] for v in vids) == [3, 4]  # video_90.mov has 3 frames; the tokenizer pads to 4
     assert all(v["num_tokens"] == (v["height"] // 16) * (v["width"] // 16) for v in vids)
-    box = pq.read_table(next((tmp_path / "out").glob("*/data/3d/*.parquet"))).to_pylist()[0]
+    box = shard_rows(store, "3d")[0]
     assert box["num_voxels"] == box["num_tokens"] > 0
+    card = (tmp_path / "out" / store.uri.rsplit("/", 1)[-1] / "README.md").read_text()
+    assert "config_name: 3d" in card and "data/video/*.parquet" in card
+    loaded = datasets.load_dataset(store.uri, "image", split="train")  # through the card's configs
+    assert len(loaded) == len(IMAGES)
 
+    shards_before = dict(store.shards)
     again = run_job(job)  # a rerun does no work
-    assert again.todo == 0 and again.skipped_done == len(IMAGES) + len(VIDEOS) + 1 + len(BAD)
-    assert load_state(store_dir).shards == state.shards
+    assert again.todo == 0 and again.done_before == {"ok": 7, "failed": 2, "skipped": 0}
+    assert again.finished == 0 and not again.qa  # nothing new: no QA either
+    assert the_store(tmp_path / "out").shards == shards_before
 
 
 def write_webvid(path, rows):
@@ -95,7 +130,7 @@ def write_webvid(path, rows):
         w.writerows(rows)
 
 
-def test_csv_over_http_incremental_and_retry_failed(ray_local, shared_data, tmp_path):
+def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_data, tmp_path):
     served = tmp_path / "www"
     served.mkdir()
     for name in VIDEOS + ["video_270.mov"]:
@@ -107,13 +142,19 @@ def test_csv_over_http_incremental_and_retry_failed(ray_local, shared_data, tmp_
         csv_path = tmp_path / "webvid.csv"
         rows = [["1", srv.url("video_90.mov"), "PT00H00M01S", "p", "a rotated clip"],
                 ["2", srv.url("missing.mp4"), "PT00H00M02S", "p", "gone"],
-                ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "not yet there"]]
+                ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "not yet there"],
+                ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "a duplicate row"]]
         write_webvid(csv_path, rows)
         job = make_job(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}], qa={"samples": 0})
+        plan = run_job(job, dry_run=True)  # plans without fetching
+        assert plan.resume["webvid"] == {"rows": 4, "duplicate": 1, "todo": 3, "ok": 0, "failed": 0, "skipped": 0}
+        assert srv.total_hits() == 0
+
         first = run_job(job)
-        assert first.counts == {"ok": 1, "failed": 2}
-        reasons = {r["id"]: r["reason"] for r in load_state(first.store_dir).other.values()}
-        assert all("404" in r for r in reasons.values())
+        assert first.counts == {"ok": 1, "failed": 2} and first.resume["webvid"]["duplicate"] == 1
+        store = the_store(tmp_path / "out")
+        reasons = {i: r["reason"] for i, r in outcomes(store).items() if r["status"] == "failed"}
+        assert len(reasons) == 2 and all("404" in r for r in reasons.values())
 
         write_webvid(csv_path, rows + [["4", srv.url("bbb_480p_vp9_opus_1second.webm"), "PT00H00M01S", "p", "new"]])
         hits = srv.total_hits()
@@ -124,30 +165,31 @@ def test_csv_over_http_incremental_and_retry_failed(ray_local, shared_data, tmp_
         del srv.faults["/video_270.mov"]
         third = run_job(job, retry_failed=True)
         assert third.todo == 2 and third.counts == {"ok": 1, "failed": 1}
-    state = load_state(third.store_dir)
-    assert len(state.ok) == 3 and list(state.other) == [i for i in reasons if i.endswith("-2")]
-    captions = {r["caption"] for s in state.shards for r in pq.read_table(f"{third.store_dir}/{s['path']}").to_pylist()}
+        plan = run_job(job, dry_run=True)
+        assert plan.resume["webvid"]["ok"] == 3 and plan.resume["webvid"]["failed"] == 1
+    store = the_store(tmp_path / "out")
+    state = outcomes(store)
+    assert sorted(i for i, r in state.items() if r["status"] == "ok") == ["webvid-1", "webvid-3", "webvid-4"]
+    captions = {r["caption"] for r in shard_rows(store)}
     assert captions == {"a rotated clip", "new", "not yet there"}
-    assert verify(third.store_dir) == []
+    assert verify(store.storage) == []
 
 
 def test_objaverse_job_end_to_end(ray_local, tmp_path):
     """The Objaverse source (objaverse package against a local mirror) through mesh render + voxelise + tokenize."""
-    import json
-
     from tests.test_sources import build_mirror
 
     m = build_mirror(tmp_path / "mirror")
     uid0, uid1, uid2 = m["uids"]
     caps = tmp_path / "cap3d.csv"
     caps.write_text(f"{uid1},a small cube with vertex colours\n")
-    job = make_job(tmp_path / "out", [{"type": "objaverse", "objaverse": {
-        "mirror_dir": str(tmp_path / "mirror"), "captions_csv": str(caps)}}], qa={"samples": 1})
+    job = make_job(tmp_path / "out", [{"type": "objaverse", "mirror_dir": str(tmp_path / "mirror"),
+                                       "captions_csv": str(caps)}], qa={"samples": 1})
     summary = run_job(job)
     assert summary.counts == {"ok": 2, "failed": 1}
-    state = load_state(summary.store_dir)
-    assert "downloads disabled" in state.other[f"objaverse-{uid2}"]["reason"]
-    rows = {r["id"]: r for s in state.shards for r in pq.read_table(f"{summary.store_dir}/{s['path']}").to_pylist()}
+    store = the_store(tmp_path / "out")
+    assert "downloads disabled" in outcomes(store)[f"objaverse-{uid2}"]["reason"]
+    rows = {r["id"]: r for r in shard_rows(store)}
     cube = rows[f"objaverse-{uid1}"]
     assert cube["modality"] == "3d" and cube["caption"] == "a small cube with vertex colours"
     assert cube["num_voxels"] == cube["num_tokens"] > 1000
@@ -155,4 +197,70 @@ def test_objaverse_job_end_to_end(ray_local, tmp_path):
     render = json.loads(cube["meta"])["render"]
     assert render["views"] == 8 and render["backend"] == "cpu" and json.loads(cube["meta"])["uid"] == uid1
     assert summary.qa["3d"]["n"] == 1 and np.isfinite(summary.qa["3d"]["psnr"])
-    assert verify(summary.store_dir) == []
+    assert verify(store.storage) == []
+
+
+def test_job_to_s3_and_datasets_from_s3(ray_local, shared_data, tmp_path, s3_server, s3_prefix):
+    """`out: s3://...`: shards, manifest, ledger and card on a real S3 server; HF datasets reads them there.
+    (Credentials through the job's `storage:` options here; through the environment in tests/reliability.)"""
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in IMAGES[:2]:
+        shutil.copy(shared_data / "images" / name, src / name)
+    shutil.copy(shared_data / "videos" / VIDEOS[1], src / VIDEOS[1])
+    shutil.copy(shared_data / "bad" / BAD[0], src / BAD[0])
+    out = s3_server.uri(s3_prefix)
+    job = make_job(out, [{"type": "folder", "path": str(src), "name": "s3in"}], qa={"samples": 1},
+                   storage=s3_server.options().model_dump(exclude_none=True))
+    summary = run_job(job)
+    assert summary.counts == {"ok": 3, "failed": 1} and summary.qa["image"]["n"] == 1
+    store = the_store(out, s3_server.options())
+    assert store.uri.startswith("s3://") and verify(store.storage) == []
+    names = [e.path for e in store.storage.list("", recursive=True)]
+    assert any(n.startswith("data/image/") for n in names) and any(n.startswith("ledger/") for n in names)
+    assert not any(n.startswith("staging/") for n in names)
+    ds = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/image/*.parquet", split="train",
+                               storage_options=s3_server.storage_options())
+    assert sorted(ds["id"]) == sorted(f"s3in-{n.replace('.', '.')}" for n in IMAGES[:2])
+    assert not (tmp_path / "s3:").exists()  # never a local folder named after the scheme
+    again = run_job(job)
+    assert again.todo == 0 and again.done_before["ok"] == 3
+
+
+def test_changed_preprocessing_goes_to_a_new_version(ray_local, shared_data, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(shared_data / "videos" / VIDEOS[1], src / "clip.webm")
+    shutil.copy(shared_data / "images" / IMAGES[0], src / "a.png")
+    out = tmp_path / "out"
+    first = run_job(make_job(out, [{"type": "folder", "path": str(src)}], qa={"samples": 0}))
+    second = run_job(make_job(out, [{"type": "folder", "path": str(src)}], decode={"fps": 2}, qa={"samples": 1}))
+    assert first.store_dir != second.store_dir and second.todo == 2  # not appended to the old shards
+    assert any("decode.fps 4.0 -> 2.0" in n for n in second.notes)
+    old, new = (Store(Storage(d)) for d in (first.store_dir, second.store_dir))
+    assert old.read_json("preprocess.json")["settings"]["decode"]["fps"] == 4.0
+    assert new.read_json("preprocess.json")["settings"]["decode"]["fps"] == 2.0
+    # QA decodes with the recorded settings, not the job's current ones
+    from pipeline.qa import recorded_configs
+    decode, _ = recorded_configs(old, make_job(out, [{"type": "folder", "path": str(src)}], decode={"fps": 2}))
+    assert decode.fps == 4.0
+
+
+def test_plan_splits_3d_rows_to_their_own_pool(ray_local, shared_data, tmp_path):
+    """With a GPU share for 3D workers, phase 1 routes rows by their (content-sniffed) modality: a mesh whose
+    name says nothing goes to the 3D pool, images and videos to the media pool; one read of the source."""
+    from pipeline import ray_job
+    from pipeline.ledger import LedgerView
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(shared_data / "images" / IMAGES[0], src / "a.png")
+    shutil.copy(shared_data / "videos" / VIDEOS[1], src / "b.webm")
+    shutil.copy(shared_data / "meshes" / "Box.glb", src / "mesh.bin")  # content, not extension, decides
+    job = make_job(tmp_path / "out", [{"type": "folder", "path": str(src)}])
+    view = LedgerView(str(tmp_path / "none"), {}, ())
+    todo = ray_job.plan_work(job, view, 16, False, None, ray_local, split=True, batch_rows={"media": 2, "3d": 1})
+    blocks = {b: list(ds.iter_batches(batch_size=None, batch_format="pyarrow")) for b, ds in todo.items()}
+    ids = {b: sorted(r["id"] for t in ts for r in ray_job.from_table(t)) for b, ts in blocks.items()}
+    assert ids == {"media": ["folder-a.png", "folder-b.webm"], "3d": ["folder-mesh.bin"]}
+    assert max(t.num_rows for t in blocks["media"]) <= 2  # blocks of one prepare batch

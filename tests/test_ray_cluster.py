@@ -122,7 +122,7 @@ def test_task_pipeline_survives_losing_a_worker_node(driver):
         t.join(60)
         assert "dead_after_s" in killed, "worker 1 was never killed"
         assert killed["at_rows"] < n, "the pipeline had already finished when the node died"
-        assert lost not in c.alive_node_ids()
+        assert lost not in c.alive_node_ids() and not c.pids("w1")  # every process of the node is gone
         ids = sorted(r["id"] for r in rows)
         assert ids == list(range(n)), f"{len(ids)} rows, {len(set(ids))} distinct"  # each row exactly once
         assert all(r["x"] == r["id"] + 1 for r in rows)

@@ -1,4 +1,5 @@
-"""Voxelisation (64^3 occupancy from depth) and the 768-d patch features, plus the row-level stage."""
+"""Voxelisation (64^3 occupancy from depth) and the 768-d patch features, `MeshStage.process`, and the 3D branch
+of the prepare stage (fetch + mesh in one call)."""
 
 import json
 from pathlib import Path
@@ -9,9 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from atoken.voxelize import _patch_index
-from pipeline.mesh import MeshConfig, MeshStage, occupied_voxels, patch_features, voxel_features
+from pipeline.decode import DecodeConfig
+from pipeline.fetch import FetchConfig
+from pipeline.mesh import MeshConfig, MeshError, MeshStage, occupied_voxels, patch_features, voxel_features
 from pipeline.mesh.cameras import intrinsics_from_fov, look_at
 from pipeline.mesh.procedural import export_assets
+from pipeline.prepare import Prepare
+from pipeline.rows import fail, new_row
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MESHES = DATA / "meshes"
@@ -25,14 +30,12 @@ def stage16():
 
 
 def row(path, id_="a"):
-    return {"id": id_, "modality": "3d", "source": "test", "path": str(path), "status": "ok", "stage": "fetch",
-            "error": None}
+    return new_row(id_, "3d", "test", uri=None if path is None else str(path))
 
 
 @needs_data
 def test_cube_voxels_are_the_surface_shell(stage16):
-    out = stage16(row(MESHES / "Box.glb", "cube"))
-    assert out["status"] == "ok" and out["stage"] == "mesh" and out["error"] is None
+    out = stage16.process(MESHES / "Box.glb", "cube")
     c = out["voxel_coords"]
     assert c.dtype == np.int16 and c.shape[1] == 3 and out["num_voxels"] == len(c)
     assert c.min() >= 0 and c.max() <= 63
@@ -58,11 +61,11 @@ def test_modes_and_determinism():
     path = MESHES / "BoxTextured.glb"
     near = MeshStage(MeshConfig(views=8, resolution=128, backend="cpu"))
     vis = MeshStage(MeshConfig(views=8, resolution=128, backend="cpu", feature_mode="visible_mean"))
-    a, b = near(row(path, "x")), near(row(path, "x"))
+    a, b = near.process(path, "x"), near.process(path, "x")
     np.testing.assert_array_equal(a["voxel_coords"], b["voxel_coords"])
     np.testing.assert_array_equal(a["voxel_feats"], b["voxel_feats"])
     assert a["render"] == b["render"]
-    c = vis(row(path, "x"))
+    c = vis.process(path, "x")
     np.testing.assert_array_equal(a["voxel_coords"], c["voxel_coords"])  # same cameras -> same voxels
     assert c["voxel_feats"].min() >= 0 and c["voxel_feats"].max() <= 1
     assert not np.array_equal(a["voxel_feats"], c["voxel_feats"])
@@ -70,7 +73,7 @@ def test_modes_and_determinism():
     assert settings["feature_mode"] == "visible_mean" and settings["views"] == 8 and settings["resolution"] == 128
     for key in ("fov_deg", "radius", "backend", "normalize", "grid"):
         assert key in settings
-    d = near(row(path, "y"))  # another id -> other cameras
+    d = near.process(path, "y")  # another id -> other cameras
     assert d["num_voxels"] != a["num_voxels"] or not np.array_equal(d["voxel_feats"], a["voxel_feats"])
 
 
@@ -127,22 +130,31 @@ def test_visible_mean_skips_occluded_views():
     torch.testing.assert_close(both[:, 2], torch.full((256,), 0.5))
 
 
+@needs_data
 def test_stage_failures_and_passthrough(tmp_path, stage16):
-    skipped = {**row(tmp_path / "x.glb"), "status": "failed", "stage": "fetch", "error": "404"}
-    assert stage16(skipped) is skipped
-    out = stage16({**row(""), "path": None})
-    assert out["status"] == "failed" and "no local mesh path" in out["error"]
     (tmp_path / "junk.glb").write_bytes(b"glTF" + b"\x00" * 40)
-    out = stage16(row(tmp_path / "junk.glb"))
-    assert out["status"] == "failed" and out["stage"] == "mesh" and "GLB" in out["error"]
+    with pytest.raises(MeshError, match="GLB"):
+        stage16.process(tmp_path / "junk.glb", "junk")
     with pytest.raises(ValueError):
         MeshStage(MeshConfig(feature_mode="mean"))
+    # the prepare stage's 3D branch: failures become failed rows with the reason, failed rows pass through
+    prep = Prepare(FetchConfig(), DecodeConfig(), MeshConfig(views=4, resolution=64, backend="cpu"), branch="3d")
+    try:
+        earlier = fail(row(tmp_path / "x.glb", "earlier"), "source", "404")
+        out = prep([earlier, row(None, "nouri"), row(tmp_path / "junk.glb", "junk"), row(MESHES / "Box.glb", "ok")])
+        assert out[0] is earlier
+        assert (out[1]["status"], out[1]["stage"], out[1]["reason"]) == ("failed", "fetch", "empty uri")
+        assert (out[2]["status"], out[2]["stage"]) == ("failed", "mesh") and "GLB" in out[2]["reason"]
+        assert "voxel_feats" not in out[2]
+        assert (out[3]["status"], out[3]["stage"], out[3]["reason"]) == ("ok", "mesh", None)
+        assert out[3]["num_voxels"] == len(out[3]["voxel_coords"]) > 0 and "mesh" in out[3]["timings"]
+    finally:
+        prep.teardown()
 
 
 def test_procedural_assets_through_the_stage(tmp_path):
     stage = MeshStage(MeshConfig(views=6, resolution=128, backend="cpu"))
     for name, path in export_assets(tmp_path).items():
-        out = stage(row(path, name))
-        assert out["status"] == "ok", out["error"]
+        out = stage.process(path, name)
         assert out["num_voxels"] > 1000
         assert out["voxel_feats"].astype(np.float32).max() > 0.1

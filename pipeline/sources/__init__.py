@@ -4,8 +4,8 @@ A source never lists its samples on the driver. It says how its raw rows are rea
 JSON files that Ray Data reads in parallel, or a short list of listing chunks), and three steps that run on the
 workers over Arrow tables:
 - `list_chunk(item)`: one listing chunk -> raw rows (folder and listing sources only);
-- `keys(raw)`: raw rows -> the same rows plus `id`, `group` (what shares a download; default the id), `order`
-  (a deterministic tie-break between rows with the same id) and `branch` (`media` or `3d`);
+- `keys(raw)`: raw rows -> the same rows plus `id`, `group` (what shares a download; default the id) and `order`
+  (a deterministic tie-break between rows with the same id);
 - `describe(rows)`: the rows still to do -> descriptor rows (`pipeline.rows.Row`), failed with a reason when bad.
 
 Ids, buckets and the resume filter are the wiring's business (`pipeline/ray_job.py`), and `iter_rows()` runs the
@@ -52,7 +52,7 @@ class Read:
 
 class Source:
     Config: ClassVar[type[SourceConfig]] = SourceConfig
-    branches: ClassVar[tuple[str, ...]] = ("media",)
+    branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
 
     def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None):
         self.cfg = cfg
@@ -78,7 +78,7 @@ class Source:
 def source_module(type_: str, key: str = "sources.type"):
     """The module `pipeline.sources.<type>` (a source is one module: nothing else registers it)."""
     known = ", ".join(available())
-    if not _TYPE.match(type_ or ""):
+    if not _TYPE.match(type_ or "") or type_ not in available():  # (ids, tables: helper modules, not sources)
         raise ConfigError(f"{key}: got {type_!r}; expected one of {known}")
     try:
         return importlib.import_module(f"pipeline.sources.{type_}")
@@ -122,6 +122,10 @@ def text_column(table: pa.Table, name: str) -> pa.Array:
         except pa.ArrowInvalid:
             return pa.array([None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()],
                             pa.string())
+    if pa.types.is_nested(col.type):  # lists, structs, maps (Parquet, JSON lines) have no cast: JSON text
+        import json
+        return pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str)
+                         for v in col.to_pylist()], pa.string())
     return pc.cast(col, pa.string())
 
 

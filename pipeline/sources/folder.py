@@ -11,16 +11,14 @@ import os
 from typing import Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from pipeline.magic import EXTENSIONS, HEAD_BYTES, MODALITY, classify
+from pipeline.magic import HEAD_BYTES, classify
 from pipeline.rows import Row, new_row, skip
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
 from pipeline.sources.ids import make_ids
 from pipeline.storage import Storage
 
 FILES_PER_CHUNK = 2000
-MESH_EXTENSIONS = tuple(e for e, f in EXTENSIONS.items() if MODALITY[f] == "3d") + (".off",)
 
 
 class Config(SourceConfig):
@@ -51,14 +49,13 @@ class Source(BaseSource):
     def list_chunk(self, item: dict) -> list[dict]:
         root = self._root()
         if "dir" in item:
-            return [{"rel": f"{item['dir']}/{e.path}", "size": e.size} for e in root.list(item["dir"], recursive=True)]
+            return [{"rel": e.path, "size": e.size} for e in root.list(item["dir"], recursive=True)]
         return [{"rel": name, "size": size} for name, size in item["files"]]
 
     def keys(self, raw: pa.Table) -> pa.Table:
         rel = text_column(raw, "rel")
         ids = make_ids(self.name, rel)
-        branch = ["3d" if r.endswith(MESH_EXTENSIONS) else "media" for r in pc.utf8_lower(rel).to_pylist()]
-        return pa.table({"id": ids, "group": ids, "order": rel, "branch": pa.array(branch, pa.string()), "rel": rel,
+        return pa.table({"id": ids, "group": ids, "order": rel, "rel": rel,
                          "size": raw.column("size").cast(pa.int64())})
 
     def describe(self, rows: pa.Table) -> list[Row]:

@@ -45,6 +45,8 @@ def make_id(source: str, key: str | bytes) -> str:
 def make_ids(source: str, keys: pa.Array | pa.ChunkedArray) -> pa.Array:
     """make_id over an Arrow string or binary array (nulls count as empty keys)."""
     keys = _combine(keys)
+    if pa.types.is_large_string(keys.type):  # (Parquet written by polars, Ray Data blocks) no large kernels below
+        keys = keys.cast(pa.string())
     if pa.types.is_binary(keys.type) or pa.types.is_large_binary(keys.type):
         try:
             text = keys.cast(pa.string())

@@ -93,8 +93,7 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         uid = text_column(raw, "uid")
         ids = make_ids(self.name, uid)
-        n = raw.num_rows
-        return pa.table({"id": ids, "group": ids, "order": uid, "branch": pa.array(["3d"] * n, pa.string()),
+        return pa.table({"id": ids, "group": ids, "order": uid,
                          **{c: raw.column(c) for c in _RAW}})
 
     def describe(self, rows: pa.Table) -> list[Row]:

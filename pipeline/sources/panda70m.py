@@ -118,7 +118,7 @@ class Source(BaseSource):
         types = {"clip": pa.int32(), "span_start": pa.float64(), "span_end": pa.float64(),
                  "matching_score": pa.float64()}
         table = pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in out.items()})
-        return table.append_column("branch", pa.array(["media"] * table.num_rows, pa.string()))
+        return table
 
     def describe(self, rows: pa.Table) -> list[Row]:
         recs = rows.select([c for c in ("id", "bucket", *_CLIP_COLUMNS)]).to_pylist()

@@ -20,7 +20,7 @@ from pipeline.sources.ids import make_ids
 from pipeline.sources.tables import format_of, resolve_files, table_columns
 from pipeline.sources.webvid import resolve
 
-_STD = ("id", "group", "order", "branch", "bucket")
+_STD = ("id", "group", "order", "bucket")
 
 
 class Config(SourceConfig):
@@ -40,6 +40,16 @@ class Config(SourceConfig):
         if len(set(named)) != len(named):
             raise ValueError(f"url_col, caption_col, key_col and span_cols must differ: {named}")
         return self
+
+
+def _seconds(col: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"span column {col!r}: got {text!r}, not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"span column {col!r}: got {text!r}, not a finite number")
+    return value
 
 
 def modality_of(uri: str) -> str:
@@ -65,6 +75,9 @@ class Source(BaseSource):
         columns = table_columns(uris[0], fmt, self.storage)
         if cfg.url_col not in columns:
             raise ValueError(f"{uris[0]}: no url column {cfg.url_col!r} (columns: {columns})")
+        for what, col in (("key", cfg.key_col), *(("span", c) for c in cfg.span_cols or ())):
+            if col and col not in columns:  # a missing key column would give every row the same id
+                raise ValueError(f"{uris[0]}: no {what} column {col!r} (columns: {columns})")
         extra = columns if cfg.extra_columns == "all" else cfg.extra_columns
         self.extra = [c for c in extra if c not in self._named() and c not in _STD]  # fixed: blocks share a schema
         return Read(fmt, uris=uris, columns=columns if fmt == "csv" else None)
@@ -77,14 +90,9 @@ class Source(BaseSource):
         cfg = self.cfg
         url = text_column(raw, cfg.url_col)
         ids = make_ids(self.name, text_column(raw, cfg.key_col) if cfg.key_col else url)
-        if cfg.modality == "auto":
-            branch = ["3d" if modality_of(u or "") == "3d" else "media" for u in url.to_pylist()]
-        else:
-            branch = ["3d" if cfg.modality == "3d" else "media"] * raw.num_rows
         kept = {f"x:{c}": text_column(raw, c) for c in self.extra}
         named = {f"n:{c}": text_column(raw, c) for c in self._named()}
-        return pa.table({"id": ids, "group": ids, "order": url, "branch": pa.array(branch, pa.string()),
-                         **named, **kept})
+        return pa.table({"id": ids, "group": ids, "order": url, **named, **kept})
 
     def describe(self, rows: pa.Table) -> list[Row]:
         cfg = self.cfg
@@ -100,8 +108,9 @@ class Source(BaseSource):
             try:
                 if not uri:
                     raise ValueError(f"empty {cfg.url_col}")
-                if cfg.span_cols:
-                    start, end = (float(r[f"n:{c}"]) for c in cfg.span_cols)
+                cells = [(c, (r.get(f"n:{c}") or "").strip()) for c in cfg.span_cols or ()]
+                if any(v for _, v in cells):  # both cells empty: no span (a whole video, an image)
+                    start, end = (_seconds(c, v) for c, v in cells)
                     if not end > start >= 0:
                         raise ValueError(f"bad span [{start}, {end}]")
                     row.update(span_start=start, span_end=end)

@@ -66,8 +66,7 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         cols = {c: text_column(raw, c) for c in COLUMNS}
         ids = make_ids(self.name, cols["videoid"])
-        return pa.table({"id": ids, "group": ids, "order": cols["contentUrl"], "branch": pa.array(
-            ["media"] * raw.num_rows, pa.string()), **cols})
+        return pa.table({"id": ids, "group": ids, "order": cols["contentUrl"], **cols})
 
     def describe(self, rows: pa.Table) -> list[Row]:
         cols = {c: texts(rows, c) for c in COLUMNS}

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from pipeline.sources import local_files
-from tests.reliability.conftest import final_state, job_dict, make_inputs, run_cli, shard_ids, write_job
+from tests.reliability.conftest import (expected_ids, final_state, job_dict, make_inputs, run_cli, shard_ids,
+                                        write_job)
 
 IMAGES = ["camera.png", "cell.png", "coins.png", "hopper_gray.jpg", "text.png", "brick.png"]
 
@@ -17,7 +17,7 @@ IMAGES = ["camera.png", "cell.png", "coins.png", "hopper_gray.jpg", "text.png", 
 @pytest.fixture(scope="module")
 def inputs(shared_data, tmp_path_factory):
     src = make_inputs(shared_data, tmp_path_factory.mktemp("disk") / "in", images=IMAGES, videos=[], meshes=[])
-    return src, {r["id"] for r in local_files(src, source="local")}
+    return src, expected_ids(src)
 
 
 def check_error(run, fragment: str) -> str:
@@ -36,6 +36,7 @@ def resume_and_check(job, out, expected) -> dict:
     after = shard_ids(out)
     state = final_state(out)
     assert set(after) == expected == state["ok"] and max(after.values()) == 1 and state["problems"] == []
+    assert state["staging"] == [] and not state["lock"]  # the failed run's staging is collected by the rerun
     return {"corrupt_shards": 0, "resumed_ok": f"{len(before)} kept + {len(after) - len(before)} redone",
             "lost": len(expected - set(after)), "duplicates": sum(c - 1 for c in after.values())}
 
@@ -46,7 +47,8 @@ def test_injected_enospc_then_resume(inputs, tmp_path, figures):
     job = write_job(tmp_path / "job.yaml", job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}]))
     run = run_cli(job, out, fault="shard_write:2:enospc", fault_dir=tmp_path / "fault")
     line = check_error(run, "No space left on device")
-    assert not list(out.glob("*/data/*/.*")) and not list(out.glob("*/data/*/*.tmp"))
+    assert not list(out.glob("*/data/**/.*")) and not list(out.glob("*/data/**/*.tmp"))
+    assert not list(out.glob("*/LOCK.json")), "a run that failed must release its lock"
     row = resume_and_check(job, out, expected)
     figures.setdefault("disk_full", []).append({"variant": "injected ENOSPC at 2nd shard write", "rc": run.rc,
                                                 "error_line": line[:110], **row})
