@@ -26,39 +26,21 @@ def recorded_configs(store, job):
     return decode, mesh
 
 
-def reconstruct_record(tok, rec: dict, prepare, kv_cache_size: int = 0):
+def reconstruct_record(model, rec: dict, prepare):
     """(input, reconstruction) as float arrays in [0, 1]: [T, H, W, 3] for image/video, [M, 768] for 3D."""
-    from atoken.sparse import tokens_to_video
-
     row = new_row(rec["id"], rec["modality"], rec["source"], uri=rec["uri"], span_start=rec.get("span_start"),
                   span_end=rec.get("span_end"))
     row = prepare([row])[0]
-    if not is_ok(row):
-        return None
-    coords = np.asarray(rec["coords"], np.int64)
-    if rec.get("fsq_indices") is not None:
-        feats = tok.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)], kv_cache_size=kv_cache_size)[0]
-    else:
-        feats = tok.decode([(np.asarray(rec["latent"], np.float32), coords)], kv_cache_size=kv_cache_size)[0]
-    feats = torch.from_numpy(feats)
-    if rec["modality"] == "3d":
-        ref = np.asarray(row["voxel_feats"], np.float32)
-        return ref, ((feats[:, :ref.shape[1]].numpy() + 1) / 2).clip(0, 1)
-    rec_frames = ((tokens_to_video(feats, torch.as_tensor(coords)).numpy() + 1) / 2).clip(0, 1)
-    ref = row["pixels"].astype(np.float32) / 255.0
-    t = min(len(ref), len(rec_frames)) if rec["modality"] == "video" else 1
-    h, w = rec_frames.shape[1:3]
-    top, left = (ref.shape[1] - h) // 2, (ref.shape[2] - w) // 2  # the tokenizer's centre crop
-    return ref[:t, top:top + h, left:left + w], rec_frames[:t]
+    return model.reconstruct(rec, row) if is_ok(row) else None
 
 
 def run_qa(store, job) -> dict:
     """PSNR/SSIM per modality over the first `job.qa.samples` rows of each modality; writes qa.json and grids."""
-    from atoken.tokenizer import Tokenizer
     from pipeline.prepare import Prepare
+    from pipeline.tokenizers import backend
 
     decode, mesh = recorded_configs(store, job)
-    tok = Tokenizer.from_files(job.tokenize.config, job.tokenize.checkpoint, device=job.tokenize.device)
+    model = backend(job.tokenize.backend).Model(job.tokenize, job.tokenize.device)
     results = {}
     for modality in sorted({s.modality for s in store.shards.values()}):
         recs = []
@@ -71,7 +53,7 @@ def run_qa(store, job) -> dict:
         scores, pairs = {"psnr": [], "ssim": []}, []
         try:
             for rec in recs:
-                got = reconstruct_record(tok, rec, prepare, job.tokenize.kv_cache_size)
+                got = reconstruct_record(model, rec, prepare)
                 if got is None:
                     continue
                 ref, out = got

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import _thread
 import collections
+import re
 import signal
 import sys
 import threading
@@ -133,9 +134,9 @@ def version_name(tokenizer: dict, preprocess: dict) -> str:
 
 
 def identities(job: JobConfig) -> tuple[dict, dict]:
-    from atoken.tokenizer import tokenizer_identity
+    from pipeline.tokenizers import backend
 
-    return tokenizer_identity(job.tokenize.config, job.tokenize.checkpoint), preprocess_identity(job)
+    return backend(job.tokenize.backend).identity(job.tokenize), preprocess_identity(job)
 
 
 def changed_settings(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -233,9 +234,6 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
                                  f"quarantine/ (e.g. {rec.quarantined[0]})")
         summary.notes += rec.problems
         ray = ray_job.init_ray(job.ray)
-        # A task's own exception (an OSError of a full disk, say) reaches the driver as itself, not as Ray Data's
-        # UserCodeException, whose __cause__ is lost on the way: root_cause() and the CLI's one-line errors need it.
-        ray.data.DataContext.get_current().raise_original_map_exception = True
         _compact_ledger(ray, store)
         with _Signals(job.ray.interrupt_grace_s) as sig:
             try:
@@ -310,7 +308,7 @@ def infrastructure(exc: BaseException) -> bool:
 
 def root_cause(exc: BaseException) -> BaseException:
     """The user-facing error inside Ray's wrappers (a task's OSError, say)."""
-    seen = set()
+    outer, seen = exc, set()
     while id(exc) not in seen:
         seen.add(id(exc))
         inner = getattr(exc, "cause", None) or exc.__cause__
@@ -318,7 +316,14 @@ def root_cause(exc: BaseException) -> BaseException:
             exc = inner
             continue
         break
+    if type(exc).__name__ == "UserCodeException":  # Ray Data's wrapper: its __cause__ (the task's own exception)
+        found = _ERRNO_LINE.findall(str(outer))     # is lost on the way to the driver; the worker's traceback
+        if found:                                   # text still ends with it
+            return OSError(int(found[-1][0]), found[-1][1])
     return exc
+
+
+_ERRNO_LINE = re.compile(r"^\s*(?:[\w.]+\.)?\w*(?:Error|Exception): \[Errno (\d+)\] (.+?)\s*$", re.M)
 
 
 def pre_id(store: Store) -> str:

@@ -13,6 +13,11 @@ mean the same on every node. A `Storage` is rooted at one URI; its methods take 
 Credentials and endpoints come from the standard environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT_URL[_S3]`, `GOOGLE_APPLICATION_CREDENTIALS`, ...) or from a job's
 `storage:` options, which win.
+
+Other backends are one module each: `pipeline/storage_backends/<scheme>.py` with `WRITABLE: bool` and
+`filesystem(uri, options) -> (pyarrow FileSystem, path)` (an fsspec implementation wraps in one line with
+`pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(...))`; `storage.fsspec` carries its keyword arguments).
+A scheme that nothing handles is refused with one line before any work.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import pyarrow.fs as pafs
 
 from pipeline.config import Config
 
-WRITABLE = ("file", "s3", "gs")
+WRITABLE = ("file", "s3", "gs")  # built in; more in pipeline/storage_backends/
 READ_ONLY = ("hf", "http", "https")
 READ_ATTEMPTS = 5  # read_bytes on an object store: tries to get one whole version of an object being overwritten
 
@@ -47,6 +52,7 @@ class StorageOptions(Config):
     session_token: str | None = None
     anonymous: bool = False
     hf_token: str | None = None
+    fsspec: dict = {}                   # keyword arguments for an fsspec-provided backend (az://, ...)
 
 
 def scheme_of(uri: str) -> str:
@@ -59,11 +65,23 @@ def check_uri(uri: str, writable: bool = False) -> str:
     """The scheme of `uri`, or a StorageError naming what is supported."""
     scheme = scheme_of(uri)
     allowed = WRITABLE if writable else WRITABLE + READ_ONLY
-    if scheme not in allowed:
-        kind = "output" if writable else "input"
-        raise StorageError(f"unsupported {kind} location {uri!r}: scheme {scheme!r}; use a local path, file://, "
-                           f"s3:// or gs://" + ("" if writable else ", or read-only hf://, http(s)://"))
-    return scheme
+    extra = backend_module(scheme)
+    if scheme in allowed or (extra is not None and (extra.WRITABLE or not writable)):
+        return scheme
+    kind = "output" if writable else "input"
+    raise StorageError(f"unsupported {kind} location {uri!r}: scheme {scheme!r}; use a local path, file://, "
+                       f"s3:// or gs://" + ("" if writable else ", or read-only hf://, http(s)://"))
+
+
+def backend_module(scheme: str):
+    """`pipeline.storage_backends.<scheme>`, if that module exists (one module per extra backend)."""
+    import importlib
+    import importlib.util
+
+    if not scheme.isidentifier() or scheme in WRITABLE + READ_ONLY:
+        return None
+    name = f"pipeline.storage_backends.{scheme}"
+    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
 
 
 def _env(*names: str) -> str | None:
@@ -105,8 +123,10 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
         from huggingface_hub import HfFileSystem
         fs = HfFileSystem(token=opts.hf_token) if opts.hf_token else HfFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), bucket_path
-    import fsspec  # http(s): read-only through fsspec's HTTP filesystem
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme))), str(uri)
+    if scheme in ("http", "https"):
+        import fsspec  # read-only through fsspec's HTTP filesystem
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme))), str(uri)
+    return backend_module(scheme).filesystem(uri, opts)
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,8 @@ class Storage:
         return Storage(self.uri(rel), self.options)
 
     def _writable(self) -> None:
-        if self.scheme not in WRITABLE:
+        extra = backend_module(self.scheme)
+        if self.scheme not in WRITABLE and not (extra is not None and extra.WRITABLE):
             raise StorageError(f"{self.root!r} is read-only ({self.scheme}://)")
 
     # ---- reading ---------------------------------------------------------------------------------------

@@ -1,15 +1,13 @@
-"""Tokenize stage: decoded pixels or voxel features -> AToken tokens, packed into forward passes by a token budget.
-
-One model per worker (a GPU actor with `1 / actors_per_gpu` of a GPU, or a CPU actor). uint8 pixels go to the
-device first, so the float conversion and patchify run there.
+"""Tokenize stage: prepared pixels or voxel features -> tokens, with the job's tokenizer backend
+(`pipeline/tokenizers/`, AToken by default). One model per worker: a GPU actor with `1 / actors_per_gpu` of a
+GPU, or a CPU actor.
 """
 from __future__ import annotations
 
 import json
 from typing import Literal
 
-import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config import Config
 from pipeline.rows import Row, Tokenized, fail
@@ -21,6 +19,7 @@ CONSUMED = ("pixels", "voxel_feats", "voxel_coords", "render")
 class TokenizeConfig(Config):
     IDENTITY = ("logvar",)  # the model itself is the tokenizer identity
 
+    backend: str = "atoken"             # module pipeline/tokenizers/<backend>.py
     config: str = "tiny-c"              # named config or path to a YAML (official layout accepted)
     checkpoint: str | None = None       # .pt / .safetensors; None = the shipped tiny weights or seeded random
     device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -31,19 +30,14 @@ class TokenizeConfig(Config):
     logvar: bool = False                # also store the posterior log-variance
     kv_cache_size: int = Field(0, ge=0)  # decoder KV cache (raw frames), used by the QA decode
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        import importlib.util
 
-def sample_tokens(row: Row, device="cpu"):
-    """The (feats, coords4) token pair of a prepared row, per the tokenizer's packing rules."""
-    import torch
-
-    from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
-
-    if row["modality"] == "3d":
-        return voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
-    pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
-    if row["modality"] == "image":
-        return image_to_tokens(pixels[0])
-    return video_to_tokens(pixels)
+        if not v.isidentifier() or importlib.util.find_spec(f"pipeline.tokenizers.{v}") is None:
+            raise ValueError(f"no tokenizer backend module pipeline/tokenizers/{v}.py")
+        return v
 
 
 class Tokenize(Stage):
@@ -55,29 +49,29 @@ class Tokenize(Stage):
     def __init__(self, cfg: TokenizeConfig, preprocess: str, gpus: float = 0.0):
         self.cfg, self.preprocess, self.gpus = cfg, preprocess, gpus
         self.batch_size = cfg.batch_rows
-        self.tokenizer = None
+        self.model = None
 
     def resources(self) -> Resources:
         return Resources(cpus=1.0, gpus=self.gpus)
 
     def setup(self) -> None:
-        from atoken.tokenizer import Tokenizer
+        from pipeline.tokenizers import backend
 
+        mod = backend(self.cfg.backend)
         device = "cuda" if self.gpus > 0 else ("cpu" if self.cfg.device == "auto" else self.cfg.device)
-        self.tokenizer = Tokenizer.from_files(self.cfg.config, self.cfg.checkpoint, device=device,
-                                              max_tokens=self.cfg.batch_tokens)
-        self.identity = self.tokenizer.identity()
+        self.model = mod.Model(self.cfg, device)
+        self.identity = mod.identity(self.cfg)
 
     def process_batch(self, rows: list[Row]) -> list[Tokenized]:
         out: list[Row | None] = [None] * len(rows)
         work = []
         for i, row in enumerate(rows):
             try:
-                work.append((i, sample_tokens(row, self.tokenizer.device)))
+                work.append((i, self.model.pack(row)))
             except Exception as e:  # bad pixels / voxels: recorded, never raised
                 out[i] = fail(row, self.name, f"cannot pack tokens: {e}")
-        if work:  # one call; the tokenizer packs it into forward passes of at most batch_tokens tokens
-            encoded = self.tokenizer.encode([tok for _, tok in work], with_logvar=self.cfg.logvar)
+        if work:  # one call; the backend packs it into forward passes of at most batch_tokens tokens
+            encoded = self.model.encode([tok for _, tok in work])
             for (i, _), enc in zip(work, encoded):
                 out[i] = self._finish(rows[i], enc)
         return out

@@ -347,3 +347,21 @@ def test_local_paths_and_file_uris(tmp_path):
     assert a.base == b.base == c.base == str(tmp_path / "x") and a.local and b.local
     a.write_bytes("f", b"1")
     assert b.read_bytes("f") == b"1" and os.path.isfile(tmp_path / "x" / "f")
+
+
+def test_an_extra_backend_is_one_module(tmp_path):
+    """`pipeline/storage_backends/<scheme>.py` is found by its scheme: memory:// reads through it as a source
+    location, and is refused as an output (its module says it is not writable)."""
+    import fsspec
+
+    from pipeline.storage import StorageError, check_uri
+
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bkt/in/a.txt", b"hello")
+    st = Storage("memory://bkt/in")
+    assert st.read_bytes("a.txt") == b"hello" and [e.path for e in st.list()] == ["a.txt"]
+    assert check_uri("memory://bkt/in") == "memory"
+    with pytest.raises(StorageError, match="unsupported output"):
+        check_uri("memory://bkt/out", writable=True)
+    with pytest.raises(StorageError, match="read-only"):
+        st.write_bytes("b.txt", b"x")

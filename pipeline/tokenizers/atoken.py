@@ -1,0 +1,68 @@
+"""AToken (arXiv 2509.14476) as a pipeline tokenizer: the `atoken` package's Tokenizer over prepared rows.
+
+Images and videos are patchified (4 x 16 x 16 x 3) on the model's device from uint8 pixels; 3D rows are
+64^3 voxel features. Batches are packed into forward passes of at most `batch_tokens` tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.rows import Row
+
+
+def identity(cfg) -> dict:
+    from atoken.tokenizer import tokenizer_identity
+
+    return tokenizer_identity(cfg.config, cfg.checkpoint)
+
+
+def sample_tokens(row: Row, device="cpu"):
+    """The (feats, coords4) token pair of a prepared row, per the tokenizer's packing rules."""
+    import torch
+
+    from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
+
+    if row["modality"] == "3d":
+        return voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
+    pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
+    if row["modality"] == "image":
+        return image_to_tokens(pixels[0])
+    return video_to_tokens(pixels)
+
+
+class Model:
+    def __init__(self, cfg, device: str):
+        from atoken.tokenizer import Tokenizer
+
+        self.cfg = cfg
+        self.tokenizer = Tokenizer.from_files(cfg.config, cfg.checkpoint, device=device, max_tokens=cfg.batch_tokens)
+        self.device = self.tokenizer.device
+
+    def pack(self, row: Row):
+        return sample_tokens(row, self.device)
+
+    def encode(self, packed: list) -> list[dict]:
+        return self.tokenizer.encode(packed, with_logvar=self.cfg.logvar)
+
+    def reconstruct(self, rec: dict, prepared: Row) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from atoken.sparse import tokens_to_video
+
+        coords = np.asarray(rec["coords"], np.int64)
+        kv = self.cfg.kv_cache_size
+        if rec.get("fsq_indices") is not None:
+            feats = self.tokenizer.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)],
+                                                  kv_cache_size=kv)[0]
+        else:
+            feats = self.tokenizer.decode([(np.asarray(rec["latent"], np.float32), coords)], kv_cache_size=kv)[0]
+        feats = torch.from_numpy(feats)
+        if rec["modality"] == "3d":
+            ref = np.asarray(prepared["voxel_feats"], np.float32)
+            return ref, ((feats[:, :ref.shape[1]].numpy() + 1) / 2).clip(0, 1)
+        out = ((tokens_to_video(feats, torch.as_tensor(coords)).numpy() + 1) / 2).clip(0, 1)
+        ref = prepared["pixels"].astype(np.float32) / 255.0
+        t = min(len(ref), len(out)) if rec["modality"] == "video" else 1
+        h, w = out.shape[1:3]
+        top, left = (ref.shape[1] - h) // 2, (ref.shape[2] - w) // 2  # the tokenizer's centre crop
+        return ref[:t, top:top + h, left:left + w], out[:t]
