@@ -10,6 +10,7 @@ import json
 import re
 
 import pyarrow as pa
+from pydantic import field_validator
 
 from pipeline.rows import Row, fail, new_row
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
@@ -29,6 +30,14 @@ class Config(SourceConfig):
     path: str | list[str]                  # CSV/Parquet file(s), a folder of them or a glob; local or remote
     base_dir: str | None = None            # resolves relative contentUrls (a local or remote mirror)
     url_template: str | None = None        # e.g. "s3://bucket/videos/{page_dir}/{videoid}.mp4"
+
+    @field_validator("url_template")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        unknown = sorted(set(_FIELD.findall(v or "")) - set(COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown fields {unknown} in the template; known: {list(COLUMNS)}")
+        return v
 
 
 def parse_iso_duration(text: str) -> float:

@@ -204,7 +204,14 @@ def reader_invariant(out, cache: Path, s3=None) -> collections.Counter:
 
 def final_state(out, options=None) -> dict:
     """Per-id outcomes from the ledger, verify problems and leftover staging files of the one store under OUT."""
-    store = the_store(out, options)
+    return store_state(the_store(out, options))
+
+
+def store_state(store: Store | str, options=None) -> dict:
+    """The same for one version store (a Store, or its URI: `Summary.store_dir`)."""
+    if not isinstance(store, Store):
+        store = Store(Storage(store, options))
+        store.load()
     table = read_all(store.storage, ["id", "status", "stage", "reason"])
     ok = set(table.filter(pc.equal(table.column("status"), "ok")).column("id").to_pylist())
     other = {r["id"]: r for r in table.filter(pc.not_equal(table.column("status"), "ok")).to_pylist()}

@@ -82,8 +82,8 @@ def test_real_full_then_read_only_tmpfs_then_resume(inputs, small_tmpfs, tmp_pat
     kept = shard_ids(out)
     # writers stage ahead of the commits, so how many commits fit before the disk is full varies (0-3 here)
     assert len(kept) < len(expected), "the 144 kB disk should not hold every shard"
-    figures.setdefault("disk_full", []).append({"variant": "real 144 kB tmpfs fills up (1 row per commit)", "rc": full.rc,
-                                                "error_line": line[:110], "corrupt_shards": 0,
+    figures.setdefault("disk_full", []).append({"variant": "real 144 kB tmpfs fills up (1 row per commit)",
+                                                "rc": full.rc, "error_line": line[:110], "corrupt_shards": 0,
                                                 "resumed_ok": f"{len(kept)} committed before the disk filled",
                                                 "lost": "-", "duplicates": "-"})
     remount(small_tmpfs, "ro")

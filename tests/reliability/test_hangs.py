@@ -5,38 +5,42 @@ import time
 
 import pytest
 
-from pipeline.decode import DecodeConfig, decode_row
+from pipeline.decode import DecodeConfig
+from pipeline.fetch import FetchConfig
+from pipeline.mesh.stage import MeshConfig
+from pipeline.prepare import Prepare
 from pipeline.rows import new_row
 from tests.reliability.conftest import final_state, job_dict, run_cli, write_job
 
 
-def video_row(path, i=0):
-    return {**new_row(f"t-{i}", "video", "t", uri=str(path)), "path": str(path)}
-
-
-def image_row(path, i=0):
-    return {**new_row(f"t-{i}", "image", "t", uri=str(path)), "path": str(path)}
+def media_row(path, modality, i=0):
+    return new_row(f"t-{i}", modality, "t", uri=str(path))
 
 
 @pytest.mark.parametrize("modality", ["video", "image"])
 def test_hanging_decoder_is_killed_and_recorded(modality, shared_data, tmp_path, monkeypatch, figures):
+    """The prepare stage (fetch + decode, what a Ray worker runs), called directly."""
     monkeypatch.setenv("PIPELINE_FAULT", "decode_child:1:hang")
     monkeypatch.setenv("PIPELINE_FAULT_DIR", str(tmp_path))
+    monkeypatch.setenv("PIPELINE_SCRATCH", str(tmp_path / "scratch"))
     cfg = DecodeConfig(timeout_s=2.0, isolate=("image", "video"))
+    stage = Prepare(FetchConfig(retries=0), cfg, MeshConfig(backend="cpu"), branch="media")
     src = shared_data / ("videos/video_90.mov" if modality == "video" else "images/camera.png")
-    make = video_row if modality == "video" else image_row
-    t0 = time.perf_counter()
-    hung = decode_row(make(src, 0), cfg)
-    killed_after = time.perf_counter() - t0
-    assert (tmp_path / "fired").exists()
-    assert hung["status"] == "failed" and hung["stage"] == "decode"
-    assert hung["error"] == "decode timed out after 2s"
-    assert 2.0 <= killed_after < 6.0
-    after = decode_row(make(src, 1), cfg)  # the same worker goes on with the next sample
-    assert after["status"] == "ok" and after["pixels"].ndim == 4
+    try:
+        t0 = time.perf_counter()
+        (hung,) = stage([media_row(src, modality, 0)])
+        killed_after = time.perf_counter() - t0
+        assert (tmp_path / "fired").exists()
+        assert hung["status"] == "failed" and hung["stage"] == "decode"
+        assert hung["reason"] == "decode timed out after 2s"
+        assert 2.0 <= killed_after < 6.0
+        (after,) = stage([media_row(src, modality, 1)])  # the same worker goes on with the next sample
+        assert after["status"] == "ok" and after["pixels"].ndim == 4
+    finally:
+        stage.teardown()
     figures.setdefault("hangs", []).append(
-        {"name": f"{modality} decode child hangs (stage function)", "timeout_s": 2.0,
-         "killed_after_s": round(killed_after, 2), "reason": hung["error"], "job_ok": "next sample ok"})
+        {"name": f"{modality} decode child hangs (prepare stage)", "timeout_s": 2.0,
+         "killed_after_s": round(killed_after, 2), "reason": hung["reason"], "job_ok": "next sample ok"})
 
 
 @pytest.mark.slow

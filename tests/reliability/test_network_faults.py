@@ -8,11 +8,10 @@ import csv
 import shutil
 import time
 
-from pipeline.job import build, JobConfig
+from pipeline.job import validate_job
 from pipeline.run import run_job
-from pipeline.store import load_state, verify
 from tests.http_server import Fault, FaultServer
-from tests.reliability.conftest import job_dict
+from tests.reliability.conftest import final_state, job_dict
 
 VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm", "video_270.mov", "stub_mp4v.mp4", "stub_mjpeg.avi"]
 MAX_BYTES = 400_000
@@ -61,44 +60,45 @@ def run_network_job(shared, tmp_path, n_clean):
         cfg = job_dict(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}],
                        fetch={"retries": RETRIES, "backoff_s": 0.05, "read_timeout_s": READ_TIMEOUT_S,
                               "deadline_s": DEADLINE_S, "max_bytes": MAX_BYTES, "schemes": ["http"]},
-                       write={"shard_rows": 4}, tokenize={"batch_rows": 4})
-        job = build(JobConfig, cfg)
+                       write={"rows_per_write": 4}, tokenize={"batch_rows": 4}, ray={"prepare_batch_rows": 4})
+        job = validate_job(cfg)
         t0 = time.perf_counter()
         summary = run_job(job)
         wall = time.perf_counter() - t0
-    return summary, wall, names
+    return summary, wall, names, tmp_path / "out"
 
 
-def check_and_record(summary, wall, names, bound_s, name, figures):
-    state = load_state(summary.store_dir)
-    by_vid = {i.split("-", 1)[1]: i for i in list(state.ok) + list(state.other)}
+def check_and_record(summary, wall, names, out, bound_s, name, figures):
+    state = final_state(out)
+    ok, other = state["ok"], state["other"]
+    by_vid = {i.split("-", 1)[1]: i for i in list(ok) + list(other)}
     outcomes = {}
     for n in names:
         key = n.split(".")[0]
         sid = by_vid.get(key)
         assert sid is not None, f"{n}: no recorded outcome"
         if n in UNRECOVERABLE:
-            rec = state.other.get(sid)
+            rec = other.get(sid)
             assert rec is not None, f"{n} should have failed"
             want = UNRECOVERABLE[n][1]
             assert rec["status"] == "failed" and rec["stage"] == "fetch" and want in rec["reason"], (n, rec)
             outcomes[f"{n} ({UNRECOVERABLE[n][0].kind})"] = f"failed at fetch: {rec['reason'][:90]}"
         else:
-            assert sid in state.ok, f"{n} should be fetched: {state.other.get(sid)}"
-    failed = len(state.other)
+            assert sid in ok, f"{n} should be fetched: {other.get(sid)}"
+    failed = len(other)
     figures.setdefault("network", []).append(
-        {"name": name, "samples": len(names), "faulty": len(UNRECOVERABLE) + len(RECOVERABLE), "ok": len(state.ok),
+        {"name": name, "samples": len(names), "faulty": len(UNRECOVERABLE) + len(RECOVERABLE), "ok": len(ok),
          "failed": failed, "wall_s": wall, "bound_s": bound_s,
          "outcomes": {**outcomes, f"{len(RECOVERABLE)} recoverable ({', '.join(RECOVERABLE)})": "ok",
                       f"{len(names) - len(UNRECOVERABLE) - len(RECOVERABLE)} clean": "ok"}})
-    assert failed == len(UNRECOVERABLE) and len(state.ok) == len(names) - len(UNRECOVERABLE)
+    assert failed == len(UNRECOVERABLE) and len(ok) == len(names) - len(UNRECOVERABLE)
     assert abs(failed / len(names) - 0.3) < 0.1, "the mix should be ~30 % unrecoverable"
-    assert verify(summary.store_dir) == []
+    assert state["problems"] == [] and state["staging"] == []
     assert wall < bound_s, f"job took {wall:.1f}s, bound {bound_s}s"
 
 
 def test_fault_mix_is_recorded_in_bounded_time(ray_local, shared_data, tmp_path, figures):
     # worst single sample: (retries + 1) deadlines + backoff; the bound adds generous Ray/decode/tokenize time
-    summary, wall, names = run_network_job(shared_data, tmp_path, n_clean=18)
-    check_and_record(summary, wall, names, bound_s=120.0, name="33 samples, 10 unrecoverable", figures=figures)
+    summary, wall, names, out = run_network_job(shared_data, tmp_path, n_clean=18)
+    check_and_record(summary, wall, names, out, bound_s=120.0, name="33 samples, 10 unrecoverable", figures=figures)
 

@@ -1,6 +1,7 @@
 """Untrusted metadata: hostile ids, file names, URL schemes, captions and checkpoints.
 
-- ids and file names from CSVs and folders never make a file outside out/ (the fetch cache is out/fetch-cache);
+- ids and file names from CSVs and folders never make a file outside out/ (the fetch cache is set to
+  out/fetch-cache; downloads are otherwise uuid-named scratch files, deleted after decoding);
 - only the schemes allowed in the job file are fetched (also after a redirect);
 - checkpoints load with weights_only=True: a pickle whose __reduce__ would create a file is refused;
 - captions with any Unicode or control characters round-trip through Parquet exactly. Decision on lone
@@ -21,11 +22,10 @@ import torch
 from atoken.checkpoint import load_weights, read_state_dict
 from atoken.config import ATokenConfig
 from atoken.model import AToken
-from pipeline.job import JobConfig, build
+from pipeline.job import validate_job
 from pipeline.run import run_job
-from pipeline.store import load_state, verify
 from tests.http_server import Fault, FaultServer
-from tests.reliability.conftest import job_dict
+from tests.reliability.conftest import job_dict, store_state
 
 HOSTILE_IDS = ["../../etc/passwd", "/etc/shadow", "..", ".", "a/../../b", "x\x00y", "L" * 5000, "..\\..\\win",
                "~root", "$(touch pwned)", "CON", "ü/../ü", "-rf", ".hidden", "a b\tc"]
@@ -78,40 +78,47 @@ def test_hostile_metadata_through_a_job(ray_local, site, shared_data, tmp_path, 
         shutil.copy(shared_data / "images" / "camera.png", names / n)
     out = tmp_path / "out"
     before = tree(tmp_path)
+    cache = out.resolve() / "fetch-cache"
+    batch = dict(write={"rows_per_write": 8}, tokenize={"batch_rows": 8}, ray={"num_cpus": 2, "prepare_batch_rows": 8})
     cfg = job_dict(out, [{"type": "webvid", "path": str(csv_path), "name": "wv"}],
-                   fetch={"schemes": ["http"], "retries": 0}, write={"shard_rows": 8}, tokenize={"batch_rows": 8})
-    summary = run_job(build(JobConfig, cfg))
-    state = load_state(summary.store_dir)
-    assert verify(summary.store_dir) == []
-    # the folder source needs file:// (refused above): its own job into the same store, copying into the cache
-    files_cfg = job_dict(out, [{"type": "folder", "path": str(names), "name": "files"}],
-                         fetch={"copy_local": True}, write={"shard_rows": 8}, tokenize={"batch_rows": 8})
-    files_state = load_state(run_job(build(JobConfig, files_cfg)).store_dir)
+                   fetch={"schemes": ["http"], "retries": 0, "cache": "local", "cache_dir": str(cache)}, **batch)
+    summary = run_job(validate_job(cfg))
+    st = store_state(summary.store_dir)
+    assert st["problems"] == [] and st["staging"] == []
+    ok, other = st["ok"], st["other"]
+    # the folder source needs file:// (refused above): its own job (a folder may hold 3D, so its preprocessing
+    # identity, and version folder under out/, differ), reading the files in place
+    files_summary = run_job(validate_job(job_dict(out, [{"type": "folder", "path": str(names), "name": "files"}],
+                                                  **batch)))
+    files_st = store_state(files_summary.store_dir)
+    assert files_st["problems"] == []
 
     # 1. every file the job made is under out/ (shards, manifest, cache); ids are safe file names
     made = tree(tmp_path) - before
     outside = [p for p in made if p != out.resolve() and out.resolve() not in p.parents]
     assert made and outside == [], f"files created outside out/: {outside}"
     assert not list(tmp_path.rglob("pwned")) and not (Path.cwd() / "pwned").exists()
-    cache = out.resolve() / "fetch-cache"
     assert any(cache in p.parents for p in made), "the http fetches should have used the cache under out/"
-    ids = list(files_state.ok) + list(files_state.other)
+    ids = list(files_st["ok"]) + list(files_st["other"])
     assert all(SAFE_ID.match(i) and len(i) < 120 for i in ids), [i for i in ids if not SAFE_ID.match(i)]
-    hostile_ok = [i for i in state.ok if i.startswith("wv-") and not i.startswith(("wv-cap", "wv-bad"))]
+    hostile_ok = [i for i in ok if i.startswith("wv-") and not i.startswith(("wv-cap", "wv-bad"))]
     assert len(hostile_ok) == len(HOSTILE_IDS) and len(set(hostile_ok)) == len(HOSTILE_IDS)  # no collisions
-    assert sum(i.startswith("files-") for i in files_state.ok) == 7  # same store: it holds both jobs
+    assert sum(i.startswith("files-") for i in files_st["ok"]) == 7
 
     # 2. schemes: everything not allowed by the job fails at fetch (or source) with the reason
-    scheme_recs = {i: r for i, r in state.other.items() if i.startswith(("wv-scheme", "wv-https", "wv-redir"))}
+    scheme_recs = {i: r for i, r in other.items() if i.startswith(("wv-scheme", "wv-https", "wv-redir"))}
     assert len(scheme_recs) == len(BAD_SCHEMES) + 3
     for i, r in scheme_recs.items():
         assert r["stage"] == "fetch" and "not allowed" in r["reason"], (i, r)
-    assert "(redirect)" in state.other["wv-redir_file"]["reason"]
-    assert "http 404" in state.other["wv-traverse_url"]["reason"]
+    assert "(redirect)" in other["wv-redir_file"]["reason"]
+    assert "http 404" in other["wv-traverse_url"]["reason"]
 
     # 3. captions round-trip exactly (as parsed from the CSV, which strips outer whitespace)
-    stored = {r["id"]: r["caption"] for s in state.shards
-              for r in pq.read_table(Path(summary.store_dir) / s["path"], columns=["id", "caption"]).to_pylist()}
+    store = st["store"]
+    stored = {}
+    for path in store.shards:
+        with store.storage.open_input(path) as f:
+            stored |= {r["id"]: r["caption"] for r in pq.read_table(f, columns=["id", "caption"]).to_pylist()}
     for i, c in enumerate(CAPTIONS):
         assert stored[f"wv-cap{i}"] == c.strip(), f"caption {i} changed"
     assert stored["wv-badutf8"] == "caf\ufffd \ufffd\ufffd\ufffd end"  # invalid UTF-8 -> U+FFFD, job goes on
@@ -121,7 +128,7 @@ def test_hostile_metadata_through_a_job(ray_local, site, shared_data, tmp_path, 
          "result": f"0 outside ({len(made)} files made, all under out/); ids all [A-Za-z0-9._-], no collisions"},
         {"check": "URL schemes not in job (ftp, file, gopher, javascript, data, dict, https, paths, redirects)",
          "cases": len(scheme_recs), "result": f"{len(scheme_recs)}/{len(scheme_recs)} refused at fetch: "
-                                              f"'{state.other['wv-scheme0']['reason']}'"},
+                                              f"'{other['wv-scheme0']['reason']}'"},
         {"check": "captions (NUL, RTL, emoji, CR/LF, ESC, DEL, ZW, U+2028, 100k chars) round-trip",
          "cases": len(CAPTIONS), "result": f"{len(CAPTIONS)}/{len(CAPTIONS)} exact after Parquet"},
         {"check": "invalid UTF-8 / lone-surrogate bytes in a CSV", "cases": 1,
