@@ -89,9 +89,13 @@ def dry_run_point(work: Path, n: int, cpus: int) -> dict:
         seed_store(out, validate_job(cfg), n // 2)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PIPELINE_PROGRESS": "0"}
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "pipeline", "run", str(job_path), "--dry-run"], cwd=REPO, env=env,
-                       capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_path), "--dry-run"], cwd=REPO,
+                                env=env, stdout=out, stderr=err, text=True)
+        peaks = sample_memory(proc)
+        wall = time.perf_counter() - t0
+        out.seek(0), err.seek(0)
+        p = subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-3000:])
     line = next(l for l in p.stdout.splitlines() if "source webvid" in l)
@@ -100,7 +104,28 @@ def dry_run_point(work: Path, n: int, cpus: int) -> dict:
     rows, todo, ok = nums[0], nums[1], nums[2]
     assert rows == n and todo == n - n // 2 and ok == n // 2, line
     return {"rows": n, "done_before": n // 2, "to_do": todo, "wall_s": round(wall, 1),
-            "driver_peak_rss_mb": int(rss.split("driver peak RSS")[1].split()[0]), "line": line.strip()}
+            "driver_peak_rss_mb": int(rss.split("driver peak RSS")[1].split()[0]),
+            "driver_peak_private_mb": peaks.get("RssAnon"), "driver_peaks_mb": peaks, "line": line.strip()}
+
+
+def sample_memory(proc: subprocess.Popen, every_s: float = 0.05) -> dict:
+    """Peak of each part of a process's resident memory (MB), sampled from /proc until it exits: RssAnon is its
+    private memory; RssFile (mapped libraries) and RssShmem (shared object-store pages) are shared with others."""
+    peaks: dict = {}
+    while proc.poll() is None:
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                for line in f:
+                    key, _, rest = line.partition(":")
+                    if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                        peaks[key] = max(peaks.get(key, 0), int(rest.split()[0]) // 1024)
+                    elif key == "Threads":
+                        peaks[key] = max(peaks.get(key, 0), int(rest.split()[0]))
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        time.sleep(every_s)
+    proc.wait()
+    return peaks
 
 
 # ---- writers -------------------------------------------------------------------------------------------------

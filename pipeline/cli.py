@@ -38,6 +38,14 @@ def cmd_run(args) -> int:
     job = _job(args)
     if args.address:
         job.ray.address = args.address
+    early = getattr(args, "early_signals", None)
+    if early is not None and early.received:  # stopped while starting: nothing was done yet
+        import signal
+
+        name = signal.Signals(early.received[0]).name
+        print(f"interrupted ({name}) before the run started: 0 samples committed this run; rerun the same command "
+              "to continue")
+        return SIGNAL_EXIT[early.received[0]]
     t0 = time.perf_counter()
     try:
         summary = run_job(job, retry_failed=args.retry_failed, dry_run=args.dry_run)
@@ -216,7 +224,37 @@ def _tail(client, sub_id):
         loop.close()
 
 
+class _EarlySignals:
+    """For `run`, installed before anything is imported: a SIGINT/SIGTERM that comes before the run's own handler
+    (pipeline/run.py, which adopts what is `received` here) is recorded, so the first one still means "stop
+    gracefully". Without it a Ctrl-C during the first seconds printed a traceback, or was lost outright (Python
+    prints and ignores a KeyboardInterrupt raised inside an import-lock callback), and SIGTERM killed the process
+    without a word. A second signal here aborts."""
+
+    def __init__(self):
+        self.received: list[int] = []
+
+    def __call__(self, signum, frame):
+        self.received.append(signum)
+        if len(self.received) > 1:
+            raise KeyboardInterrupt
+
+
+def _install_early_signals(argv: list[str]) -> _EarlySignals | None:
+    import signal
+    import threading
+
+    if argv[:1] != ["run"] or threading.current_thread() is not threading.main_thread():
+        return None
+    early = _EarlySignals()
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, early)
+    return early
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    early = _install_early_signals(argv)
     from pipeline.config import ConfigError
     from pipeline.lock import LockedError
     from pipeline.mesh.cli import add_mesh_commands
@@ -259,7 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     sm.set_defaults(fn=cmd_submit)
     add_mesh_commands(sub)
     args = p.parse_args(argv)
+    args.early_signals = early
     try:
         return args.fn(args)
     except (ConfigError, StorageError, LockedError) as exc:
         return _fail(exc, 2)
+    except KeyboardInterrupt:  # a second signal before the run began
+        print("aborted: nothing was started; rerun the same command", file=sys.stderr)
+        return 130

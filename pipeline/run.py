@@ -9,7 +9,6 @@ up to `ray.restarts` times: the resume filter skips what was committed meanwhile
 """
 from __future__ import annotations
 
-import _thread
 import collections
 import re
 import signal
@@ -43,7 +42,7 @@ class Summary:
     commit_s: float = 0.0
     write_s: float = 0.0
     qa: dict = field(default_factory=dict)
-    arrivals: list = field(default_factory=list)                    # time.time() each row finished tokenizing
+    arrivals: dict = field(default_factory=collections.Counter)     # 0.1 s bin -> rows that finished tokenizing
     notes: list = field(default_factory=list)
     interrupted: int | None = None                                  # the signal that stopped the run
     dry_run: bool = False
@@ -78,16 +77,22 @@ class Summary:
         for k, (s, n) in rec.get("timings", {}).items():
             self.stage_s[k] += s
             self.stage_n[k] += n
-        self.arrivals += rec.get("done_at", [])
+        self.arrivals.update(int(t * 10) for t in rec.get("done_at", []))  # bounded: one entry per 0.1 s
 
     def steady_rate(self, lo: float = 0.1, hi: float = 0.9) -> tuple[float, float, float] | None:
         """(samples/s, start, end) between the lo and hi quantiles of row finish times: startup and tail out."""
-        times = sorted(self.arrivals)
-        n = len(times)
+        n = sum(self.arrivals.values())
         if n < 10:
             return None
         a, b = int(n * lo), int(n * hi) - 1
-        t0, t1 = times[a], times[b]
+        seen, t0, t1 = 0, None, None
+        for tbin in sorted(self.arrivals):
+            seen += self.arrivals[tbin]
+            if t0 is None and seen > a:
+                t0 = tbin / 10
+            if seen > b:
+                t1 = tbin / 10
+                break
         return ((b - a) / (t1 - t0) if t1 > t0 else float("inf")), t0, t1
 
     def render(self) -> str:
@@ -121,9 +126,9 @@ class Summary:
             lines.append(f"  qa {m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                                   for k, v in q.items()))
         if self.interrupted:
-            left = max(0, self.todo - self.finished)
+            left = f"{max(0, self.todo - self.finished)} left" if self.resume else "the rest not counted yet"
             lines.append(f"interrupted ({signal.Signals(self.interrupted).name}): {self.finished} samples committed "
-                         f"this run, {left} left; rerun the same command to continue")
+                         f"this run, {left}; rerun the same command to continue")
         return "\n".join(lines)
 
 
@@ -168,37 +173,61 @@ def version_notes(root: Storage, tokenizer: dict, preprocess: dict, name: str) -
 # ---- the run ---------------------------------------------------------------------------------------------------
 
 class _Signals:
-    """First SIGINT/SIGTERM: request a stop and arm the grace timer; second: abort (KeyboardInterrupt)."""
+    """First SIGINT/SIGTERM: request a stop and arm the grace timer; second: abort (KeyboardInterrupt).
+
+    Installed for the whole run (lock, recovery, Ray start, stream, final commit), and again after `ray.init`,
+    which replaces the SIGTERM handler with its own `sys.exit`. A signal that arrived before (recorded by the
+    CLI's early handler, which has a `received` list) counts as the first one."""
 
     def __init__(self, grace_s: float):
         self.grace_s, self.signum, self.expired, self.control = grace_s, None, False, None
-        self.old = {}
+        self.old, self.timer = {}, None
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in SIGNAL_EXIT:
+            old = signal.signal(s, self._handle)
+            self.old.setdefault(s, old)  # what to restore: the handler from before the run
+            for pending in getattr(old, "received", ())[:1]:
+                if self.signum is None:
+                    self._first(pending)
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in SIGNAL_EXIT:
-                self.old[s] = signal.signal(s, self._handle)
+        self.install()
         return self
 
     def __exit__(self, *exc):
+        if self.timer is not None:
+            self.timer.cancel()
         for s, h in self.old.items():
             signal.signal(s, h)
 
     def _handle(self, signum, frame):
         if self.signum is not None:
             raise KeyboardInterrupt
+        self._first(signum)
+
+    def _first(self, signum) -> None:
         self.signum = signum
         print(f"{signal.Signals(signum).name}: no new work; finishing in-flight samples (up to "
               f"{self.grace_s:.0f}s), then committing. Press Ctrl-C again to abort.", file=sys.stderr, flush=True)
         if self.control is not None:
             self.control.request_stop.remote()
-        timer = threading.Timer(self.grace_s, self._expire)
-        timer.daemon = True
-        timer.start()
+        self.timer = threading.Timer(self.grace_s, self._expire)
+        self.timer.daemon = True
+        self.timer.start()
+
+    def stream_ended(self) -> None:
+        """The stream is over: the grace timer must not interrupt the final commit and clean-up."""
+        if self.timer is not None:
+            self.timer.cancel()
 
     def _expire(self):
         self.expired = True
-        _thread.interrupt_main()
+        # a real signal: _thread.interrupt_main() only sets a flag, which a main thread blocked in a system call
+        # (a long object-store copy in a commit, a sleep) would not see until that call returned, if ever
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -> Summary:
@@ -220,7 +249,7 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     root.makedirs()
     summary.notes += version_notes(root, tok, pre, name)
     run_id = summary.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    with RunLock(store.storage, run_id) as lock:
+    with _Signals(job.ray.interrupt_grace_s) as sig, RunLock(store.storage, run_id) as lock:
         if lock.took_over:
             summary.notes.append(f"took over a stale lock of run {lock.took_over.get('run')} "
                                  f"(host {lock.took_over.get('host')}, pid {lock.took_over.get('pid')})")
@@ -234,18 +263,21 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
                                  f"quarantine/ (e.g. {rec.quarantined[0]})")
         summary.notes += rec.problems
         ray = ray_job.init_ray(job.ray)
+        sig.install()  # ray.init replaced the SIGTERM handler
         _compact_ledger(ray, store)
-        with _Signals(job.ray.interrupt_grace_s) as sig:
-            try:
-                _stream(job, store, run_id, retry_failed, ray, sig, summary)
-            except KeyboardInterrupt:
-                if not sig.expired:  # a second Ctrl-C: abort now; what was committed stays, the rest is redone
-                    summary.interrupted = sig.signum or signal.SIGINT
-                    raise
-                summary.notes.append(f"in-flight samples did not finish within {job.ray.interrupt_grace_s:.0f}s; "
-                                     "they are redone on the next run")
-            summary.interrupted = sig.signum
-        _finish(store, run_id, summary, ray)
+        cut = False
+        try:
+            _stream(job, store, run_id, retry_failed, ray, sig, summary)
+        except KeyboardInterrupt:
+            if not sig.expired:  # a second Ctrl-C: abort now; what was committed stays, the rest is redone
+                summary.interrupted = sig.signum or signal.SIGINT
+                raise
+            summary.notes.append(f"in-flight samples did not finish within {job.ray.interrupt_grace_s:.0f}s; "
+                                 "they are redone on the next run")
+            cut = True  # possibly inside a commit: the in-memory state may lag what is stored
+        sig.stream_ended()
+        summary.interrupted = sig.signum
+        _finish(store, run_id, summary, ray, reload=cut)
     if job.qa.samples > 0 and not summary.interrupted and summary.shards:  # only when this run added shards
         from pipeline.qa import run_qa
 
@@ -263,6 +295,9 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
             return
         ds = ray_job.build(job, make_stages(job, store, run_id, pre_id(store), ray), store.ledger.view(),
                            store.read_json("version.json")["buckets"], retry_failed, control, ray)
+        if sig.signum is not None:  # stopped while planning: nothing is in flight, start no actor pool
+            summary.resume = ray.get(control.get_counts.remote())
+            return
         try:
             for rec in ray_job.records(ds):
                 maybe_fault("record_received")
@@ -365,11 +400,16 @@ def _compact_ledger(ray, store: Store) -> None:
         remote_compact(ray, store.storage, files)
 
 
-def _finish(store: Store, run_id: str, summary: Summary, ray) -> None:
-    """Folds this run's commits into the checkpoint, the ledger into a level, and updates the card."""
+def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = False) -> None:
+    """Folds this run's commits into the checkpoint, the ledger into a level, and updates the card. `reload`:
+    the stream was cut by the grace timer, perhaps between a commit record and the store's in-memory update;
+    the checkpoint is then built from what is stored (rolling that commit forward), not from memory."""
     import json
 
-    store.checkpoint()
+    if reload:
+        store.recover(run_id)
+    else:
+        store.checkpoint()
     _compact_ledger(ray, store)
     store.write_card()
     record = {"run": run_id, "time": time.time(), "interrupted": summary.interrupted, "counts": dict(summary.counts),

@@ -25,3 +25,6 @@ def reference_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"AToken reference vectors not found at {path}")
     return path
+
+
+from tests.s3_server import s3_prefix, s3_server  # noqa: E402,F401  (one SeaweedFS for the whole session)

@@ -10,7 +10,7 @@
 
 Fixtures for other test modules (one server per session; each test gets a fresh prefix):
 
-    from tests.s3_server import s3_server, s3_prefix  # noqa: F401  (pytest finds fixtures by name)
+    (tests/conftest.py imports the fixtures for every test module)
 
     def test_x(s3_server, s3_prefix):
         store = Storage(s3_server.uri(s3_prefix), s3_server.options())

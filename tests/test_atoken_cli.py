@@ -34,7 +34,7 @@ def test_reconstruct_image(shared_data, tmp_path):
     m = re.search(r"PSNR: ([0-9.]+|inf) dB", r.stdout)
     assert m, r.stdout
     assert 0 < float(m.group(1)) < 100
-    assert "mean: (504, 48)" in r.stdout  # 300x451 -> 288x448 -> 18 x 28 tokens
+    assert "latent: (504, 48)" in r.stdout  # 300x451 -> 288x448 -> 18 x 28 tokens
     with Image.open(out) as im:
         assert im.size == (448, 288) and im.mode == "RGB"
         assert np.asarray(im).std() > 0
@@ -73,7 +73,7 @@ def test_reconstruct_mesh_renders_decoded_gaussians(shared_data, tmp_path):
                      "--config", "tiny", "--device", "cpu", "--out", out, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     voxels = int(re.search(r"-> (\d+) active voxels of 64\^3", r.stdout).group(1))
-    assert 500 < voxels < 64 ** 3 and f"mean: ({voxels}, 48)" in r.stdout
+    assert 500 < voxels < 64 ** 3 and f"latent: ({voxels}, 48)" in r.stdout
     m = re.search(r"PSNR over 2 views \(Gaussian splats vs mesh renders\): ([0-9.]+) dB", r.stdout)
     assert m and 0 < float(m.group(1)) < 100, r.stdout
     assert "random weights" in r.stderr  # no GS checkpoint here: said, not hidden

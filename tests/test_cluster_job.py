@@ -22,7 +22,6 @@ from pipeline.storage import Storage
 from pipeline.store import Store, verify, versions
 from tests.http_server import FaultServer
 from tests.ray_cluster import LocalCluster
-from tests.s3_server import s3_server  # noqa: F401 (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 CLIPS = ["bbb_480p_vp9_opus_1second.webm", "video_90.mov", "chaplin.mp4", "stub_mp4v.mp4"]

@@ -15,7 +15,7 @@ from pipeline.storage import Storage
 from pipeline.store import MANIFEST, Store, verify
 from pipeline.writer import WriteConfig
 from schemas.tokens import token_schema
-from tests.test_store import s3_prefix, s3_server, storage  # noqa: F401  (fixtures)
+from tests.test_store import storage  # noqa: F401  (fixtures)
 from tests.test_store import DIMS, commit_rows, flip_byte, fresh_state, open_store, reader_ids, row
 
 KB = 1 << 10

@@ -12,7 +12,7 @@ import pipeline.ledger as ledger
 from pipeline.ledger import LEVELS, LOG, Ledger, compact, fragment_path, read_all, read_bucket
 from pipeline.storage import Storage
 from schemas.tokens import ledger_schema, ledger_table
-from tests.test_store import files, s3_prefix, s3_server, storage  # noqa: F401  (fixtures)
+from tests.test_store import files, storage  # noqa: F401  (fixtures)
 
 
 def outcome(i: int, status: str, bucket: int | None = None, reason: str | None = None) -> dict:

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.lock import LOCK, LockedError, RunLock
 from pipeline.storage import Storage
-from tests.test_store import files, s3_prefix, s3_server, storage  # noqa: F401  (fixtures)
+from tests.test_store import files, storage  # noqa: F401  (fixtures)
 
 SETTLE = 0.05  # object stores: how long a written lock is left to settle before it is read back
 

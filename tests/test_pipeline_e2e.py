@@ -15,7 +15,6 @@ from pipeline.run import run_job
 from pipeline.storage import Storage
 from pipeline.store import Store, verify, versions
 from tests.http_server import Fault, FaultServer
-from tests.s3_server import s3_prefix, s3_server  # noqa: F401 (fixtures)
 
 IMAGES = ["astronaut.png", "Channel_digital_image_CMYK_color.jpg", "portrait-orientation-6.jpg", "hopper_16bit.pgm"]
 VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm"]

@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.storage import OutputFile, Storage, StorageError, check_uri, filesystem, open_uri
-from tests.s3_server import s3_prefix, s3_server  # noqa: F401  (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 2**20

@@ -27,7 +27,6 @@ from pipeline.storage import Storage
 from pipeline.store import MANIFEST, Store, verify
 from pipeline.writer import ShardWriter, WriteConfig
 from schemas.tokens import TokenDims
-from tests.s3_server import s3_prefix, s3_server  # noqa: F401  (fixtures, found by name)
 
 DIMS = TokenDims(latent=48, fsq_groups=8, embed=16)
 TOK, PRE = "tok-test", "pp-test"

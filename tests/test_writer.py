@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from pipeline.writer import ShardWriter, WriteConfig, cut, row_sizes, summarize
 from schemas.tokens import rows_to_table, token_schema
-from tests.test_store import DIMS, RUN, files, row, s3_prefix, s3_server, storage, writer  # noqa: F401
+from tests.test_store import DIMS, RUN, files, row, storage, writer  # noqa: F401
 
 KB = 1 << 10
 CFG = WriteConfig(shard_bytes=64 * KB, shard_max_bytes=96 * KB, row_group_bytes=16 * KB, compression="none")

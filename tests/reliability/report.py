@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import collections
 import json
 import sys
 from pathlib import Path
@@ -28,8 +29,28 @@ def render(figs: dict) -> str:
                 f"{len(rows)} points tried; lost samples {sum(r['lost'] for r in rows)}, "
                 f"duplicates {sum(r['duplicates'] for r in rows)}, "
                 f"verify problems {sum(r['verify_problems'] for r in rows)}.", ""]
-        out += _table(rows, ["point", "nth", "victim", "crash_rc", "committed_before_rerun", "lost", "duplicates",
-                             "verify_problems", "crash_s", "rerun_s"]) + [""]
+        out += _table(rows, ["point", "nth", "victim", "crash_rc", "committed_before_rerun", "staging_after_crash",
+                             "redone_by_rerun", "lost", "duplicates", "verify_problems", "staging_after_rerun",
+                             "crash_s", "rerun_s"]) + [""]
+    if rows := figs.get("interrupts"):
+        out += ["## Interrupts (SIGINT at random times, SIGTERM, double SIGINT; then rerun)", ""]
+        trials = [r for r in rows if isinstance(r["trial"], int)]
+        for kind in sorted({r["storage"] for r in trials}):
+            mine = [r for r in trials if r["storage"] == kind]
+            codes = collections.Counter(r["rc"] for r in mine)
+            out.append(f"- {kind}: {len(mine)} random SIGINT trials (seeded delays, "
+                       f"{sum(r.get('after') == 'first commit' for r in mine)} of them timed from the first commit); "
+                       "exit codes "
+                       + ", ".join(f"{c}: {n}" for c, n in sorted(codes.items()))
+                       + f"; lost {sum(r['lost'] for r in mine)}, duplicated {sum(r['duplicates'] for r in mine)}, "
+                         f"verify problems {sum(r['verify_problems'] for r in mine)}; samples committed by the "
+                         f"interrupted runs {sum(r['committed_by_run'] or 0 for r in mine)}")
+        out += [""] + _table(sorted(rows, key=lambda r: (str(r["storage"]), str(r["trial"]))),
+                             ["storage", "trial", "signal", "after", "delay_s", "rc", "committed_by_run",
+                              "visible_after_interrupt", "redone_by_rerun", "lost", "duplicates", "verify_problems",
+                              "interrupted_s", "rerun_s"]) + [""]
+    if rows := figs.get("locks"):
+        out += ["## Run lock", ""] + _table(rows, ["case", "rc", "result"]) + [""]
     if net := figs.get("network"):
         out += ["## Network faults (loopback HTTP server)", ""]
         for run in net:

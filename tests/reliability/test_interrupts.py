@@ -1,8 +1,9 @@
 """Graceful interrupts: SIGINT at random times during a real job (`python -m pipeline run` in its own process, with
 its own Ray cluster), on local disk and on S3 (SeaweedFS, credentials in the AWS_* environment of the job).
 
-Each trial sends one SIGINT after a seeded random delay (from the start of the process up to about one whole
-run), then expects exit 130 and exactly one `interrupted (SIGINT): ...` line, or exit 0 when the job finished
+Each trial sends one SIGINT after a seeded random delay: even trials from the start of the process (up to about
+one whole run: most land in start-up and planning), odd trials from the moment the first commit is visible (so
+they land among the commits, which take a few seconds with 21 samples), then expects exit 130 and exactly one `interrupted (SIGINT): ...` line, or exit 0 when the job finished
 first; never a traceback. Between the interrupt and the rerun, what a reader sees is whole (pyarrow + HF datasets,
 no duplicate id), `verify` is clean, no staging file and no lock are left. The rerun (in-process, the same
 `run_job`) must end with every sample exactly once: the trial counts lost and duplicated samples.
@@ -32,12 +33,13 @@ from pipeline.storage import Storage
 from tests.reliability.conftest import (count_lost_dup, expected_ids, finish, job_dict, kill_session,
                                         reader_invariant, run_cli, shard_ids, start_cli, store_state, the_store,
                                         visible_shards, write_job)
-from tests.s3_server import s3_prefix, s3_server  # noqa: F401 (fixtures)
 
 TRIALS = 20                     # per storage, in the full (slow) set
 FAST = 2                        # of which run in the fast set
-DELAY_S = (0.3, 24.0)           # when the SIGINT is sent, from the start of the process (a run takes ~20-30 s here)
+DELAY_S = (0.3, 24.0)           # even trials: SIGINT this long after the process started (a run takes ~20-30 s)
+AFTER_COMMIT_S = (0.0, 4.0)     # odd trials: this long after the first commit is visible (~4 s of commits)
 IMAGES = ["camera.png", "coins.png", "hopper_gray.jpg", "text.png"]
+COPIES = 5
 VIDEO = "video_90.mov"          # 3 frames
 LINE = re.compile(r"^interrupted \((SIGINT|SIGTERM)\)")
 COMMITTED = re.compile(r"^interrupted \(\w+\)(?: before the run started)?: (\d+) samples? committed this run")
@@ -45,11 +47,14 @@ COMMITTED = re.compile(r"^interrupted \(\w+\)(?: before the run started)?: (\d+)
 
 @pytest.fixture(scope="module")
 def small(shared_data, tmp_path_factory) -> tuple[Path, set[str]]:
-    """One small input folder for every trial: four images and one short video."""
+    """One small input folder for every trial: four images, each under COPIES names (the commits then take a few
+    seconds instead of one: room for a signal to land among them; a run takes about as long either way), and
+    one short video."""
     src = tmp_path_factory.mktemp("interrupts") / "in"
     src.mkdir()
-    for name in IMAGES:
-        shutil.copy(shared_data / "images" / name, src / name)
+    for k in range(COPIES):
+        for name in IMAGES:
+            shutil.copy(shared_data / "images" / name, src / f"{k}_{name}")
     shutil.copy(shared_data / "videos" / VIDEO, src / VIDEO)
     return src, expected_ids(src)
 
@@ -146,10 +151,14 @@ TRIAL_PARAMS = [pytest.param(i, marks=() if i < FAST else pytest.mark.slow, id=f
 def test_sigint_at_a_random_time(trial, target, small, ray_local, tmp_path, figures):
     src, expected = small
     job, _, inproc = target.job(tmp_path, src)
-    delay = round(random.Random(f"sigint-{target.kind}-{trial}").uniform(*DELAY_S), 2)
-    print(f"{target.kind} trial {trial}: SIGINT after {delay}s")
+    rng = random.Random(f"sigint-{target.kind}-{trial}")
+    anchor = "start" if trial % 2 == 0 else "first commit"  # odd trials: inside the short window of commits
+    delay = round(rng.uniform(*DELAY_S) if anchor == "start" else rng.uniform(*AFTER_COMMIT_S), 2)
+    print(f"{target.kind} trial {trial}: SIGINT {delay}s after the {anchor}")
     t0 = time.perf_counter()
     p = start_cli(job, target.out, env=target.env)
+    if anchor == "first commit":
+        wait_first_commit(target, p)
     time.sleep(delay)
     sent = p.poll() is None
     if sent:
@@ -164,7 +173,8 @@ def test_sigint_at_a_random_time(trial, target, small, ray_local, tmp_path, figu
     committed, _ = check_between(target, tmp_path)
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
-        {"storage": target.kind, "trial": trial, "signal": "SIGINT", "delay_s": delay, "sent": sent, "rc": run.rc,
+        {"storage": target.kind, "trial": trial, "signal": "SIGINT", "after": anchor, "delay_s": delay, "sent": sent,
+         "rc": run.rc,
          "committed_by_run": committed_by(lines) if lines else (committed if run.rc == 0 else None),
          "visible_after_interrupt": committed, "redone_by_rerun": after["redone"], "lost": after["lost"],
          "duplicates": after["duplicates"], "verify_problems": after["verify_problems"],
@@ -274,14 +284,14 @@ def test_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(small, ray_local
 
 @pytest.mark.slow
 def test_grace_expiring_during_a_slow_commit_loses_nothing(small, ray_local, tmp_path, figures):
-    """The driver hangs in a commit after its moves (PIPELINE_FAULT=commit_moved:1:hang, as a commit of big shards
+    """The driver hangs in a commit after its moves (PIPELINE_FAULT=commit_moved:3:hang, as a commit of big shards
     to a slow object store would take long); a SIGINT then, with a 2 s grace period, ends the stream from inside
     that commit. What was moved must still count as committed."""
     src, expected = small
     target = Target("local", str(tmp_path / "out"), {})
     job, _, inproc = target.job(tmp_path, src, ray={"interrupt_grace_s": 2})
     t0 = time.perf_counter()
-    p = start_cli(job, target.out, fault="commit_moved:1:hang", fault_dir=tmp_path / "fault")
+    p = start_cli(job, target.out, fault="commit_moved:3:hang", fault_dir=tmp_path / "fault")
     wait_for(lambda: (tmp_path / "fault" / "fired").exists(), 180, p, "the hang in the first commit")
     p.send_signal(signal.SIGINT)
     run = finish(p, t0)
@@ -293,7 +303,7 @@ def test_grace_expiring_during_a_slow_commit_loses_nothing(small, ray_local, tmp
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
         {"storage": "local", "trial": "grace", "signal": "SIGINT during a hung commit, grace 2s",
-         "delay_s": "commit 1", "sent": True, "rc": run.rc, "committed_by_run": committed_by(lines),
+         "delay_s": "commit 3", "sent": True, "rc": run.rc, "committed_by_run": committed_by(lines),
          "visible_after_interrupt": committed, "redone_by_rerun": after["redone"], "lost": after["lost"],
          "duplicates": after["duplicates"], "verify_problems": after["verify_problems"],
          "interrupted_s": round(run.wall_s, 1), "rerun_s": after["rerun_s"]})
