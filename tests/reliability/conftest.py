@@ -127,6 +127,37 @@ def run_cli(job: Path, out, fault: str | None = None, fault_dir: Path | None = N
             kill_session(p)
 
 
+@dataclass
+class Target:
+    """Where a job writes: local disk, or S3 (SeaweedFS; the CLI gets its credentials from the AWS_* environment,
+    in-process reruns from the job's `storage` options)."""
+    kind: str                   # local | s3
+    out: str
+    env: dict
+    s3: object = None
+
+    @property
+    def options(self):
+        return self.s3.options() if self.s3 else None
+
+    def job(self, tmp_path: Path, sources: list[dict], **extra) -> tuple[Path, dict, dict]:
+        """(job file for the CLI, the same job as a dict, and with S3 credentials in the job for in-process reruns)"""
+        cfg = job_dict(self.out, sources, **extra)
+        inproc = dict(cfg)
+        if self.s3:
+            inproc["storage"] = self.s3.options().model_dump(exclude_none=True)
+        return write_job(tmp_path / "job.yaml", cfg), cfg, inproc
+
+
+@pytest.fixture(params=["local", "s3"])
+def target(request, tmp_path) -> Target:
+    if request.param == "local":
+        return Target("local", str(tmp_path / "out"), {})
+    srv = request.getfixturevalue("s3_server")
+    prefix = request.getfixturevalue("s3_prefix")
+    return Target("s3", srv.uri(prefix), srv.env(), srv)
+
+
 def make_inputs(shared: Path, dest: Path, images=IMAGES, videos=VIDEOS, meshes=MESHES) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for sub, names in (("images", images), ("videos", videos), ("meshes", meshes)):

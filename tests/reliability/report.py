@@ -24,12 +24,12 @@ def _counts(title: str, counts: dict) -> list[str]:
 def render(figs: dict) -> str:
     out = ["# Reliability and security report", ""]
     if rows := figs.get("crash_matrix"):
-        rows = sorted(rows, key=lambda r: (r["victim"], r["point"], r["nth"]))
+        rows = sorted(rows, key=lambda r: (r.get("storage", "local"), r["victim"], r["point"], r["nth"]))
         out += ["## Crash matrix (kill -9, then rerun)", "",
                 f"{len(rows)} points tried; lost samples {sum(r['lost'] for r in rows)}, "
                 f"duplicates {sum(r['duplicates'] for r in rows)}, "
                 f"verify problems {sum(r['verify_problems'] for r in rows)}.", ""]
-        out += _table(rows, ["point", "nth", "victim", "crash_rc", "committed_before_rerun", "staging_after_crash",
+        out += _table(rows, ["storage", "point", "nth", "victim", "crash_rc", "committed_before_rerun", "staging_after_crash",
                              "redone_by_rerun", "lost", "duplicates", "verify_problems", "staging_after_rerun",
                              "crash_s", "rerun_s"]) + [""]
     if rows := figs.get("interrupts"):

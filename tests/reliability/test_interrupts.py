@@ -22,7 +22,6 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -30,9 +29,9 @@ import pytest
 from pipeline.job import validate_job
 from pipeline.run import run_job
 from pipeline.storage import Storage
-from tests.reliability.conftest import (count_lost_dup, expected_ids, finish, job_dict, kill_session,
+from tests.reliability.conftest import (Target, count_lost_dup, expected_ids, finish, kill_session,
                                         reader_invariant, run_cli, shard_ids, start_cli, store_state, the_store,
-                                        visible_shards, write_job)
+                                        visible_shards)
 
 TRIALS = 20                     # per storage, in the full (slow) set
 FAST = 2                        # of which run in the fast set
@@ -59,35 +58,11 @@ def small(shared_data, tmp_path_factory) -> tuple[Path, set[str]]:
     return src, expected_ids(src)
 
 
-@dataclass
-class Target:
-    kind: str                   # local | s3
-    out: str
-    env: dict
-    s3: object = None
-
-    @property
-    def options(self):
-        return self.s3.options() if self.s3 else None
-
-    def job(self, tmp_path: Path, src: Path, **extra) -> tuple[Path, dict, dict]:
-        """(job file for the CLI, the same job as a dict, and with S3 credentials in the job for in-process reruns)"""
-        ray = {"num_cpus": 2, "prepare_batch_rows": 1, "interrupt_grace_s": 60, **extra.pop("ray", {})}
-        cfg = job_dict(self.out, [{"type": "folder", "path": str(src), "name": "local"}],
-                       write={"rows_per_write": 1}, ray=ray, **extra)
-        inproc = dict(cfg)
-        if self.s3:
-            inproc["storage"] = self.s3.options().model_dump(exclude_none=True)
-        return write_job(tmp_path / "job.yaml", cfg), cfg, inproc
-
-
-@pytest.fixture(params=["local", "s3"])
-def target(request, tmp_path) -> Target:
-    if request.param == "local":
-        return Target("local", str(tmp_path / "out"), {})
-    srv = request.getfixturevalue("s3_server")
-    prefix = request.getfixturevalue("s3_prefix")
-    return Target("s3", srv.uri(prefix), srv.env(), srv)
+def interrupt_job(target: Target, tmp_path: Path, src: Path, **extra) -> tuple[Path, dict, dict]:
+    """One row per prepare batch and per writer call (a commit per sample: many points for a signal to land)."""
+    ray = {"num_cpus": 2, "prepare_batch_rows": 1, "interrupt_grace_s": 60, **extra.pop("ray", {})}
+    return target.job(tmp_path, [{"type": "folder", "path": str(src), "name": "local"}],
+                      write={"rows_per_write": 1}, ray=ray, **extra)
 
 
 def signal_lines(run) -> list[str]:
@@ -150,7 +125,7 @@ TRIAL_PARAMS = [pytest.param(i, marks=() if i < FAST else pytest.mark.slow, id=f
 @pytest.mark.parametrize("trial", TRIAL_PARAMS)
 def test_sigint_at_a_random_time(trial, target, small, ray_local, tmp_path, figures):
     src, expected = small
-    job, _, inproc = target.job(tmp_path, src)
+    job, _, inproc = interrupt_job(target, tmp_path, src)
     rng = random.Random(f"sigint-{target.kind}-{trial}")
     anchor = "start" if trial % 2 == 0 else "first commit"  # odd trials: inside the short window of commits
     delay = round(rng.uniform(*DELAY_S) if anchor == "start" else rng.uniform(*AFTER_COMMIT_S), 2)
@@ -192,7 +167,7 @@ def wait_first_commit(target: Target, p: subprocess.Popen, timeout: float = 180)
 def test_second_sigint_aborts_at_once(small, ray_local, tmp_path, figures):
     src, expected = small
     target = Target("local", str(tmp_path / "out"), {})
-    job, _, inproc = target.job(tmp_path, src)
+    job, _, inproc = interrupt_job(target, tmp_path, src)
     t0 = time.perf_counter()
     p = start_cli(job, target.out)
     wait_first_commit(target, p)
@@ -222,7 +197,7 @@ def test_second_sigint_aborts_at_once(small, ray_local, tmp_path, figures):
 def test_sigterm_stops_gracefully_with_143(small, ray_local, tmp_path, figures):
     src, expected = small
     target = Target("local", str(tmp_path / "out"), {})
-    job, _, inproc = target.job(tmp_path, src)
+    job, _, inproc = interrupt_job(target, tmp_path, src)
     t0 = time.perf_counter()
     p = start_cli(job, target.out)
     wait_first_commit(target, p)
@@ -248,7 +223,7 @@ def test_sigterm_stops_gracefully_with_143(small, ray_local, tmp_path, figures):
 def test_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(small, ray_local, tmp_path, figures):
     src, expected = small
     target = Target("local", str(tmp_path / "out"), {})
-    job, _, inproc = target.job(tmp_path, src)
+    job, _, inproc = interrupt_job(target, tmp_path, src)
     t0 = time.perf_counter()
     first = start_cli(job, target.out)
     try:
@@ -289,7 +264,7 @@ def test_grace_expiring_during_a_slow_commit_loses_nothing(small, ray_local, tmp
     that commit. What was moved must still count as committed."""
     src, expected = small
     target = Target("local", str(tmp_path / "out"), {})
-    job, _, inproc = target.job(tmp_path, src, ray={"interrupt_grace_s": 2})
+    job, _, inproc = interrupt_job(target, tmp_path, src, ray={"interrupt_grace_s": 2})
     t0 = time.perf_counter()
     p = start_cli(job, target.out, fault="commit_moved:3:hang", fault_dir=tmp_path / "fault")
     wait_for(lambda: (tmp_path / "fault" / "fired").exists(), 180, p, "the hang in the first commit")
