@@ -14,7 +14,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: install demo images webvid panda70m objaverse run dry-run submit status verify compact test test-reliability \
-        bench-tokenizer bench-pipeline bench-3d bench-scale train-tiny clean
+        bench-tokenizer bench-pipeline bench-3d bench-scale bench-reader train-tiny clean
 
 # Without a GPU, pin the CPU build of torch so pip does not pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -61,8 +61,15 @@ bench-pipeline: install
 bench-3d: install
 	$(PY) benchmarks/bench_3d.py --out benchmarks/results/3d.json
 
+# The released AToken checkpoints into checkpoints/ (resumable; ARGS=--dry-run to see what would be fetched)
+checkpoints: install
+	$(PY) -m atoken.download --dest checkpoints $(ARGS)
+
 bench-scale: install
 	$(PY) benchmarks/bench_scale.py --out benchmarks/results/scale.json
+
+bench-reader: install
+	$(PY) benchmarks/bench_reader.py --out benchmarks/results/reader.json
 
 train-tiny: install
 	$(PY) -m atoken.train --config atoken/configs/tiny-train.yaml

@@ -7,14 +7,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-DEFAULT_DROP = ("lpips_loss.",)  # training-only loss modules saved in the official GS checkpoint
+DEFAULT_DROP = ("lpips_loss.",)
+
+
+def missing_checkpoint(path: str | Path) -> str:
+    """The error for a checkpoint file that is not there, with the command that fetches a released one."""
+    from .download import FILES
+
+    name = Path(path).name
+    how = (f"`make checkpoints` (or `python -m atoken.download {name}`) downloads it" if name in FILES
+           else "pass an existing .pt or .safetensors file")
+    return f"checkpoint not found: {path}; {how}"  # training-only loss modules saved in the official GS checkpoint
 
 
 def read_state_dict(path: str | Path, drop_prefixes=DEFAULT_DROP) -> dict[str, torch.Tensor]:
     """Read a flat state dict; keys starting with any of `drop_prefixes` are removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise FileNotFoundError(missing_checkpoint(path))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -13,42 +13,27 @@ from pathlib import Path
 
 import numpy as np
 
-VIDEO_EXT = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v"}
+from .images import ImageError, load_rgb
+from .video_io import VIDEO_SUFFIXES, VideoError, load_video
+
+VIDEO_EXT = VIDEO_SUFFIXES
 MESH_EXT = {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}
 MESH_POINTER = ("3D meshes are rendered and voxelised by the pipeline: "
                 "python -m pipeline.mesh.cli <encode|reconstruct> FILE")
 
 
 def load_image(path: Path, max_side: int) -> np.ndarray:
-    """Image file -> uint8 [1, H, W, 3] (Pillow; any mode converted to RGB; optional downscale)."""
+    """Image file -> uint8 [1, H, W, 3] by the pipeline's rules (`atoken/images.py`: EXIF orientation, ICC ->
+    sRGB, 16-bit, alpha, HEIC with pillow-heif); optional downscale."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        im.load()
-        if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float grayscale: scale to 8 bit
-            a = np.asarray(im, dtype=np.float32)
-            a = (a - a.min()) / max(float(a.max() - a.min()), 1e-6) * 255
-            im = Image.fromarray(a.astype(np.uint8))
-        im = im.convert("RGB")
-        if max_side and max(im.size) > max_side:
-            s = max_side / max(im.size)
-            im = im.resize((max(16, round(im.width * s)), max(16, round(im.height * s))), Image.Resampling.BICUBIC)
-        return np.asarray(im)[None]
-
-
-def load_video(path: Path, max_frames: int, max_side: int) -> tuple[np.ndarray, float]:
-    """Video file -> uint8 [T, H, W, 3] (decord; the first max_frames frames; optional downscale)."""
-    import decord
-
-    h = w = -1
-    probe = decord.VideoReader(str(path))
-    H, W = probe[0].shape[:2]
-    if max_side and max(H, W) > max_side:
-        s = max_side / max(H, W)
-        h, w = max(16, round(H * s)), max(16, round(W * s))
-    vr = decord.VideoReader(str(path), width=w, height=h)
-    n = min(len(vr), max_frames) if max_frames else len(vr)
-    return vr.get_batch(list(range(n))).asnumpy(), float(vr.get_avg_fps())
+    rgb = load_rgb(str(path))
+    if max_side and max(rgb.shape[:2]) > max_side:
+        im = Image.fromarray(rgb)
+        s = max_side / max(im.size)
+        im = im.resize((max(16, round(im.width * s)), max(16, round(im.height * s))), Image.Resampling.BICUBIC)
+        rgb = np.asarray(im)
+    return rgb[None]
 
 
 def write_video(frames: np.ndarray, path: Path, fps: float):
@@ -99,6 +84,24 @@ def main(argv=None) -> int:
         return 2
 
 
+def _load(args) -> tuple[np.ndarray, float, bool]:
+    """(pixels, fps, is_video); every failure to read the input becomes InputError with a readable reason."""
+    is_video = args.file.suffix.lower() in VIDEO_EXT
+    try:
+        if is_video:
+            pixels, fps = load_video(args.file, args.max_frames, args.max_side)
+            return pixels, fps, True
+        return load_image(args.file, args.max_side), 0.0, False
+    except (ImageError, VideoError) as e:
+        raise InputError(f"cannot read {args.file.name}: {e}") from None
+    except Exception as e:  # whatever a decoder raises, bad input is never a traceback
+        raise InputError(f"cannot read {args.file.name}: {type(e).__name__}: {e}") from None
+
+
+class InputError(ValueError):
+    """The input file cannot be read; the message says why."""
+
+
 def _run(args) -> int:
     import torch
 
@@ -108,13 +111,8 @@ def _run(args) -> int:
 
     if not args.file.is_file():
         raise FileNotFoundError(f"input not found: {args.file}")
-    is_video = args.file.suffix.lower() in VIDEO_EXT
-    if is_video:
-        pixels, fps = load_video(args.file, args.max_frames, args.max_side)
-        feats, coords = video_to_tokens(pixels)
-    else:
-        pixels, fps = load_image(args.file, args.max_side), 0.0
-        feats, coords = image_to_tokens(pixels[0])
+    pixels, fps, is_video = _load(args)
+    feats, coords = video_to_tokens(pixels) if is_video else image_to_tokens(pixels[0])
     print(f"input: {args.file.name} {'video' if is_video else 'image'} {tuple(pixels.shape)} -> {len(coords)} tokens")
 
     with warnings.catch_warnings(record=True) as caught:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_weights
+from .checkpoint import load_weights, missing_checkpoint
 from .config import ALIASES, ATokenConfig
 from .model import AToken
 from .sparse import SparseBatch
@@ -48,7 +48,7 @@ def tokenizer_identity(config, checkpoint: str | Path | None = None) -> dict:
     ckpt = Path(checkpoint) if checkpoint is not None else shipped_checkpoint(cfg)
     if ckpt is not None:
         if not ckpt.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {ckpt}")
+            raise FileNotFoundError(missing_checkpoint(ckpt))
         st = ckpt.stat()
         weights = _file_sha256(str(ckpt.resolve()), st.st_size, st.st_mtime_ns)
     else:

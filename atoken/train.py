@@ -29,12 +29,12 @@ import yaml
 
 from .checkpoint import load_state_dict
 from .config import ATokenConfig
+from .images import IMAGE_SUFFIXES, load_rgb
 from .losses import GramLoss, kl_loss, lpips_if_available, psnr, ssim
 from .model import AToken
 from .sparse import SparseBatch
 from .train_data import DataConfig, SceneGenerator, TrainStream, from_tokens, to_tokens
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".gif"}
 # keys of ATokenConfig that are hard-coded in the official model, not part of its YAML arch_cfg
 NON_YAML_KEYS = ("name", "num_sample_frames_batch_size", "num_sample_frames_stride", "kv_cache_size", "pos_table_size")
 
@@ -397,23 +397,20 @@ def load_eval_photos(directory: Path, size: int = 256, log=print) -> list[tuple[
 
     if not directory.is_dir():
         raise FileNotFoundError(f"--eval-dir {directory} is not a directory")
-    out = []
+    out, other = [], []
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
+            other.append(path.name)
             continue
-        try:
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                    a = np.asarray(im, dtype=np.float32)
-                    a = a / (65535.0 if a.max() > 255 else 255.0)
-                    im = Image.fromarray((a.clip(0, 1) * 255).round().astype(np.uint8))
-                im = im.convert("RGB")
-                im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
-                x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)
+        try:  # the pipeline's reader: EXIF orientation, ICC -> sRGB, 16-bit, alpha, AVIF, HEIC (pillow-heif)
+            im = Image.fromarray(load_rgb(str(path)))
+            im = ImageOps.fit(im, (size, size), method=Image.Resampling.BICUBIC)
+            x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1)
             out.append((path.name, x))
         except Exception as e:  # a broken photo must not stop the evaluation
             log(f"eval: skipping {path.name}: {type(e).__name__}: {e}")
+    if other:
+        log(f"eval: {len(other)} file(s) that are not images ignored: {', '.join(other[:5])}")
     if not out:
         raise ValueError(f"--eval-dir {directory}: no readable images")
     return out

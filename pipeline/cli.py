@@ -1,4 +1,4 @@
-"""`python -m pipeline run|demo|status|verify|compact|submit|mesh`."""
+"""`python -m pipeline run|demo|status|verify|compact|export|submit|mesh`."""
 from __future__ import annotations
 
 import argparse
@@ -57,11 +57,20 @@ def cmd_run(args) -> int:
                      "is fixed.")
     print(summary.render())
     if args.dry_run:
+        print(f"  dry run: {time.perf_counter() - t0:.1f}s, driver peak RSS {_peak_rss_mb():.0f} MB")
+    return SIGNAL_EXIT.get(summary.interrupted, 0)
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM where there is /proc: getrusage's ru_maxrss also counts the image before
+    exec, i.e. the RSS of the parent that started us (a test runner of several GB, say)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
         import resource
 
-        print(f"  dry run: {time.perf_counter() - t0:.1f}s, driver peak RSS "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    return SIGNAL_EXIT.get(summary.interrupted, 0)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def cmd_demo(args) -> int:
@@ -133,6 +142,13 @@ def cmd_status(args) -> int:
                                           [(r or "")[:120] for r in bad.column("reason").to_pylist()]))
         for (status, stage, reason), n in reasons.most_common(args.reasons):
             print(f"  {n:6d} {status} at {stage}: {reason}")
+        if args.failed and bad.num_rows:  # by kind: unavailable, bot-check, rate-limited, network, decode, ...
+            from pipeline.ytdlp import reason_kind
+
+            kinds = collections.Counter((s, reason_kind(st, r)) for s, st, r in zip(
+                bad.column("status").to_pylist(), bad.column("stage").to_pylist(), bad.column("reason").to_pylist()))
+            print("  by kind: " + ", ".join(f"{s} {k} {n} ({n / outcomes.num_rows:.1%})"
+                                            for (s, k), n in kinds.most_common()))
         if by.get("failed"):
             print("  (rerun with --retry-failed to try the failed samples again)")
     return 0
@@ -175,6 +191,15 @@ def cmd_compact(args) -> int:
         print(f"{store.uri}: merged {res['merged_shards']} shards into {res['groups']}")
         for p in res["problems"]:
             print(f"  {p}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pipeline.export import export
+
+    res = export(args.out, args.format, dest=args.dest, bucket_by=args.bucket_by, version=args.version)
+    print(f"{res['dest']}: exported {res['exported']} shards ({res['rows']} rows), {res['skipped']} already "
+          f"there" + (f", {res['removed']} no longer in the store removed" if res["removed"] else ""))
     return 0
 
 
@@ -282,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("status", help="summarise a job's output (a job's out, or one version folder)")
     s.add_argument("out")
     s.add_argument("--reasons", type=int, default=20, help="how many failure reasons to list")
+    s.add_argument("--failed", action="store_true", help="also count failed/skipped samples by kind of reason")
     s.set_defaults(fn=cmd_status)
     v = sub.add_parser("verify", help="re-hash shards against the manifest, check ids against the ledger")
     v.add_argument("out")
@@ -291,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--small-bytes", type=int, help="shards below this are merged (default: half the target)")
     c.add_argument("--target-bytes", type=int, help="merged shard size (default: write.shard_bytes default)")
     c.set_defaults(fn=cmd_compact)
+    e = sub.add_parser("export", help="export the committed tokens to WebDataset tars or a Lance dataset")
+    e.add_argument("out", help="a job's output root or one version folder")
+    e.add_argument("--format", required=True, choices=["webdataset", "lance"])
+    e.add_argument("--bucket-by", choices=["tokens"], help="group samples by token count (power-of-two buckets)")
+    e.add_argument("--dest", help="destination (default: <version>/exports/<format>)")
+    e.add_argument("--version", help="the version folder's name, when OUT holds several")
+    e.set_defaults(fn=cmd_export)
     sm = sub.add_parser("submit", help="submit a job to a Ray cluster (ray job submit)")
     job_args(sm)
     sm.add_argument("--address", required=True)
@@ -301,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, StorageError, LockedError) as exc:
+        return _fail(exc, 2)
+    except (ValueError, FileNotFoundError) as exc:
+        if args.cmd != "export":
+            raise
         return _fail(exc, 2)
     except KeyboardInterrupt:  # a second signal before the run began
         print("aborted: nothing was started; rerun the same command", file=sys.stderr)

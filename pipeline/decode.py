@@ -1,40 +1,59 @@
-"""Decode stage (CPU): images with Pillow, videos with decord, both resized + centre-cropped into a resolution
-bucket. Output fields: `pixels` uint8 [T, H, W, 3] (T=1 for images), `fps` (sampling rate; 0.0 for images),
-`orig_width`, `orig_height` (after EXIF rotation), `num_frames` (= T).
+"""Decode stage (CPU): images with Pillow (`atoken/images.py`, shared with the tokenizer CLI), videos with decord
+(PyAV when decord cannot open a container), both fitted to a resolution bucket. Output fields (`SAMPLE_FIELDS`):
+`pixels` uint8 [T, H, W, 3] (T=1 for images), `fps` (sampling rate; 0.0 for images), `orig_width`, `orig_height`
+(after rotation), `num_frames` (= T), `upscaled`, and for videos the window actually tokenized: `window_start`,
+`window_end` (seconds of the file), `window_index`, `span_clamped` (the requested span ran past the file's end and
+was cut to it), `media_duration` (the file's length in seconds).
 
-Image conversion rules: EXIF orientation applied; ICC profiles converted to sRGB; 16-bit scaled by 255/65535
-(not clipped); CMYK, palette, grayscale -> RGB 8-bit; alpha composited on a white background (`background`).
-Video rules: frames sampled at min(fps, native fps) over the clip span, at most max_frames, T a multiple of 4 when
-T >= 4 (shorter clips are kept: the tokenizer pads them), frame indices clamped to the frames that really exist.
-Decoding runs in a killable child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process), owned
-by the prepare stage (`pipeline/prepare.py`).
+Sizes: the bucket closest in aspect ratio; a source smaller than its bucket is not upscaled unless
+`upscale: true`: it is kept at native resolution, centre-cropped to the bucket's aspect ratio with sides rounded
+down to multiples of 16. Images: EXIF orientation, ICC -> sRGB, 16-bit, alpha rules in `atoken/images.py`.
+Videos: frames sampled at min(fps, native fps), at most max_frames, T a multiple of 4 when T >= 4 (shorter clips
+are kept: the tokenizer pads them). A clip longer than one window gives the first window (`windows: first`), the
+centred one (`centre`), or consecutive windows (`all`, at most `max_windows`). Filters (`min_side`, `min_frames`,
+`min_duration_s`) raise DecodeSkip: the sample is recorded `skipped` with the rule. Decoding runs in a killable
+child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process), owned by the prepare stage.
 """
 from __future__ import annotations
 
-import io
 import math
-import re
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image
 from pydantic import Field
 
+from atoken.images import ImageError, load_rgb, to_rgb8  # noqa: F401  (to_rgb8: re-exported for callers)
+from atoken.video_io import clean_decoder_error  # readable reasons, shared with the tokenizer CLI
 from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
 from pipeline.config import Config
 from pipeline.faults import maybe_fault
+
+SAMPLE_FIELDS = ("pixels", "fps", "num_frames", "orig_width", "orig_height", "upscaled", "window_start",
+                 "window_end", "window_index", "span_clamped", "media_duration")
 
 
 class DecodeError(ValueError):
     """Bad input; the message is the readable reason recorded on the row."""
 
 
+class DecodeSkip(DecodeError):
+    """A sample a job rule leaves out (a filter, no upscaling); recorded as skipped with the rule."""
+
+
 class DecodeConfig(Config):
-    IDENTITY = ("fps", "max_frames", "buckets", "background", "icc_to_srgb")
+    IDENTITY = ("fps", "max_frames", "buckets", "background", "icc_to_srgb", "upscale", "windows", "max_windows")
 
     fps: float = Field(8.0, gt=0)             # video sampling rate (frames per second of video time)
-    max_frames: int = Field(16, ge=1)         # per clip; T is rounded down to a multiple of 4
+    max_frames: int = Field(16, ge=1)         # per window; T is rounded down to a multiple of 4
     buckets: BucketConfig = Field(default_factory=BucketConfig)
+    upscale: bool = False                     # upscale sources smaller than their bucket (else native size)
+    windows: Literal["first", "centre", "all"] = "first"  # which window(s) of a clip longer than one window
+    max_windows: int = Field(4, ge=1)         # cap for windows: all
+    min_side: int = Field(0, ge=0)            # filter: skip sources whose shorter side is smaller (0 = off)
+    min_frames: int = Field(0, ge=0)          # filter: skip videos giving fewer frames per window (0 = off)
+    min_duration_s: float = Field(0.0, ge=0)  # filter: skip clips shorter than this, after clamping (0 = off)
     timeout_s: float = Field(60.0, ge=0)      # wall-clock limit per sample (0 = decode in-process, no isolation)
     isolate: tuple[Literal["image", "video"], ...] = ("video",)  # modalities decoded in a killable child
                                               # (~3-20 ms a sample; Pillow is bounded by max_pixels, decord hangs)
@@ -44,64 +63,53 @@ class DecodeConfig(Config):
     decoder_threads: int = Field(1, ge=0)     # decord threads per sample (parallelism comes from the pipeline)
 
 
+# ---- sizes ---------------------------------------------------------------------------------------------------
+
+def target_size(h: int, w: int, cfg: DecodeConfig) -> tuple[tuple[int, int], bool]:
+    """((height, width) fed to the tokenizer, resample). The bucket closest in aspect ratio, reached by resampling
+    when the source covers it (or `upscale: true`); else the native-resolution crop at the bucket's aspect ratio,
+    sides rounded down to multiples of the patch size (resample False: a plain crop)."""
+    size = choose_bucket(h, w, make_buckets(cfg.buckets))
+    if max(size[0] / h, size[1] / w) <= 1 or cfg.upscale:
+        return size, True
+    m, r = cfg.buckets.multiple, size[0] / size[1]
+    ch, cw = (w * r, w) if h / w > r else (h, h / r)
+    native = (int(ch + 1e-6) // m * m, int(cw + 1e-6) // m * m)
+    if min(native) < m:
+        raise DecodeSkip(f"source {w}x{h} is smaller than one {m}x{m} patch (decode.upscale: false)")
+    return native, False
+
+
+def _centre_crop(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    top, left = (a.shape[-3] - size[0]) // 2, (a.shape[-2] - size[1]) // 2
+    return np.ascontiguousarray(a[..., top:top + size[0], left:left + size[1], :])
+
+
+def _check_side(h: int, w: int, cfg: DecodeConfig) -> None:
+    if cfg.min_side and min(h, w) < cfg.min_side:
+        raise DecodeSkip(f"filter decode.min_side={cfg.min_side}: source is {w}x{h}")
+
+
+def _upscaled(h: int, w: int, size: tuple[int, int], resample: bool) -> bool:
+    return resample and max(size[0] / h, size[1] / w) > 1
+
+
 # ---- images --------------------------------------------------------------------------------------------------
-
-def _to_srgb(im: Image.Image) -> Image.Image:
-    icc = im.info.get("icc_profile")
-    if not icc or im.mode not in ("RGB", "CMYK", "L"):
-        return im
-    try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError):
-        return im  # a broken profile: fall back to the plain conversion
-
-
-def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) -> np.ndarray:
-    """Any Pillow image -> uint8 [H, W, 3] RGB."""
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if not np.isfinite(a).all():
-            raise DecodeError(f"{im.mode} image has non-finite values")
-        if im.mode == "F" and a.min() >= 0 and a.max() <= 1:
-            a = a * 255
-        elif a.min() >= 0 and a.max() <= 65535:
-            a = a * (255 / 65535)  # 16-bit -> 8-bit, full range kept
-        else:
-            lo, hi = a.min(), a.max()
-            a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
-        g = np.round(a).clip(0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)
-    if icc_to_srgb:
-        im = _to_srgb(im)
-    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
-    if has_alpha:
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (background, background, background, 255))
-        im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert("RGB"))
-
 
 def decode_image(path: str, cfg: DecodeConfig) -> dict:
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if w * h > cfg.max_pixels:
-                raise DecodeError(f"image too large: {w}x{h} > max_pixels={cfg.max_pixels}")
-            im.load()  # truncated or corrupt data fails here, not later
-            im = ImageOps.exif_transpose(im)
-            rgb = to_rgb8(im, cfg.background, cfg.icc_to_srgb)
-    except DecodeError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # Pillow's ways to say "bad file"
-        raise DecodeError(f"{type(exc).__name__}: {exc}") from None
+        rgb = load_rgb(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels)
+    except ImageError as exc:
+        raise DecodeError(str(exc)) from None
     h, w = rgb.shape[:2]
-    size = choose_bucket(h, w, make_buckets(cfg.buckets))
-    out = np.asarray(resize_crop(Image.fromarray(rgb), size))[None]
-    return {"pixels": np.ascontiguousarray(out), "fps": 0.0, "orig_height": h, "orig_width": w, "num_frames": 1}
+    _check_side(h, w, cfg)
+    size, resample = target_size(h, w, cfg)
+    out = np.asarray(resize_crop(Image.fromarray(rgb), size)) if resample else _centre_crop(rgb, size)
+    return {"pixels": np.ascontiguousarray(out[None]), "fps": 0.0, "orig_height": h, "orig_width": w,
+            "num_frames": 1, "upscaled": _upscaled(h, w, size, resample)}
 
 
-# ---- videos --------------------------------------------------------------------------------------------------
+# ---- windows -------------------------------------------------------------------------------------------------
 
 def frame_count(n_available: int, max_frames: int) -> int:
     """The tokenizer's rule: a multiple of 4 when >= 4 frames; shorter clips kept as they are (it pads them)."""
@@ -109,38 +117,67 @@ def frame_count(n_available: int, max_frames: int) -> int:
     return n - n % 4 if n >= 4 else max(n, 0)
 
 
-def sample_indices(n_total: int, native_fps: float, fps: float, max_frames: int,
-                   span: list[float] | None = None) -> tuple[np.ndarray, float]:
-    """Frame indices for sampling [start, end) at min(fps, native_fps), and that rate."""
+@dataclass(frozen=True)
+class Window:
+    index: int
+    start: float            # seconds into the file
+    end: float              # start + frames / rate, never past the (clamped) span end
+    rate: float             # frames per second of video time
+    frames: np.ndarray      # int64 frame indices
+
+
+@dataclass(frozen=True)
+class Plan:
+    windows: list[Window]
+    clamped: bool           # the requested span ran past the file's end
+    duration: float         # the file's length (frames / native fps)
+    clip: float             # the clip's length after clamping to the file (seconds)
+
+
+def plan_windows(n_total: int, native_fps: float, fps: float, max_frames: int, span=None,
+                 mode: str = "first", max_windows: int = 1) -> Plan:
+    """The windows sampled from [start, end) at min(fps, native_fps): each `frame_count` frames long."""
     if n_total <= 0:
         raise DecodeError("video has no frames")
     if not (math.isfinite(native_fps) and native_fps > 0):
         raise DecodeError(f"video reports no usable frame rate ({native_fps})")
     duration = n_total / native_fps
     start, end = (0.0, duration) if span is None else (float(span[0]), float(span[1]))
-    if not end > start or start < 0:
+    if not (math.isfinite(start) and math.isfinite(end)) or not end > start or start < 0:
         raise DecodeError(f"bad span [{start}, {end}]")
     if start >= duration:
         raise DecodeError(f"span [{start:g}, {end:g}]s starts after the video ends ({duration:.3f}s)")
+    clamped = end > duration + 1.0 / native_fps  # one frame of slack: rounding in the metadata
     end = min(end, duration)
     rate = min(fps, native_fps)
     n = frame_count(max(1, math.floor((end - start) * rate + 1e-6)), max_frames)
     if n < 4:  # a clip too short for one latent step at this rate: take up to 4 native frames across it
         n = frame_count(min(4, max(1, math.floor((end - start) * native_fps + 1e-6))), max_frames)
         rate = n / (end - start)
-    times = start + np.arange(n) / rate
-    idx = np.clip(np.floor(times * native_fps + 1e-6).astype(np.int64), 0, n_total - 1)
-    return idx, rate
+    length = n / rate
+    if mode == "centre":
+        starts = [start + max(0.0, (end - start) - length) / 2]
+    elif mode == "all":
+        count = max(1, min(max_windows, math.floor((end - start) / length + 1e-6)))
+        starts = [start + k * length for k in range(count)]
+    else:
+        starts = [start]
+    wins = []
+    for k, s in enumerate(starts):
+        times = s + np.arange(n) / rate
+        idx = np.clip(np.floor(times * native_fps + 1e-6).astype(np.int64), 0, n_total - 1)
+        wins.append(Window(k, round(s, 6), round(min(s + length, end), 6), float(rate), idx))
+    return Plan(wins, clamped, duration, end - start)
 
 
-_DECORD_NOISE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ")
+def sample_indices(n_total: int, native_fps: float, fps: float, max_frames: int,
+                   span: list[float] | None = None) -> tuple[np.ndarray, float]:
+    """Frame indices of the first window of [start, end), and its rate."""
+    w = plan_windows(n_total, native_fps, fps, max_frames, span).windows[0]
+    return w.frames, w.rate
 
 
-def clean_decoder_error(exc: BaseException) -> str:
-    """decord errors carry C++ source locations and stack traces: keep the message."""
-    msg = _DECORD_NOISE.sub("", str(exc)).split("Stack trace")[0].strip()
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-
+# ---- videos --------------------------------------------------------------------------------------------------
 
 def _readable_upto(vr, hi: int, lookback: int = 64) -> int | None:
     """Highest frame index <= hi that decodes (containers sometimes over-report their frame count)."""
@@ -171,32 +208,115 @@ def _get_batch(vr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return vr.get_batch(idx.tolist()).asnumpy(), idx
 
 
-def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
-    """Frames sampled per `cfg`, scaled by the decoder itself (ffmpeg) to cover the bucket, then centre-cropped.
-    Where decord cannot scale a stream (e.g. rotated ones), frames are decoded at full size and resized here."""
+class _PyAVReader:
+    """Frames of a file by index with PyAV, for containers decord cannot open (no duration, Ogg, ...)."""
+
+    def __init__(self, path: str, max_frames_scan: int = 100_000):
+        import av
+
+        with av.open(path) as c:
+            if not c.streams.video:
+                raise DecodeError("no video stream in the file")
+            s = c.streams.video[0]
+            rate = s.average_rate or s.guessed_rate or s.base_rate
+            self.fps = float(rate) if rate else float("nan")
+            self.n = sum(1 for p in c.demux(s) if p.size and p.pts is not None)  # packets: no decode
+            if self.n > max_frames_scan:
+                raise DecodeError(f"video has more than {max_frames_scan} frames")
+            self.height, self.width = s.codec_context.height, s.codec_context.width
+        self.path = path
+
+    def frames(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import av
+
+        want, got, last = set(int(i) for i in idx), {}, None
+        top = max(want)
+        with av.open(self.path) as c:
+            for k, frame in enumerate(c.decode(video=0)):  # one pass, keeping only the wanted frames
+                last = (k, frame)
+                if k in want:
+                    got[k] = frame.to_ndarray(format="rgb24")
+                if k >= top:
+                    break
+        if not got and last is None:
+            raise DecodeError("video has no decodable frames")
+        if last is not None and last[0] not in got:
+            got[last[0]] = last[1].to_ndarray(format="rgb24")
+        have = np.array(sorted(got))
+        idx = np.array([have[have <= i].max() if (have <= i).any() else have.min() for i in idx], np.int64)
+        return np.stack([got[int(i)] for i in idx]), idx
+
+
+def _open_decord(path: str, threads: int):
     import decord  # package decord2
+
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=threads)
+    h, w = vr[0].shape[:2]
+    return vr, len(vr), float(vr.get_avg_fps()), h, w
+
+
+def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
+    """Frames of each window, scaled by the decoder itself (ffmpeg) to cover the target size, then centre-cropped.
+    Where decord cannot scale a stream (e.g. rotated ones), frames are decoded at full size and resized here;
+    where it cannot open the file at all, PyAV reads it. Returns window 0's fields, and `more_windows`."""
+    import decord
+
+    pyav = None
     try:
-        probe = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads)
-        n_total, native = len(probe), float(probe.get_avg_fps())
-        h, w = probe[0].shape[:2]
-        idx, rate = sample_indices(n_total, native, cfg.fps, cfg.max_frames, span)
-        size = choose_bucket(h, w, make_buckets(cfg.buckets))
-        rh, rw = _cover_size(h, w, size)
         try:
-            scaled = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads, width=rw, height=rh)
-            frames, idx = _get_batch(scaled, idx)
-        except decord.DECORDError:
-            frames, idx = _get_batch(probe, idx)
-    except (decord.DECORDError, RuntimeError, IndexError) as exc:
+            probe, n_total, native, h, w = _open_decord(path, cfg.decoder_threads)
+        except (decord.DECORDError, RuntimeError, IndexError) as exc:
+            try:
+                pyav = _PyAVReader(path)
+            except Exception:
+                pyav = None
+            if pyav is None or pyav.n == 0:
+                raise exc from None  # neither reads it: decord's reason is the one reported
+            probe, n_total, native, h, w = None, pyav.n, pyav.fps, pyav.height, pyav.width
+        plan = plan_windows(n_total, native, cfg.fps, cfg.max_frames, span, cfg.windows, cfg.max_windows)
+        _check_filters(plan, h, w, cfg)
+        size, resample = target_size(h, w, cfg)
+        rh, rw = _cover_size(h, w, size) if resample else (h, w)
+        idx = np.concatenate([win.frames for win in plan.windows])
+        if pyav is not None:
+            frames, idx = pyav.frames(idx)
+        else:
+            try:
+                scaled = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads,
+                                            width=rw, height=rh)
+                frames, idx = _get_batch(scaled, idx)
+            except decord.DECORDError:
+                frames, idx = _get_batch(probe, idx)
+    except DecodeError:
+        raise
+    except (decord.DECORDError, RuntimeError, IndexError, OSError, ValueError) as exc:
+        raise DecodeError(clean_decoder_error(exc)) from None
+    except Exception as exc:  # PyAV's errors (av.FFmpegError subclasses OSError/ValueError on most versions)
         raise DecodeError(clean_decoder_error(exc)) from None
     if frames.ndim != 4 or frames.shape[0] != len(idx) or frames.shape[-1] != 3:
         raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected [{len(idx)}, H, W, 3]")
     if frames.shape[1:3] != (rh, rw):  # the decoder ignored the requested size: resize here
         frames = np.stack([np.asarray(resize_crop(Image.fromarray(f), (rh, rw))) for f in frames])
-    top, left = (rh - size[0]) // 2, (rw - size[1]) // 2
-    out = np.ascontiguousarray(frames[:, top:top + size[0], left:left + size[1]])
-    return {"pixels": out, "fps": float(rate), "orig_height": int(h), "orig_width": int(w),
-            "num_frames": int(out.shape[0]), "frame_indices": idx.astype(np.int32)}
+    out = _centre_crop(frames, size)
+    common = {"orig_height": int(h), "orig_width": int(w), "upscaled": _upscaled(h, w, size, resample),
+              "span_clamped": plan.clamped, "media_duration": round(plan.duration, 6)}
+    samples, at = [], 0
+    for win in plan.windows:
+        n = len(win.frames)
+        samples.append({**common, "pixels": np.ascontiguousarray(out[at:at + n]), "fps": win.rate,
+                        "num_frames": n, "frame_indices": idx[at:at + n].astype(np.int32),
+                        "window_start": win.start, "window_end": win.end, "window_index": win.index})
+        at += n
+    return {**samples[0], "more_windows": samples[1:]}
+
+
+def _check_filters(plan: Plan, h: int, w: int, cfg: DecodeConfig) -> None:
+    _check_side(h, w, cfg)
+    got = len(plan.windows[0].frames)
+    if cfg.min_frames and got < cfg.min_frames:
+        raise DecodeSkip(f"filter decode.min_frames={cfg.min_frames}: the clip gives {got} frames")
+    if cfg.min_duration_s and plan.clip + 1e-6 < cfg.min_duration_s:
+        raise DecodeSkip(f"filter decode.min_duration_s={cfg.min_duration_s:g}: the clip is {plan.clip:.3f}s")
 
 
 # ---- entry point (runs in the isolated child) ---------------------------------------------------------------------------------------------

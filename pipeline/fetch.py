@@ -12,7 +12,11 @@ By URI:
 - local paths and file:// urls are checked in place (exists, size, magic bytes), never copied;
 - http(s) goes through one pooled httpx.Client per Fetcher (keep-alive, redirects followed by hand so the scheme
   allow-list applies to every hop) and is streamed into a scratch file while hashing;
-- s3://, gs://, hf:// are read through `pipeline.storage.open_uri` into a scratch file.
+- s3://, gs://, hf:// are read through `pipeline.storage.open_uri` into a scratch file;
+- http(s) pages that are not direct media files (YouTube, the sites yt-dlp supports) go to yt-dlp
+  (`pipeline/ytdlp.py`; `downloader: http | ytdlp` forces either), with its own format, cookies, proxy, per-host
+  rate limit and retries (`fetch.ytdlp`);
+- `tar://<member>?offset=<o>&size=<n>::<tar uri>` (a WebDataset member) is a byte range of the tar, copied out.
 With `cache: local` downloads land in a node-local cache folder and are used from there; with a shared cache URI
 hits are copied into scratch and misses uploaded (pipeline/fetch_cache.py).
 
@@ -48,10 +52,11 @@ from pipeline.config import Config
 from pipeline.fetch_cache import LocalCache, SharedCache
 from pipeline.magic import CANONICAL_EXT, EXTENSIONS, HEAD_BYTES, check_modality, read_head, sniff_bytes
 from pipeline.storage import StorageError, StorageOptions, check_uri, open_uri, scheme_of
+from pipeline.ytdlp import Downloader, YtdlpConfig, YtdlpDownloader, YtdlpError, route
 
 log = logging.getLogger(__name__)
 
-Scheme = Literal["http", "https", "file", "s3", "gs", "hf"]
+Scheme = Literal["http", "https", "file", "s3", "gs", "hf", "tar"]
 HTTP = ("http", "https")
 OBJECT_STORES = ("s3", "gs", "hf")
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -68,7 +73,7 @@ class FetchConfig(Config):
     backoff_max_s: float = Field(30.0, ge=0)
     jitter: float = Field(0.5, ge=0)               # backoff *= 1 + U(0, jitter)
     max_bytes: int = Field(2 << 30, gt=0)
-    schemes: tuple[Scheme, ...] = ("http", "https", "file", "s3", "gs", "hf")  # allowed URI schemes
+    schemes: tuple[Scheme, ...] = ("http", "https", "file", "s3", "gs", "hf", "tar")  # allowed URI schemes
     max_redirects: int = Field(5, ge=0)
     check_magic: bool = True
     user_agent: str = Field("atoken-cache/0.2", min_length=1)
@@ -77,6 +82,8 @@ class FetchConfig(Config):
     cache: str = "none"                            # none | local | a shared folder URI (s3://, gs://, /nfs/...)
     cache_dir: str | None = None                   # for cache: local; default <tmp>/atoken-fetch-cache
     cache_max_bytes: int = Field(50 << 30, gt=0)   # LRU eviction above this
+    downloader: Downloader = "auto"                # http(s): auto (media files -> http, pages -> ytdlp) | http | ytdlp
+    ytdlp: YtdlpConfig = YtdlpConfig()
 
     @field_validator("cache")
     @classmethod
@@ -119,6 +126,8 @@ class Fetcher:
             self.cache = SharedCache(cfg.cache, cfg.cache_max_bytes, self.storage_options, cfg.chunk_bytes)
         os.makedirs(scratch_dir, exist_ok=True)
         self.scratch = Path(tempfile.mkdtemp(prefix="fetch-", dir=scratch_dir))  # this fetcher's files only
+        self._ytdlp: YtdlpDownloader | None = None
+        self._ytdlp_lock = threading.Lock()
         self.client = httpx.Client(
             headers={"User-Agent": cfg.user_agent, "Accept-Encoding": "identity"},
             limits=httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency),
@@ -174,6 +183,8 @@ class Fetcher:
             return
         self._closed.set()
         self.client.close()
+        if self._ytdlp is not None:
+            self._ytdlp.close()
         if self.cache is not None:
             self.cache.close()
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -202,11 +213,13 @@ class Fetcher:
             raise FetchError(f"scheme {scheme!r} not allowed")
         if scheme == "file":
             return self._local(_local_path(uri), modality)
-        if scheme not in HTTP + OBJECT_STORES:
+        if scheme not in HTTP + OBJECT_STORES + ("tar",):
             raise FetchError(f"scheme {scheme!r} not supported")
         hit = self._cache_hit(uri, modality)
         if hit is not None:
             return hit
+        if scheme in HTTP and route(uri, self.cfg.downloader) == "ytdlp":
+            return self._via_ytdlp(uri, modality)  # (yt-dlp retries by its own rules)
         for attempt in range(self.cfg.retries + 1):
             try:
                 return self._attempt(uri, modality, scheme)
@@ -223,8 +236,9 @@ class Fetcher:
         cfg = self.cfg
         return min(cfg.backoff_max_s, cfg.backoff_s * 2 ** attempt) * (1 + self.rng.uniform(0, cfg.jitter))
 
-    def _check(self, head: bytes, modality: str, ext: str) -> None:
-        if self.cfg.check_magic and (reason := check_modality(head, modality, ext)):
+    def _check(self, head: bytes, modality: str, ext: str, path: str | Path | None = None) -> None:
+        # with `path`, unrecognised bytes in a file named like a video container are probed with PyAV
+        if self.cfg.check_magic and (reason := check_modality(head, modality, ext, path)):
             raise FetchError(reason)
 
     def _local(self, path: Path, modality: str) -> Fetched:
@@ -233,7 +247,7 @@ class Fetcher:
         size = path.stat().st_size
         if size > self.cfg.max_bytes:
             raise FetchError(f"exceeds max_bytes ({size} > {self.cfg.max_bytes} bytes)")
-        self._check(read_head(path), modality, path.suffix)
+        self._check(read_head(path), modality, path.suffix, path)
         return Fetched(str(path.resolve()), temporary=False, bytes=size, from_cache=False)
 
     # ---- cache -----------------------------------------------------------------------------------------------
@@ -253,7 +267,7 @@ class Fetcher:
             return None
         got = Fetched(hit[0], temporary=temporary, bytes=hit[1], from_cache=True)
         try:  # the entry may have been cached for another modality
-            self._check(read_head(got.path), modality, Path(got.path).suffix)
+            self._check(read_head(got.path), modality, Path(got.path).suffix, got.path)
         except BaseException:
             self.release(got)
             raise
@@ -281,13 +295,44 @@ class Fetcher:
         folder = self.cache.tmp_dir if isinstance(self.cache, LocalCache) else self.scratch
         part = _Part(folder, self.cfg.max_bytes)
         try:
-            final = self._http(uri, part, deadline) if scheme in HTTP else self._object(uri, part, deadline)
+            if scheme == "tar":
+                final = self._tar_member(uri, part, deadline)
+            else:
+                final = self._http(uri, part, deadline) if scheme in HTTP else self._object(uri, part, deadline)
             part.file.close()
             url_path = urllib.parse.unquote(urllib.parse.urlsplit(final).path)
             self._check(part.head, modality, Path(url_path).suffix)
             return self._commit(uri, part, _ext_for(url_path, part.head))
         finally:
             part.discard()
+
+    def downloader(self) -> YtdlpDownloader:
+        """This fetcher's yt-dlp downloader (made on first use; its files land next to the cache's or ours)."""
+        with self._ytdlp_lock:
+            if self._ytdlp is None:
+                folder = self.cache.tmp_dir if isinstance(self.cache, LocalCache) else self.scratch
+                self._ytdlp = YtdlpDownloader(self.cfg.ytdlp, str(folder), self.cfg.max_bytes)
+            return self._ytdlp
+
+    def _via_ytdlp(self, uri: str, modality: str) -> Fetched:
+        try:
+            path = Path(self.downloader().download(uri))
+        except YtdlpError as exc:
+            raise FetchError(str(exc)) from None
+        try:
+            size = path.stat().st_size
+            if size > self.cfg.max_bytes:
+                raise FetchError(f"exceeds max_bytes ({size} > {self.cfg.max_bytes} bytes)")
+            head = read_head(path)
+            self._check(head, modality, path.suffix, path)
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(self.cfg.chunk_bytes):
+                    sha.update(chunk)
+            done = _Done(path, sha, size)
+            return self._commit(uri, done, _ext_for(path.name, head))
+        finally:
+            shutil.rmtree(path.parent, ignore_errors=True)  # yt-dlp's folder for this video
 
     def _deadline_error(self, got: int | None = None) -> FetchError:
         return FetchError(f"deadline exceeded: {self.cfg.deadline_s:g}s for the whole download"
@@ -380,6 +425,61 @@ class Fetcher:
         return uri
 
 
+    def _tar_member(self, uri: str, part: "_Part", deadline: float) -> str:
+        """Copies one member of an uncompressed tar (a byte range) into `part`; returns the member's name."""
+        member, offset, size, tar_uri = parse_tar_uri(uri)
+        if scheme_of(tar_uri) not in self.cfg.schemes or scheme_of(tar_uri) == "tar":
+            raise FetchError(f"scheme {scheme_of(tar_uri)!r} not allowed (tar member)")
+        if size > self.cfg.max_bytes:
+            raise FetchError(f"exceeds max_bytes ({size} > {self.cfg.max_bytes} bytes, tar member)")
+        try:
+            with open_uri(tar_uri, self.storage_options) as f:
+                if offset + size > f.size():
+                    raise FetchError(f"tar member {member} ends past the end of {tar_uri} (truncated tar?)")
+                f.seek(offset)
+                left = size
+                while left and (chunk := f.read(min(self.cfg.chunk_bytes, left))):
+                    if time.monotonic() > deadline:
+                        raise self._deadline_error(part.size)
+                    part.write(chunk)
+                    left -= len(chunk)
+        except FileNotFoundError:
+            raise FetchError(f"no such tar: {tar_uri}") from None
+        except StorageError as exc:
+            raise FetchError(str(exc)) from None
+        except OSError as exc:
+            raise FetchError(f"storage error: {exc}", retry=True) from None
+        if part.size != size:
+            raise FetchError(f"truncated tar member {member}: got {part.size} of {size} bytes", retry=True)
+        return member
+
+
+def tar_uri(tar: str, member: str, offset: int, size: int) -> str:
+    """The URI of one member of an uncompressed tar (fsspec's chained form, with the byte range)."""
+    return f"tar://{urllib.parse.quote(member)}?offset={offset}&size={size}::{tar}"
+
+
+def parse_tar_uri(uri: str) -> tuple[str, int, int, str]:
+    head, sep, inner = uri.partition("::")
+    parts = urllib.parse.urlsplit(head)
+    query = urllib.parse.parse_qs(parts.query)
+    try:
+        offset, size = int(query["offset"][0]), int(query["size"][0])
+    except (KeyError, ValueError, IndexError):
+        raise FetchError(f"bad tar member uri {uri!r} (want tar://<member>?offset=<o>&size=<n>::<tar>)") from None
+    if not sep or not inner or offset < 0 or size < 0:
+        raise FetchError(f"bad tar member uri {uri!r} (want tar://<member>?offset=<o>&size=<n>::<tar>)")
+    return urllib.parse.unquote(parts.netloc + parts.path), offset, size, inner
+
+
+@dataclass
+class _Done:
+    """A finished download (yt-dlp's), in the shape `_commit` takes."""
+    path: Path
+    sha: Any
+    size: int
+
+
 class _Part:
     """A download in progress: written, hashed and size-checked chunk by chunk; `discard` removes what is left."""
 
@@ -441,4 +541,4 @@ def _ext_for(url_path: str, head: bytes) -> str:
     return CANONICAL_EXT.get(fmt, "") if fmt else (ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else "")
 
 
-__all__ = ["FetchConfig", "FetchError", "Fetched", "Fetcher"]
+__all__ = ["FetchConfig", "FetchError", "Fetched", "Fetcher", "tar_uri", "parse_tar_uri"]

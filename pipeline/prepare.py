@@ -14,16 +14,16 @@ import tempfile
 import time
 import uuid
 
-from pipeline.decode import DecodeConfig, DecodeError, decode_file
+from pipeline.decode import SAMPLE_FIELDS, DecodeConfig, DecodeError, DecodeSkip, decode_file
 from pipeline.faults import maybe_fault
 from pipeline.fetch import FetchConfig, FetchError, Fetcher
 from pipeline.isolate import IsolateError, Isolator
 from pipeline.mesh.stage import MeshConfig
-from pipeline.rows import Row, describe, fail
+from pipeline.rows import Row, describe, fail, skip, window_id
 from pipeline.stage import Resources, Stage
 from pipeline.storage import StorageOptions
 
-DECODED = ("pixels", "fps", "num_frames", "orig_width", "orig_height")
+DECODED = SAMPLE_FIELDS  # pixels, fps, num_frames, sizes, the tokenized window (pipeline/decode.py)
 VOXELIZED = ("voxel_feats", "voxel_coords", "num_voxels", "render")
 
 
@@ -85,9 +85,10 @@ class Prepare(Stage):
                     out[i] = fail(row, "fetch", str(got))
                     continue
                 t0 = time.perf_counter()
-                out[i] = self._one_file(row, got.path)
-                out[i]["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s,
-                                     self._stage_of(row): time.perf_counter() - t0}
+                out[i] = self._one_file(row, got.path)  # a list when a clip gives several windows
+                for r in out[i] if isinstance(out[i], list) else [out[i]]:
+                    r["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s,
+                                    self._stage_of(row): time.perf_counter() - t0}
             if not isinstance(got, FetchError):
                 self.fetcher.release(got)
             started = time.perf_counter()
@@ -106,11 +107,17 @@ class Prepare(Stage):
         try:
             got = self.isolator.run(decode_file, path, row["modality"], self.decode_cfg, span, timeout_s=timeout,
                                     label="decode")
+        except DecodeSkip as exc:  # a job rule (filter, no upscaling): skipped, with the rule
+            return skip(row, "decode", str(exc))
         except (IsolateError, DecodeError) as exc:
             return fail(row, "decode", str(exc))
         except Exception as exc:  # any decoder error is this sample's, never the worker's
             return fail(row, "decode", describe(exc))
-        return {**row, **{k: got[k] for k in DECODED}}
+        first = {**row, **{k: got.get(k) for k in DECODED}}
+        if not got.get("more_windows"):
+            return first
+        return [first] + [{**first, **{k: w.get(k) for k in DECODED}, "id": window_id(row["id"], w["window_index"])}
+                          for w in got["more_windows"]]
 
     def _mesh(self, row: Row, path: str) -> Row:
         import torch

@@ -28,8 +28,10 @@ def recorded_configs(store, job):
 
 def reconstruct_record(model, rec: dict, prepare):
     """(input, reconstruction) as float arrays in [0, 1]: [T, H, W, 3] for image/video, [M, 768] for 3D."""
-    row = new_row(rec["id"], rec["modality"], rec["source"], uri=rec["uri"], span_start=rec.get("span_start"),
-                  span_end=rec.get("span_end"))
+    start, end = rec.get("span_start"), rec.get("span_end")
+    if rec.get("window_start") is not None:  # the window that was tokenized (one of several, with windows: all)
+        start, end = rec["window_start"], rec["window_end"]
+    row = new_row(rec["id"], rec["modality"], rec["source"], uri=rec["uri"], span_start=start, span_end=end)
     row = prepare([row])[0]
     return model.reconstruct(rec, row) if is_ok(row) else None
 

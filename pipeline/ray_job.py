@@ -93,7 +93,11 @@ def make_control(ray):
         def get_counts(self) -> dict:
             return self.counts
 
-    return RunControl.remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return RunControl.options(scheduling_strategy=here).remote()  # on the driver's node: a lost worker node
+                                                                   # must not take the stop flag and counts along
 
 
 # ---- payload tables ------------------------------------------------------------------------------------------
@@ -104,7 +108,12 @@ def to_table(rows: list[Row]) -> pa.Table:
 
 
 def from_table(batch: pa.Table) -> list[Row]:
-    return [pickle.loads(p) for p in batch.column("payload").to_pylist()]
+    """The rows of a payload table (a payload may be a bundle: a list of rows that travel as one, see _describe)."""
+    out: list[Row] = []
+    for p in batch.column("payload").to_pylist():
+        got = pickle.loads(p)
+        out.extend(got) if isinstance(got, list) else out.append(got)
+    return out
 
 
 # ---- the adapter: any Stage -> a Ray Data operator ------------------------------------------------------------
@@ -154,12 +163,12 @@ def pool(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False):
+def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False, batch_size: int | None = None):
     """The one adapter: a Stage becomes an actor pool (stateful or GPU stages) or tasks, with its declared
     resources and batch size. `concurrency`: actors (int, or (min, max) to autoscale) or concurrent tasks.
     Ray's own retry rules apply (tasks: 3 retries after a lost worker; actors: restarted)."""
     res = stage.resources()
-    kw: dict[str, Any] = dict(batch_size=stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus,
+    kw: dict[str, Any] = dict(batch_size=batch_size or stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus,
                               zero_copy_batch=True)
     if res.gpus:
         kw["num_gpus"] = res.gpus
@@ -217,15 +226,38 @@ def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source
     if control is not None:
         control.add.remote(source, counts)
     todo = todo.sort_by([("group", "ascending"), ("id", "ascending")])
-    for start in range(0, todo.num_rows, DESCRIBE_ROWS):
-        yield todo.slice(start, DESCRIBE_ROWS)
+    groups = todo.column("group").to_pylist()
+    start = 0
+    while start < todo.num_rows:  # slices of about DESCRIBE_ROWS that never split a group
+        end = min(start + DESCRIBE_ROWS, todo.num_rows)
+        while end < todo.num_rows and groups[end] == groups[end - 1]:
+            end += 1
+        yield todo.slice(start, end - start)
+        start = end
 
 
-def _describe(rows: pa.Table, source: Source) -> pa.Table:
-    """Descriptor rows as a payload table, with the branch (prepare pool) each row goes to."""
+def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -> pa.Table:
+    """Descriptor rows as a payload table, with the branch (prepare pool) each row goes to. With `bundle_rows`
+    (per branch), rows travel in bundles of about one prepare batch, one payload each, and a group (the clips of
+    one video) is never split between bundles: one prepare call sees all of a video's clips and downloads it
+    once."""
     described = source.describe(rows)
-    branch = pa.array(["3d" if r.get("modality") == "3d" else "media" for r in described], pa.string())
-    return to_table(described).append_column("branch", branch)
+    branches = ["3d" if r.get("modality") == "3d" else "media" for r in described]
+    if not bundle_rows:
+        return to_table(described).append_column("branch", pa.array(branches, pa.string()))
+    groups = rows.column("group").to_pylist() if len(described) == rows.num_rows else list(range(len(described)))
+    bundles: list[tuple[str, list]] = []
+    current: dict[str, tuple[list, Any]] = {}
+    for row, group, branch in zip(described, groups, branches):
+        bundle, last = current.get(branch, (None, None))
+        if bundle is None or (group != last and len(bundle) >= bundle_rows.get(branch, 1)):
+            bundle = []
+            bundles.append((branch, bundle))
+        bundle.append(row)
+        current[branch] = (bundle, group)
+    return pa.table({"id": pa.array([b[0]["id"] for _, b in bundles], pa.string()),
+                     "payload": pa.array([pickle.dumps(b, protocol=5) for _, b in bundles], pa.binary()),
+                     "branch": pa.array([br for br, _ in bundles], pa.string())})
 
 
 def read_source(ray, source: Source, plan):
@@ -245,7 +277,7 @@ def read_source(ray, source: Source, plan):
 
 
 def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_failed: bool, control=None,
-                   dry_run: bool = False, partitions: int = 16):
+                   dry_run: bool = False, partitions: int = 16, bundle_rows: dict | None = None):
     """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run."""
     ds = read_source(ray, source, source.plan())
     ds = ds.map_batches(_keys, fn_kwargs={"source": source, "buckets": buckets},
@@ -258,7 +290,8 @@ def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_fa
         batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS)
     if dry_run:
         return ds
-    return ds.map_batches(_describe, fn_kwargs={"source": source}, batch_format="pyarrow", batch_size=None,
+    return ds.map_batches(_describe, fn_kwargs={"source": source, "bundle_rows": bundle_rows},
+                          batch_format="pyarrow", batch_size=None,
                           num_cpus=SMALL_TASK_CPUS)
 
 
@@ -304,17 +337,26 @@ def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, 
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
     parts = [source_dataset(ray, make_source(cfg, job.storage), view, buckets, retry_failed, control,
-                            partitions=partitions) for cfg in job.sources]
+                            partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
-    if not todo.count():
+    bundles = todo.count()
+    if not bundles:
         return out
+    per_block = bundles_per_block(bundles, cpus)
     for branch in (("media", "3d") if split else ("media",)):
         ds = todo.filter(expr=f"branch == '{branch}'", num_cpus=SMALL_TASK_CPUS) if split else todo
-        ds = ds.repartition(target_num_rows_per_block=batch_rows[branch]).materialize()  # one batch a block
+        ds = ds.repartition(target_num_rows_per_block=per_block).materialize()
         if ds.count():
             out[branch] = ds
     return out
+
+
+def bundles_per_block(bundles: int, cpus: int, most: int = 32) -> int:
+    """Bundles (one prepare call each) per block of the planned dataset: one while there are few (every block can
+    go to another actor), up to `most` for big jobs, so a 10M-row job is ~40k blocks, not 1.25M block refs and
+    their metadata held by the driver. Prepare still takes one bundle per call; a stop drops the rest of a block."""
+    return max(1, min(most, bundles // (8 * max(1, cpus))))
 
 
 def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray):
@@ -325,7 +367,8 @@ def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool,
                      {b: stages[b].batch_size for b in ("media", "3d")})
     if not todo:  # nothing new: no actor pool, no model load
         return None
-    prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True)
+    prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True,
+                          batch_size=1)  # one bundle: about stage.batch_size rows, whole groups
                 for branch, ds in todo.items()]
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
     ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"])

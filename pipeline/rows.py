@@ -25,7 +25,13 @@ class Row(TypedDict, total=False):
     caption: str | None
     span_start: float | None     # seconds, for clips cut out of a longer video
     span_end: float | None
-    meta: str                    # JSON: source extras
+    meta: str                    # JSON: source extras (and `metadata_errors`: optional metadata that did not parse)
+    # typed source metadata (None where a source has none): Panda-70M, WebVid
+    matching_score: float | None
+    desirable_filtering: str | None
+    shot_boundary_detection: list[list[float]] | None   # [start, end] seconds per shot, relative to the clip
+    page_dir: str | None
+    duration: float | None       # the duration the source's metadata states (not measured)
     status: str
     stage: str
     reason: str | None
@@ -39,6 +45,12 @@ class Decoded(Row, total=False):
     num_frames: int
     orig_width: int              # after EXIF rotation
     orig_height: int
+    upscaled: bool               # smaller than its bucket and upscaled (decode.upscale: true)
+    window_start: float | None   # videos: the window actually tokenized (seconds of the file)
+    window_end: float | None
+    window_index: int | None     # 0, or k for the k-th window of decode.windows: all (id `<clip id>.w<k>`)
+    span_clamped: bool | None    # the span ran past the file's end and was cut to it
+    media_duration: float | None  # the file's length as decoded
 
 
 class Voxelized(Row, total=False):
@@ -69,6 +81,11 @@ class Tokenized(Row, total=False):
 def new_row(id: str, modality: str, source: str, **fields: Any) -> Row:
     return {"id": id, "modality": modality, "source": source, "status": OK, "stage": "source", "reason": None,
             "caption": None, "span_start": None, "span_end": None, "meta": "{}", **fields}
+
+
+def window_id(clip_id: str, index: int) -> str:
+    """Window 0 keeps the clip's id (so resume finds it); window k of a clip is `<clip id>.w<k>`."""
+    return clip_id if index == 0 else f"{clip_id}.w{index}"
 
 
 def fail(row: Row, stage: str, reason: str) -> Row:

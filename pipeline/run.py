@@ -22,7 +22,7 @@ from pipeline.faults import maybe_fault
 from pipeline.job import JobConfig, preprocess_identity
 from pipeline.lock import RunLock
 from pipeline.storage import Storage
-from pipeline.store import Store, versions
+from pipeline.store import Store, versions, write_root_card
 
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -35,6 +35,7 @@ class Summary:
     resume: dict = field(default_factory=dict)                      # source -> filter counts
     counts: dict = field(default_factory=collections.Counter)       # status -> n (this run)
     reasons: dict = field(default_factory=collections.Counter)      # (stage, reason) -> n
+    by_source: dict = field(default_factory=collections.Counter)    # (source, status, reason kind) -> n
     stage_s: dict = field(default_factory=collections.Counter)      # stage -> summed seconds
     stage_n: dict = field(default_factory=collections.Counter)
     shards: list = field(default_factory=list)                      # shards committed this run
@@ -74,6 +75,8 @@ class Summary:
         for stage, reason, n in rec.get("reasons", []):
             if len(self.reasons) < 1000 or (stage, reason) in self.reasons:
                 self.reasons[(stage, reason)] += n
+        for src, status, kind, n in rec.get("by_source", []):
+            self.by_source[(src, status, kind)] += n
         for k, (s, n) in rec.get("timings", {}).items():
             self.stage_s[k] += s
             self.stage_n[k] += n
@@ -95,6 +98,22 @@ class Summary:
                 break
         return ((b - a) / (t1 - t0) if t1 > t0 else float("inf")), t0, t1
 
+    def ratio_lines(self) -> list[str]:
+        """Success ratio per source, and per reason kind (unavailable, bot-check, network, decode, ...)."""
+        per: dict = collections.defaultdict(collections.Counter)
+        kinds: dict = collections.defaultdict(collections.Counter)
+        for (src, status, kind), n in self.by_source.items():
+            per[src][status] += n
+            if status != "ok":
+                kinds[src][f"{status} {kind}"] += n
+        lines = []
+        for src, c in sorted(per.items()):
+            total = sum(c.values())
+            why = ", ".join(f"{k} {n} ({n / total:.0%})" for k, n in kinds[src].most_common(8))
+            lines.append(f"  source {src}: ok {c['ok']} of {total} ({c['ok'] / max(total, 1):.1%})"
+                         + (f"; {why}" if why else ""))
+        return lines
+
     def render(self) -> str:
         done = self.done_before
         lines = [f"run summary: {self.store_dir}" + (" (dry run: nothing fetched)" if self.dry_run else "")]
@@ -111,6 +130,7 @@ class Summary:
         lines.append(f"  this run: {self.finished} of {self.todo} finished; "
                      + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
         lines.append(f"  wall {self.wall_s:.1f}s, {self.finished / max(self.wall_s, 1e-9):.2f} samples/s")
+        lines += self.ratio_lines()
         for k in self.stage_s:
             per = self.stage_s[k] / max(self.stage_n[k], 1)
             lines.append(f"  stage {k:9s} {self.stage_n[k]:6d} samples, {per * 1e3:8.1f} ms/sample/worker, "
@@ -278,6 +298,9 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
         sig.stream_ended()
         summary.interrupted = sig.signum
         _finish(store, run_id, summary, ray, reload=cut)
+        if not write_root_card(root, name):
+            summary.notes.append(f"{root.uri('README.md')} is not ours: left as it is (load_dataset(OUT) needs "
+                                 "data_files=...; each version folder has its own card)")
     if job.qa.samples > 0 and not summary.interrupted and summary.shards:  # only when this run added shards
         from pipeline.qa import run_qa
 
@@ -316,7 +339,10 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
             if not infrastructure(exc) or attempt == job.ray.restarts:
                 raise cause from None
             if not summary.resume:
-                summary.resume = ray.get(control.get_counts.remote())
+                try:
+                    summary.resume = ray.get(control.get_counts.remote(), timeout=30)
+                except Exception:  # noqa: BLE001 - the counts are lost with it; the next attempt counts again
+                    pass
             summary.notes.append(f"the execution failed ({type(cause).__name__}: {str(cause)[:200]}); "
                                  f"started again ({attempt + 1}/{job.ray.restarts})")
             _compact_ledger(ray, store)
@@ -416,4 +442,4 @@ def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = Fal
               "resume": summary.resume, "commits": summary.commits, "notes": summary.notes,
               "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)]}
     store.storage.write_bytes(f"runs/{run_id}.json", json.dumps(record, indent=1, default=str).encode())
-    store.drop_staging(run_id)
+    store.drop_staging()  # all of it: ours, and any a killed run's orphaned workers wrote since we started

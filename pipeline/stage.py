@@ -4,7 +4,8 @@ A stage declares what it needs (`resources()`), what it reads and adds (`reads`,
 runs once per worker (a model, a renderer, an HTTP client). Its work is `process(row)` or, for stages that batch,
 `process_batch(rows)`. Calling the stage (`stage(rows)`) adds what every stage needs and is written only here:
 failed rows pass through untouched, exceptions become a failed row with the reason, each ok row gets its stage
-name and timing, and a fault-injection point named after the stage.
+name and timing, and a fault-injection point named after the stage. `process_batch` returns one entry per input
+row: a row, or a list of rows when one input becomes several samples (the windows of a video clip).
 
 `pipeline/ray_job.py` maps any stage to a Ray Data task or actor pool; nothing else here knows about Ray.
 """
@@ -71,13 +72,14 @@ class Stage:
             raise RuntimeError(f"stage {self.name} returned {len(done)} rows for {len(todo)}")
         per_row = (time.perf_counter() - t0) / len(todo)
         now = time.time()
-        out = list(rows)
-        for i, r in zip(todo, done):
-            if is_ok(r):
-                r["stage"] = self.name
-                r["timings"] = {self.name: per_row, **(r.get("timings") or {}), "_done": now}
-            out[i] = r
-        return out
+        out: list = list(rows)
+        for i, got in zip(todo, done):
+            for r in got if isinstance(got, list) else [got]:  # a list: one row became several (video windows)
+                if is_ok(r):
+                    r["stage"] = self.name
+                    r["timings"] = {self.name: per_row, **(r.get("timings") or {}), "_done": now}
+            out[i] = got
+        return [r for got in out for r in (got if isinstance(got, list) else [got])]
 
     def _one(self, row: Row) -> Row:
         try:

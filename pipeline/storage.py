@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import posixpath
+import re
 import urllib.parse
 import uuid
 from dataclasses import dataclass
@@ -136,6 +138,20 @@ class Entry:
     mtime: float | None
 
 
+def _etag_matches(etag, data: bytes) -> bool | None:
+    """Whether `data` is the object an S3 ETag names, where the ETag says: a single-part PUT's ETag is the MD5 of
+    its bytes, a one-part multipart upload's (pyarrow writes those) is MD5(MD5(bytes)) + "-1". None: the ETag says
+    nothing checkable (several parts, or an opaque tag)."""
+    if etag is None:
+        return None
+    tag = (etag.decode("ascii", "replace") if isinstance(etag, bytes) else str(etag)).strip().strip('"').lower()
+    if re.fullmatch(r"[0-9a-f]{32}", tag):
+        return hashlib.md5(data).hexdigest() == tag
+    if re.fullmatch(r"[0-9a-f]{32}-1", tag):
+        return hashlib.md5(hashlib.md5(data).digest()).hexdigest() == tag[:32]
+    return None
+
+
 class Storage:
     """Files under one root URI. Picklable (it pickles its URI and options, not connections)."""
 
@@ -209,11 +225,14 @@ class Storage:
                 if last or etag is None or self._etag(path) == etag:
                     raise
                 return None
-        if etag is None or self._etag(path) == etag:
+        same = _etag_matches(etag, data)  # what was read, checked against the ETag itself where it can be
+        if same is not None:
+            return data if same else None
+        if etag is None or self._etag(path) == etag:  # (an A -> B -> A overwrite passes this: same ETag)
             return data
         return None
 
-    def _etag(self, path: str) -> bytes | None:
+    def _etag(self, path: str) -> bytes | str | None:
         try:
             with self.fs.open_input_file(path) as f:
                 return f.metadata().get("ETag")

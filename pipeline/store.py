@@ -228,8 +228,10 @@ class Store:
         self._records_since_checkpoint = []
         self.checkpoint_seq = seq
 
-    def drop_staging(self, run_id: str) -> None:
-        self.storage.delete_dir(f"staging/{run_id}")
+    def drop_staging(self, run_id: str | None = None) -> None:
+        """Deletes one run's staging folder, or (None) all of it: with the lock held, at the end of a run, every
+        staged file is garbage, including what a killed run's leftover workers wrote after this run started."""
+        self.storage.delete_dir(f"staging/{run_id}" if run_id else "staging")
 
     # ---- derived views -----------------------------------------------------------------------------------------
     def counts(self) -> dict:
@@ -301,6 +303,33 @@ def verify(storage: Storage) -> list[str]:
         problems.append(f"ledger and shards disagree: {len(ok - set(seen))} ok in the ledger without a row, "
                         f"{len(set(seen) - ok)} rows without an ok outcome")
     return problems
+
+
+ROOT_CARD_MARK = "<!-- atoken-cache: output root card, rewritten by each run -->"
+
+
+def write_root_card(root: Storage, current: str) -> bool:
+    """OUT/README.md, so that `datasets.load_dataset(OUT, "<modality>")` reads the tokens of the version `current`
+    (the one a run just wrote) and `"<version>-<modality>"` any version; without it `load_dataset(OUT)` mixes
+    shards with the ledger's and manifest's Parquet files. A README.md there that is not ours is left alone
+    (returns False)."""
+    if root.exists("README.md") and ROOT_CARD_MARK not in root.read_bytes("README.md").decode("utf-8", "replace"):
+        return False
+    found = {v.root.rstrip("/").rsplit("/", 1)[-1]: v for v in versions(root)}
+    present = {name: [m for m in MODALITIES if v.list(f"data/{m}")] for name, v in found.items()}
+    configs, lines = [], []
+    for k, m in enumerate(present.get(current, [])):
+        configs.append(f"- config_name: {m}\n  data_files: \"{current}/data/{m}/*.parquet\"\n"
+                       + ("  default: true\n" if k == 0 else ""))
+    for name in sorted(present):
+        configs += [f"- config_name: {name}-{m}\n  data_files: \"{name}/data/{m}/*.parquet\"\n" for m in present[name]]
+        lines.append(f"- `{name}`{' (latest run)' if name == current else ''}: {', '.join(present[name]) or 'empty'}")
+    body = (f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
+            "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
+            + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest run's "
+            "version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n")
+    root.write_bytes("README.md", body.encode())
+    return True
 
 
 def versions(root: Storage) -> list[Storage]:

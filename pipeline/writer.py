@@ -23,6 +23,7 @@ from pipeline.config import Config
 from pipeline.faults import maybe_fault
 from pipeline.rows import OK, Row, outcome
 from pipeline.storage import Storage
+from pipeline.ytdlp import reason_kind
 from schemas.tokens import MODALITIES, TokenDims, ledger_table, rows_to_table
 
 MB = 1 << 20
@@ -159,5 +160,8 @@ def summarize(rows: list[Row]) -> dict:
             t = timings.setdefault(k, [0.0, 0])
             t[0] += v
             t[1] += 1
+    by_source = collections.Counter((r.get("source") or "", r.get("status", OK),
+                                     "" if r.get("status", OK) == OK else reason_kind(r.get("stage"), r.get("reason")))
+                                    for r in rows)
     return {"rows": len(rows), "counts": dict(counts), "reasons": [[s, m, n] for (s, m), n in reasons.items()],
-            "timings": timings, "done_at": done}
+            "timings": timings, "done_at": done, "by_source": [[*k, n] for k, n in by_source.items()]}

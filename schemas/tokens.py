@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.1"  # 1.1: `preprocess` column; ledger and shard index
+SCHEMA_VERSION = "1.2"  # 1.1: `preprocess` column; ledger and shard index. 1.2: the tokenized window, clamping,
+                        # upscaling, and typed source metadata (Panda-70M, WebVid)
 MODALITIES = ("image", "video", "3d")
 STATUSES = ("ok", "failed", "skipped")
 
@@ -41,7 +42,18 @@ def token_schema(dims: TokenDims) -> pa.Schema:
         pa.field("uri", pa.string()),
         pa.field("caption", pa.string()),
         pa.field("span_start", pa.float64()),          # seconds into the source video (Panda-70M clips)
-        pa.field("span_end", pa.float64()),
+        pa.field("span_end", pa.float64()),            # (the source's span, as its metadata gives it)
+        pa.field("window_start", pa.float64()),        # videos: the window actually tokenized, seconds of the file
+        pa.field("window_end", pa.float64()),          # (= window_start + num_frames / fps, within the span)
+        pa.field("window_index", pa.int32()),          # which window of the clip (decode.windows: all gives several)
+        pa.field("span_clamped", pa.bool_()),          # the span ran past the file's end and was cut to it
+        pa.field("media_duration", pa.float64()),      # the file's length in seconds, as decoded
+        pa.field("upscaled", pa.bool_()),              # the source was smaller than its bucket and upscaled
+        pa.field("matching_score", pa.float64()),      # Panda-70M: caption-clip matching score
+        pa.field("desirable_filtering", pa.string()),  # Panda-70M: e.g. "desirable", "1_still_foreground_image"
+        pa.field("shot_boundary_detection", pa.list_(pa.list_(pa.float64(), 2))),  # Panda-70M: shots [start, end]
+        pa.field("page_dir", pa.string()),             # WebVid: the page folder of its downloaders' layout
+        pa.field("duration", pa.float64()),            # WebVid: the duration its metadata states (seconds)
         pa.field("width", pa.int32()),                 # decoded input size fed to the tokenizer
         pa.field("height", pa.int32()),
         pa.field("num_frames", pa.int32()),
@@ -129,8 +141,10 @@ def rows_to_table(rows: list[dict], dims: TokenDims) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-_SCALARS = ("id", "modality", "source", "uri", "caption", "span_start", "span_end", "width", "height", "num_frames",
-            "fps", "orig_width", "orig_height", "num_voxels", "meta", "tokenizer", "preprocess")
+_SCALARS = ("id", "modality", "source", "uri", "caption", "span_start", "span_end", "window_start", "window_end",
+            "window_index", "span_clamped", "media_duration", "upscaled", "matching_score", "desirable_filtering",
+            "shot_boundary_detection", "page_dir", "duration", "width", "height", "num_frames", "fps", "orig_width",
+            "orig_height", "num_voxels", "meta", "tokenizer", "preprocess")
 _TOKEN_DTYPES = {"coords": np.int16, "latent": np.float16, "logvar": np.float16, "fsq_indices": np.int16}
 
 

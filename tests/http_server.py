@@ -3,6 +3,7 @@
     with FaultServer(root, {"/a.mp4": Fault("status", code=500, times=2)}) as srv:
         srv.url("a.mp4")        # -> http://127.0.0.1:<port>/a.mp4
         srv.hits["/a.mp4"]      # requests seen for that path
+        srv.ranges              # (path, start) of each `Range: bytes=N-` request (answered 206)
 
 Fault kinds (each applies to the first `times` requests of its path, then the file is served normally;
 times=None: always):
@@ -45,7 +46,8 @@ class FaultServer:
     def __init__(self, root: str | Path, faults: dict[str, Fault] | None = None):
         self.root = Path(root)
         self.faults = dict(faults or {})
-        self.hits: collections.Counter = collections.Counter()
+        self.hits: collections.Counter = collections.Counter()   # GET per path ("HEAD <path>" for HEAD)
+        self.ranges: list[tuple[str, int]] = []                    # (path, first byte) of each range request
         self._lock = threading.Lock()
         self._stop = threading.Event()
         server = self
@@ -65,6 +67,16 @@ class FaultServer:
                 if fault is not None and (fault.times is None or n <= fault.times):
                     return server._fault(self, path, fault)
                 server._serve_file(self, path)
+
+            def do_HEAD(self):
+                path = self.path.split("?")[0]
+                with server._lock:
+                    server.hits[f"HEAD {path}"] += 1
+                data = server._file(path)
+                self.send_response(200 if data is not None else 404)
+                self.send_header("Content-Length", str(len(data) if data is not None else 0))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
@@ -110,6 +122,14 @@ class FaultServer:
         data = self._file(path)
         if data is None:
             return self._send(h, 404, b"not found", "text/plain")
+        rng = h.headers.get("Range", "")
+        if rng.startswith("bytes=") and rng[6:].rstrip("-").isdigit():  # `bytes=N-`, as resumable clients send
+            start = int(rng[6:].rstrip("-"))
+            if start >= len(data):
+                return self._send(h, 416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
+            self.ranges.append((path, start))
+            return self._send(h, 206, data[start:],
+                              headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
         self._send(h, 200, data)
 
     def _fault(self, h, path: str, f: Fault) -> None:

@@ -100,7 +100,7 @@ def fail(f: Fetcher, uri: str, modality: str = "video") -> str:
 def test_config_defaults_and_validation():
     cfg = FetchConfig()
     assert (cfg.concurrency, cfg.cache, cfg.cache_dir, cfg.cache_max_bytes) == (8, "none", None, 50 << 30)
-    assert cfg.schemes == ("http", "https", "file", "s3", "gs", "hf") and cfg.user_agent == "atoken-cache/0.2"
+    assert cfg.schemes == ("http", "https", "file", "s3", "gs", "hf", "tar") and cfg.user_agent == "atoken-cache/0.2"
     assert FetchConfig.IDENTITY == () and cfg.identity() == {}
     assert FetchConfig(schemes=["http"], cache="s3://bucket/fetch-cache").schemes == ("http",)
     FetchConfig(cache="/shared/nfs/cache")

@@ -103,7 +103,7 @@ def test_bad_sources(source, expected):
     lines = problems(data={"out": "out/x", "sources": [source]})
     assert len(lines) == 1 and lines[0].startswith(expected), lines
     if "expected one of" in expected:
-        assert lines[0].endswith("folder, objaverse, panda70m, url_list, webvid")
+        assert lines[0].endswith("folder, objaverse, panda70m, url_list, webdataset, webvid")
 
 
 def test_several_sources_several_problems():

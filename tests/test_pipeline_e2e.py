@@ -18,7 +18,7 @@ from tests.http_server import Fault, FaultServer
 
 IMAGES = ["astronaut.png", "Channel_digital_image_CMYK_color.jpg", "portrait-orientation-6.jpg", "hopper_16bit.pgm"]
 VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm"]
-BAD = ["truncated.jpg", "no_duration.webm"]
+BAD = ["truncated.jpg", "fixed_lacing_bad_lace_size.mkv"]  # (no_duration.webm decodes, through PyAV)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     assert "config_name: 3d" in card and "data/video/*.parquet" in card
     loaded = datasets.load_dataset(store.uri, "image", split="train")  # through the card's configs
     assert len(loaded) == len(IMAGES)
+    name = store.uri.rsplit("/", 1)[-1]  # the output root's card: its configs name the latest version's shards
+    from_root = datasets.load_dataset(str(tmp_path / "out"), split="train")  # default: the first modality
+    assert len(from_root) == len(IMAGES) and set(from_root["id"]) == set(loaded["id"])
+    assert len(datasets.load_dataset(str(tmp_path / "out"), f"{name}-video", split="train")) == len(VIDEOS)
 
     shards_before = dict(store.shards)
     again = run_job(job)  # a rerun does no work

@@ -88,7 +88,8 @@ def test_local_folder_to_decoded_rows(tmp_path, prepare, scratch):
     video = next(r for r in out.values() if r["uri"].endswith("chaplin.mp4"))
     assert (video["num_frames"], video["fps"], video["orig_width"], video["orig_height"]) == (8, 4.0, 640, 360)
     short = next(r for r in out.values() if r["uri"].endswith("stub_mjpeg.avi"))
-    assert short["num_frames"] == 3 and short["pixels"].shape == (3, 224, 288, 3)
+    assert short["num_frames"] == 3 and short["pixels"].shape == (3, 112, 144, 3)  # 160x120: native, not upscaled
+    assert short["upscaled"] is False and (short["window_start"], short["window_end"]) == (0.0, 0.3)
     # the same pixels as decoding the file directly
     ref = decode_file(str(DATA / "videos" / "chaplin.mp4"), "video", DECODE)
     np.testing.assert_array_equal(video["pixels"], ref["pixels"])
@@ -110,7 +111,7 @@ def test_missing_and_bad_files_fail_with_reasons(tmp_path, prepare):
         row(tmp_path / "nope.png", "image"),
         row(DATA / "bad" / "broken.png", "image"),
         row(DATA / "bad" / "truncated_jpeg.jpg", "image"),
-        row(DATA / "bad" / "no_duration.webm", "video"),
+        row(DATA / "bad" / "fixed_lacing_bad_lace_size.mkv", "video"),
         row(tmp_path / "notes.jpg", "image"),
         row(DATA / "images" / "coffee.png", "video", "image-as-video"),
         row(DATA / "images" / "coffee.png", "unknown", "odd-modality"),
@@ -124,7 +125,7 @@ def test_missing_and_bad_files_fail_with_reasons(tmp_path, prepare):
         "nope.png": ("fetch", f"no such file: {tmp_path / 'nope.png'}"),
         "broken.png": ("decode", "cannot identify image"),
         "truncated_jpeg.jpg": ("decode", "image file is truncated"),
-        "no_duration.webm": ("decode", "Failed to measure duration/frame-count"),
+        "fixed_lacing_bad_lace_size.mkv": ("decode", "corrupt or truncated video stream (decoder: Cannot create"),
         "notes.jpg": ("fetch", "content is not an image"),
         "image-as-video": ("fetch", "content is not a video (looks like png)"),
         "odd-modality": ("fetch", "content is not 'unknown'"),  # (skipped rows never get this far)

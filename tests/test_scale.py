@@ -1,7 +1,7 @@
 """The driver's memory bound: a dry run of a 1M-row WebVid-format source against a store that already holds 500k
-done ids keeps the driver's own (private) memory far below the 2 GB budget and gives exact counts
-(benchmarks/bench_scale.py runs the 10M point). Private, not the whole RSS: pages of the shared object store and of
-mapped libraries that the driver touches count in its RSS but are not held by it."""
+done ids keeps the driver's memory far below the 2 GB budget and gives exact counts (benchmarks/bench_scale.py
+runs the 10M point). The peaks come from /proc (the benchmark samples them; getrusage in a child of a big test
+runner reports the runner's RSS, as it counts the image before exec)."""
 import sys
 from pathlib import Path
 
@@ -18,4 +18,5 @@ BUDGET_MB = 2048
 def test_dry_run_of_a_million_rows_stays_within_the_driver_budget(tmp_path):
     point = dry_run_point(tmp_path, 1_000_000, cpus=2)  # asserts exact counts: 500k to do, 500k done
     assert point["to_do"] == 500_000 and point["done_before"] == 500_000
-    assert 0 < point["driver_peak_private_mb"] < BUDGET_MB, point
+    assert 0 < point["driver_peak_private_mb"] <= point["driver_peaks_mb"]["VmRSS"] < BUDGET_MB, point
+    assert point["driver_peak_rss_mb"] < BUDGET_MB, point  # the CLI's own figure (VmHWM)

@@ -147,15 +147,17 @@ def test_panda_validation_head():
     assert (r["span_start"], r["span_end"]) == (19.227, 28.278)
     assert r["caption"] == ("The speaker is standing in front of a purple background, wearing a blue shirt "
                             "and glasses.")
-    assert meta(r) == {"clip": 0, "duration": 9.051, "matching_score": 0.50927734375, "videoid": "-1hTK0wGrTg"}
+    assert meta(r) == {"clip": 0, "duration": 9.051, "videoid": "-1hTK0wGrTg"}
+    assert r["matching_score"] == 0.50927734375  # a typed shard column, not inside the JSON
+    assert r["desirable_filtering"] is None and r["shot_boundary_detection"] is None  # not in this layout
     cooking = rows[7]  # caption with an apostrophe, double-quoted in the list literal
     assert cooking["caption"] == ("A man is cooking in a blue kitchen. he is wearing a chef's hat and appears to "
                                   "be preparing food.")
     assert (cooking["span_start"], cooking["span_end"]) == (150.683, 154.654)
-    assert meta(cooking)["matching_score"] == 0.468505859375
+    assert cooking["matching_score"] == 0.468505859375
     last = rows[-1]
     assert (last["span_start"], last["span_end"]) == (1033.499, 1051.116)
-    assert meta(last)["matching_score"] == 0.4765625
+    assert last["matching_score"] == 0.4765625
     assert last["caption"] == 'A picture of an orange background with the words "watch this video" written on it.'
     assert len({r["id"] for r in rows}) == 15
     assert [meta(r)["clip"] for r in rows[:3]] == [0, 1, 2]
@@ -165,13 +167,13 @@ def test_panda_training_format_extra_columns():
     rows = read(type="panda70m", path=str(META / "panda70m_training_format_example.csv"))
     assert [(r["span_start"], r["span_end"]) for r in rows] == [(80.88, 83.983), (151.151, 154.32),
                                                                 (208.841, 213.68)]
-    assert [meta(r)["matching_score"] for r in rows] == [0.451416015625, 0.4990234375, 0.434814453125]
+    assert [r["matching_score"] for r in rows] == [0.451416015625, 0.4990234375, 0.434814453125]
     assert rows[0]["caption"] == "A neuron in a black background."
-    # the extra per-clip columns are kept, each clip with its own entry
-    assert [meta(r)["desirable_filtering"] for r in rows] == ["1_still_foreground_image", "desirable", "desirable"]
-    assert [meta(r)["shot_boundary_detection"] for r in rows] == [
-        [["0:00:00.000", "0:00:03.069"]], [["0:00:00.000", "0:00:03.169"]],
-        [["0:00:00.000", "0:00:02.702"], ["0:00:02.736", "0:00:04.838"]]]
+    # the extra per-clip columns are kept as typed fields (shard columns), each clip with its own entry
+    assert [r["desirable_filtering"] for r in rows] == ["1_still_foreground_image", "desirable", "desirable"]
+    assert [r["shot_boundary_detection"] for r in rows] == [
+        [[0.0, 3.069]], [[0.0, 3.169]], [[0.0, 2.702], [2.736, 4.838]]]  # seconds, relative to the clip
+    assert all("metadata_errors" not in meta(r) for r in rows)
 
 
 def test_panda_malformed_rows(tmp_path):

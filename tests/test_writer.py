@@ -62,7 +62,7 @@ def test_shards_cut_by_bytes_and_row_groups_by_row_group_bytes(storage):
         if k < len(ranges) - 1:
             assert est >= CFG.shard_bytes or est + int(sizes[b]) > CFG.shard_max_bytes
         # sizes are Arrow bytes; uncompressed Parquet is bigger (int16 stored as INT32, nested levels), not wildly
-        assert 0.8 * est < s["bytes"] < 2 * est + 8 * KB
+        assert 0.8 * est < s["bytes"] < 2 * est + 16 * KB  # + a footer that grows with the column count
         with storage.open_input(s["staging"]) as f:
             pf = pq.ParquetFile(f)
             assert pf.read(columns=["id"]).column("id").to_pylist() == ids[a:b]

@@ -66,7 +66,7 @@ class Source(BaseSource):
             try:
                 with root.open_input(rel) as f:
                     head = f.read(HEAD_BYTES)
-                fmt, modality, how = classify(rel, head)
+                fmt, modality, how = classify(uri if root.local else rel, head)  # local: a PyAV probe can open it
             except OSError as exc:
                 fmt, modality, how = None, None, f"unreadable: {exc}"
             meta = {"format": fmt, "bytes": size, "classified_by": how if fmt else None}

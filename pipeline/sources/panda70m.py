@@ -13,12 +13,13 @@ import re
 from typing import Literal
 
 import pyarrow as pa
+from pydantic import field_validator, model_validator
 
-from pipeline.rows import Row, fail, new_row
+from pipeline.rows import Row, fail, new_row, skip
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
 from pipeline.sources.ids import make_id
 from pipeline.sources.tables import csv_header, format_of, resolve_files
-from pipeline.sources.webvid import resolve
+from pipeline.sources.webvid import check_template, mirror_uri
 
 REQUIRED = ("videoID", "url", "timestamp", "caption")
 EXTRA = ("matching_score", "desirable_filtering", "shot_boundary_detection")
@@ -30,6 +31,20 @@ class Config(SourceConfig):
     type: Literal["panda70m"] = "panda70m"
     path: str | list[str]
     base_dir: str | None = None            # resolves relative urls (a local or remote mirror)
+    min_matching_score: float | None = None  # filter: clips scoring lower are skipped before any download
+    path_template: str | None = None       # a mirror under base_dir, e.g. "{videoID}.mp4" (one file per video)
+    url_rewrite: dict[str, str] = {}       # URL prefix -> mirror prefix (see pipeline/sources/webvid.py)
+
+    @field_validator("path_template")
+    @classmethod
+    def _fields(cls, v: str | None) -> str | None:
+        return check_template(v, ("videoID", "videoid"))
+
+    @model_validator(mode="after")
+    def _base(self):
+        if self.path_template and not self.base_dir:
+            raise ValueError("path_template needs base_dir (the mirror's root)")
+        return self
 
 
 def parse_timestamp(text: str) -> float:
@@ -51,14 +66,25 @@ def _literal_list(cell: str | None, what: str) -> list:
 
 
 def clips_of(rec: dict) -> list[tuple[float, float, str, float | None, dict]]:
-    """(start_s, end_s, caption, matching_score, per-clip extras) for each clip of one CSV row."""
+    """(start_s, end_s, caption, matching_score, per-clip extras) for each clip of one CSV row. Timestamps and
+    captions are required; the optional columns (matching_score, desirable_filtering, shot_boundary_detection)
+    never fail a clip: a cell that does not parse, or a list of the wrong length, is left out and named in the
+    clip's extras under `metadata_errors`."""
     stamps = _literal_list(rec.get("timestamp"), "timestamp")
     captions = _literal_list(rec.get("caption"), "caption")
-    lists = {k: _literal_list(rec[k], k) for k in EXTRA if rec.get(k)}
-    bad = {k: len(v) for k, v in lists.items() if len(v) != len(stamps)}
-    if len(captions) != len(stamps) or "matching_score" in bad:
-        raise ValueError(f"{len(stamps)} timestamps, {len(captions)} captions, "
-                         f"{len(lists['matching_score']) if 'matching_score' in lists else 'no'} scores")
+    if len(captions) != len(stamps):
+        raise ValueError(f"{len(stamps)} timestamps, {len(captions)} captions")
+    lists, errors = {}, {}
+    for k in EXTRA:
+        if not rec.get(k):
+            continue
+        try:
+            lists[k] = _literal_list(rec[k], k)
+        except ValueError as exc:
+            errors[k] = str(exc)
+            continue
+        if len(lists[k]) != len(stamps):
+            errors[k] = f"{len(lists.pop(k))} values for {len(stamps)} clips"
     clips = []
     for i, stamp in enumerate(stamps):
         if not (isinstance(stamp, (list, tuple)) and len(stamp) == 2):
@@ -68,10 +94,33 @@ def clips_of(rec: dict) -> list[tuple[float, float, str, float | None, dict]]:
             raise ValueError(f"clip {i}: end {stamp[1]} is not after start {stamp[0]}")
         if not isinstance(captions[i], str):
             raise ValueError(f"clip {i}: caption is not a string")
-        score = float(lists["matching_score"][i]) if "matching_score" in lists else None
-        extra = {k: v[i] for k, v in lists.items() if k != "matching_score" and k not in bad}
+        extra, errs = {k: v[i] for k, v in lists.items() if k != "matching_score"}, dict(errors)
+        score = None
+        if "matching_score" in lists:
+            try:
+                score = float(lists["matching_score"][i])
+            except (TypeError, ValueError):
+                errs["matching_score"] = f"not a number: {lists['matching_score'][i]!r}"
+        if errs:
+            extra["metadata_errors"] = errs
         clips.append((start, end, captions[i], score, extra))
     return clips
+
+
+def typed_metadata(score: float | None, extra: dict) -> dict:
+    """The shard's typed Panda-70M columns; `extra` keeps what did not parse (in `metadata_errors`)."""
+    out = {"matching_score": score, "desirable_filtering": None, "shot_boundary_detection": None}
+    errors = extra.setdefault("metadata_errors", {})
+    if (d := extra.pop("desirable_filtering", None)) is not None:
+        out["desirable_filtering"] = str(d)
+    if (shots := extra.pop("shot_boundary_detection", None)) is not None:
+        try:
+            out["shot_boundary_detection"] = [[parse_timestamp(a), parse_timestamp(b)] for a, b in shots]
+        except (TypeError, ValueError) as exc:
+            errors["shot_boundary_detection"] = f"not a list of [start, end] timestamps: {exc}"
+    if not errors:
+        extra.pop("metadata_errors")
+    return out
 
 
 class Source(BaseSource):
@@ -124,12 +173,19 @@ class Source(BaseSource):
         recs = rows.select([c for c in ("id", "bucket", *_CLIP_COLUMNS)]).to_pylist()
         out = []
         for r in recs:
-            row = new_row(r["id"], "video", self.name, uri=resolve(r["url"], self.cfg.base_dir), bucket=r["bucket"],
+            row = new_row(r["id"], "video", self.name, uri=mirror_uri(r["url"], {"videoID": r["videoid"], "videoid": r["videoid"]}, self.cfg), bucket=r["bucket"],
                           caption=r["caption"], span_start=r["span_start"], span_end=r["span_end"])
-            meta = {"videoid": r["videoid"], "clip": r["clip"], "matching_score": r["matching_score"],
-                    **json.loads(r["extra"] or "{}")}
+            extra = json.loads(r["extra"] or "{}")
+            row.update(typed_metadata(r["matching_score"], extra))
+            meta = {"videoid": r["videoid"], "clip": r["clip"], **extra}
             if r["span_start"] is not None:
                 meta["duration"] = round(r["span_end"] - r["span_start"], 6)
             row["meta"] = json.dumps(meta, sort_keys=True, default=str)
-            out.append(fail(row, "source", r["error"]) if r["error"] else row)
+            low, score = self.cfg.min_matching_score, r["matching_score"]
+            if r["error"]:
+                row = fail(row, "source", r["error"])
+            elif low is not None and (score is None or score < low):
+                got = "missing" if score is None else f"{score:.4f}"
+                row = skip(row, "source", f"filter min_matching_score={low:g}: the clip's score is {got}")
+            out.append(row)
         return out

@@ -1,8 +1,12 @@
 """WebVid-10M / 2M CSVs (any column order): `videoid, name (caption), contentUrl, duration, page_idx, page_dir`.
 
-`base_dir` resolves relative `contentUrl`s; `url_template` maps each row onto a mirror instead, e.g.
-`s3://bucket/webvid/videos/{page_dir}/{videoid}.mp4` (any column name in braces), which is what most WebVid
-downloaders write, since the original URLs are gone.
+The original URLs are gone (403), so WebVid is read from a mirror, in one of three ways (the first that is set):
+- `path_template` under `base_dir`: `base_dir: s3://bucket/webvid/videos`, `path_template: "{page_dir}/{videoid}.mp4"`
+  (any column name in braces), the layout most WebVid downloaders write;
+- `url_template`: the same as one full template, e.g. `s3://bucket/webvid/videos/{page_dir}/{videoid}.mp4`;
+- `url_rewrite`: URL prefixes mapped onto a mirror's (`{"https://ak.picdn.net/shutterstock/videos/":
+  "/data/webvid/"}`; the longest matching prefix wins; a URL that no prefix matches is kept);
+and `base_dir` alone resolves relative `contentUrl`s.
 """
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import json
 import re
 
 import pyarrow as pa
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from pipeline.rows import Row, fail, new_row
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
@@ -30,14 +34,56 @@ class Config(SourceConfig):
     path: str | list[str]                  # CSV/Parquet file(s), a folder of them or a glob; local or remote
     base_dir: str | None = None            # resolves relative contentUrls (a local or remote mirror)
     url_template: str | None = None        # e.g. "s3://bucket/videos/{page_dir}/{videoid}.mp4"
+    path_template: str | None = None       # under base_dir, e.g. "{page_dir}/{videoid}.mp4"
+    url_rewrite: dict[str, str] = {}       # URL prefix -> mirror prefix (local path, s3://, https://)
 
-    @field_validator("url_template")
+    @field_validator("url_template", "path_template")
     @classmethod
     def _fields(cls, v: str | None) -> str | None:
-        unknown = sorted(set(_FIELD.findall(v or "")) - set(COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown fields {unknown} in the template; known: {list(COLUMNS)}")
-        return v
+        return check_template(v, COLUMNS)
+
+    @model_validator(mode="after")
+    def _base(self):
+        if self.path_template and not self.base_dir:
+            raise ValueError("path_template needs base_dir (the mirror's root)")
+        return self
+
+
+def check_template(template: str | None, known) -> str | None:
+    unknown = sorted(set(_FIELD.findall(template or "")) - set(known))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown} in the template; known: {list(known)}")
+    return template
+
+
+def fill(template: str, rec: dict) -> str:
+    """'{page_dir}/{videoid}.mp4' with the row's values; '' when a field is empty (the row then fails)."""
+    values = {name: (rec.get(name) or "") for name in _FIELD.findall(template)}
+    if not all(values.values()):
+        return ""
+    return _FIELD.sub(lambda m: values[m.group(1)], template)
+
+
+def rewrite(url: str, mapping: dict[str, str]) -> str:
+    """`url` with its longest matching prefix in `mapping` replaced (unchanged when none matches)."""
+    for prefix in sorted(mapping, key=len, reverse=True):
+        if url.startswith(prefix):
+            return mapping[prefix] + url[len(prefix):]
+    return url
+
+
+def mirror_uri(url: str, rec: dict, cfg) -> str:
+    """Where a row's file is read from, per the source's mirror settings (see the module docstring)."""
+    if getattr(cfg, "path_template", None):
+        rel = fill(cfg.path_template, rec)
+        return f"{cfg.base_dir.rstrip('/')}/{rel}" if rel else ""
+    if getattr(cfg, "url_template", None):
+        return fill(cfg.url_template, rec)
+    if cfg.url_rewrite:
+        rewritten = rewrite(url, cfg.url_rewrite)
+        if rewritten != url:
+            return rewritten
+    return resolve(url, cfg.base_dir)
 
 
 def parse_iso_duration(text: str) -> float:
@@ -89,12 +135,15 @@ class Source(BaseSource):
                 if not rec["videoid"]:
                     raise ValueError("empty videoid")
                 if not uri:
-                    raise ValueError("empty contentUrl")
+                    raise ValueError("empty contentUrl" if not rec["contentUrl"] else
+                                     "a field of the mirror template is empty")
+                row.update(page_dir=rec["page_dir"] or None, duration=None)  # typed shard columns
                 if rec["duration"]:
                     try:
-                        meta["duration"] = parse_iso_duration(rec["duration"])
+                        meta["duration"] = row["duration"] = parse_iso_duration(rec["duration"])
                     except ValueError as exc:  # metadata nothing needs: kept raw, noted, never fatal
-                        meta.update(duration_raw=rec["duration"], duration_error=str(exc))
+                        meta.update(duration_raw=rec["duration"], duration_error=str(exc),
+                                    metadata_errors={"duration": str(exc)})
             except ValueError as exc:
                 row = fail(row, "source", f"videoid {rec['videoid']!r}: {exc}")
             row["meta"] = json.dumps(meta, sort_keys=True)
@@ -102,6 +151,4 @@ class Source(BaseSource):
         return out
 
     def _uri(self, rec: dict) -> str:
-        if self.cfg.url_template:
-            return _FIELD.sub(lambda m: rec.get(m.group(1)) or "", self.cfg.url_template)
-        return resolve(rec["contentUrl"], self.cfg.base_dir)
+        return mirror_uri(rec["contentUrl"], rec, self.cfg)
