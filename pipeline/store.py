@@ -326,8 +326,8 @@ def write_root_card(root: Storage, current: str) -> bool:
         lines.append(f"- `{name}`{' (latest run)' if name == current else ''}: {', '.join(present[name]) or 'empty'}")
     body = (f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
             "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
-            + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest run's "
-            "version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n")
+            + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest "
+            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n")
     root.write_bytes("README.md", body.encode())
     return True
 

@@ -173,8 +173,9 @@ class Source(BaseSource):
         recs = rows.select([c for c in ("id", "bucket", *_CLIP_COLUMNS)]).to_pylist()
         out = []
         for r in recs:
-            row = new_row(r["id"], "video", self.name, uri=mirror_uri(r["url"], {"videoID": r["videoid"], "videoid": r["videoid"]}, self.cfg), bucket=r["bucket"],
-                          caption=r["caption"], span_start=r["span_start"], span_end=r["span_end"])
+            uri = mirror_uri(r["url"], {"videoID": r["videoid"], "videoid": r["videoid"]}, self.cfg)
+            row = new_row(r["id"], "video", self.name, uri=uri, bucket=r["bucket"], caption=r["caption"],
+                          span_start=r["span_start"], span_end=r["span_end"])
             extra = json.loads(r["extra"] or "{}")
             row.update(typed_metadata(r["matching_score"], extra))
             meta = {"videoid": r["videoid"], "clip": r["clip"], **extra}
