@@ -3,7 +3,7 @@
 A TRELLIS SLat-GS decoder with AToken's changes: input Linear (no bias) + sinusoidal absolute PE on (x, y, z),
 12 pre-norm blocks (RMSNorm, no biases) with 3D swin-window attention (8^3 windows, odd blocks shifted by 4,
 logits soft-capped at 30), a parameter-free LayerNorm (eps 1e-5) and Linear(768 -> 448) = 32 Gaussians x 14 values.
-Spec: /work/shared/docs/atoken-reference.md (sections 2, 3, 7.3, quirk 7). State dict: exactly the 76 official keys.
+Spec: atoken-reference.md (the shared docs beside the repository) (sections 2, 3, 7.3, quirk 7). State dict: exactly the 76 official keys.
 """
 
 from __future__ import annotations

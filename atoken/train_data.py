@@ -5,7 +5,7 @@ Nothing here reads image or video files: every sample is drawn from a seeded tor
 with Pillow's bundled font, blur/noise/contrast jitter), and videos are moving crops/zooms of such
 scenes with a moving shape on top. The only optional non-procedural source is the two sample photos
 bundled with scikit-learn (china.jpg, flower.jpg), used as random crops when that package is installed;
-they are not in the project's test set. The test set (/work/shared/data) is never touched.
+they are not in the project's test set. The test set (../shared/data) is never touched.
 
 Samples are float tensors in [-1, 1], images [n, H, W, 3], videos [n, T, H, W, 3].
 `to_tokens` packs them into the token layout of atoken/sparse.py (feature order (pt, ph, pw, c)).

@@ -27,4 +27,15 @@ def reference_dir() -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray cluster for the jobs of one test module (tests/reliability has its own, per package)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
 from tests.s3_server import s3_prefix, s3_server  # noqa: E402,F401  (one SeaweedFS for the whole session)

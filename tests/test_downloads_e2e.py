@@ -23,16 +23,6 @@ PANDA_HEADER = ["videoID", "url", "timestamp", "caption", "matching_score", "des
                 "shot_boundary_detection"]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def panda_row(vid, url, spans, captions, scores):
     filt = ["desirable"] * len(spans)
     shots = [[["0:00:00.000", e]] for _, e in spans]

@@ -21,16 +21,6 @@ VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm"]
 BAD = ["truncated.jpg", "fixed_lacing_bad_lace_size.mkv"]  # (no_duration.webm decodes, through PyAV)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
-
-
 def make_job(out, sources, **extra):
     cfg = {"name": "t", "out": str(out), "sources": sources,
            "decode": {"fps": 4, "max_frames": 8, "timeout_s": 30, "buckets": {"area": 128 * 128, "min_side": 64,

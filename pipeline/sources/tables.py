@@ -27,8 +27,10 @@ def format_of(uri: str) -> str | None:
     return None
 
 
-def resolve_files(paths: str | list[str], options: StorageOptions | None = None) -> list[str]:
-    """URIs of the table files named by a path, a directory (every table file under it) or a glob (`*`, `?`)."""
+def resolve_files(paths: str | list[str], options: StorageOptions | None = None, matches=format_of,
+                  one: str = "source file", many: str = "table files") -> list[str]:
+    """URIs of the files named by a path, a directory (every file under it that `matches`) or a glob (`*`, `?`).
+    `one` / `many` name them in the errors."""
     out = []
     for p in [paths] if isinstance(paths, str) else list(paths):
         head, name = split_uri(p)
@@ -38,13 +40,13 @@ def resolve_files(paths: str | list[str], options: StorageOptions | None = None)
             continue
         st = Storage(p, options)
         if st.is_dir():
-            out += [st.uri(e.path) for e in st.list(recursive=True) if format_of(e.path)]
+            out += [st.uri(e.path) for e in st.list(recursive=True) if matches(e.path)]
         elif st.exists(""):
             out.append(p)
         else:
-            raise FileNotFoundError(f"source file {p} does not exist")
+            raise FileNotFoundError(f"{one} {p} does not exist")
     if not out:
-        raise FileNotFoundError(f"no table files at {paths}")
+        raise FileNotFoundError(f"no {many} at {paths}")
     return sorted(out)
 
 

@@ -9,7 +9,6 @@ by its byte range. The prepare stage then copies just that range (`tar://<member
 """
 from __future__ import annotations
 
-import fnmatch
 import json
 import tarfile
 from typing import Literal
@@ -21,7 +20,8 @@ from pipeline.magic import EXTENSIONS, MODALITY
 from pipeline.rows import Row, fail, new_row
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
 from pipeline.sources.ids import make_ids
-from pipeline.storage import Storage, open_uri, split_uri
+from pipeline.sources.tables import resolve_files
+from pipeline.storage import open_uri, split_uri
 
 TEXT_BYTES = 1 << 20          # a caption or metadata member larger than this is not read
 _COLUMNS = ("tar", "key", "member", "offset", "size", "caption", "json", "error")
@@ -37,23 +37,8 @@ class Config(SourceConfig):
 
 
 def _tars(paths: str | list[str], options) -> list[str]:
-    out = []
-    for p in [paths] if isinstance(paths, str) else list(paths):
-        head, name = split_uri(p)
-        if any(c in name for c in "*?["):
-            st = Storage(head or ".", options)
-            out += [st.uri(e.path) for e in st.list() if fnmatch.fnmatch(e.path, name)]
-            continue
-        st = Storage(p, options)
-        if st.is_dir():
-            out += [st.uri(e.path) for e in st.list(recursive=True) if e.path.lower().endswith(_TAR_EXT + _COMPRESSED)]
-        elif st.exists(""):
-            out.append(p)
-        else:
-            raise FileNotFoundError(f"webdataset tar {p} does not exist")
-    if not out:
-        raise FileNotFoundError(f"no tar files at {paths}")
-    return sorted(out)
+    return resolve_files(paths, options, matches=lambda p: p.lower().endswith(_TAR_EXT + _COMPRESSED),
+                         one="webdataset tar", many="tar files")
 
 
 def _split(name: str) -> tuple[str, str]:
