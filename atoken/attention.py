@@ -72,7 +72,9 @@ class Segments:
 
 
 def varlen_attention(q, k, v, sq: Segments, sk: Segments, scale: float | None = None, backend: str = "auto"):
-    """q [Nq, H, D] laid out by sq; k, v [Nk, H, D] laid out by sk (same samples). Returns [Nq, H, D]."""
+    """q [Nq, H, D] laid out by sq; k, v [Nk, H, D] laid out by sk (same samples). Returns [Nq, H, D].
+    backend: auto (flash-attn when importable on CUDA), flash (always), sdpa (never flash-attn; PyTorch SDPA, whose
+    kernel the caller may pin with torch.nn.attention.sdpa_kernel)."""
     if sq.batch_size != sk.batch_size:
         raise ValueError("varlen_attention: query and key layouts have different sample counts")
     if any(lq > 0 and lk == 0 for lq, lk in zip(sq.lens, sk.lens)):

@@ -77,6 +77,12 @@ class AttnContext:
     rot_k: torch.Tensor
     merge_idx: torch.Tensor | None = None  # rows of cat([cache, current]) in per-sample key order
     store_idx: torch.Tensor | None = None  # rows of the merged keys kept as the next cache
+    backend: str = "auto"  # varlen_attention backend: auto | flash | sdpa
+
+    @property
+    def self_attention(self) -> bool:
+        """Queries and keys are the same rows (no KV cache): a block can run its fused fast path."""
+        return self.sq is self.sk and self.merge_idx is None and self.store_idx is None
 
 
 class KVCache:
@@ -98,14 +104,15 @@ class KVCache:
         self.next_coords, self.next_kv = None, {}
 
 
-def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = None) -> AttnContext:
+def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = None,
+                  backend: str = "auto") -> AttnContext:
     """coords [n, 5] of the tile (b, t, x, y, z), b = global sample id, rows grouped by sample in b order."""
     b = coords[:, 0].long()
     present, lens = torch.unique_consecutive(b, return_counts=True)
     sq = Segments.from_lens(lens.tolist(), coords.device)
     rot_q = rope.rotation(coords[:, 1:])
     if cache is None:
-        return AttnContext(sq, rot_q, sq, rot_q)
+        return AttnContext(sq, rot_q, sq, rot_q, backend=backend)
     # merge: cached rows of present samples first, then current rows, per sample
     if cache.empty:
         all_coords, merge_idx = coords, None
@@ -133,7 +140,7 @@ def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = No
         nxt = all_coords[store_idx].clone()
         nxt[:, 1] = (t - first)[store_idx].to(nxt.dtype)
         cache.next_coords = nxt
-    return AttnContext(sq, rot_q, sk, rot_k, merge_idx, store_idx)
+    return AttnContext(sq, rot_q, sk, rot_k, merge_idx, store_idx, backend)
 
 
 class SelfAttention(nn.Module):
@@ -148,10 +155,15 @@ class SelfAttention(nn.Module):
         self.to_out = nn.Linear(dim, dim, bias=bias)
         self.rope = Rope4D(self.head_dim)
 
-    def forward(self, x, ctx: AttnContext, cache: KVCache | None = None, layer: int = 0):
+    def project(self, x):
+        """x [N, dim] -> q, k, v [N, heads, head_dim], QK-normed, before RoPE."""
         q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.heads, self.head_dim).unbind(1)
         if self.qk_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return q, k, v
+
+    def forward(self, x, ctx: AttnContext, cache: KVCache | None = None, layer: int = 0):
+        q, k, v = self.project(x)
         if cache is not None:
             if ctx.merge_idx is not None:
                 ck, cv = cache.kv[layer]
@@ -159,8 +171,22 @@ class SelfAttention(nn.Module):
             if ctx.store_idx is not None:
                 cache.next_kv[layer] = (k[ctx.store_idx].detach(), v[ctx.store_idx].detach())
         q, k = self.rope(q, rot=ctx.rot_q), self.rope(k, rot=ctx.rot_k)
-        out = varlen_attention(q, k, v, ctx.sq, ctx.sk, scale=1.0 / math.sqrt(self.head_dim))
+        out = varlen_attention(q, k, v, ctx.sq, ctx.sk, scale=1.0 / math.sqrt(self.head_dim), backend=ctx.backend)
         return self.to_out(out.reshape(x.shape[0], -1))
+
+
+def attention_inputs(block: "TransformerBlock", x, rot):
+    """Everything before a block's attention kernel: norm1, qkv, QK-norm, RoPE. Plain tensor code (no host-side
+    layout), so `torch.compile` fuses it into a few kernels; compiled once, reused by every block."""
+    attn = block.attn
+    q, k, v = attn.project(block.norm1(x))
+    return attn.rope(q, rot=rot), attn.rope(k, rot=rot), v
+
+
+def attention_outputs(block: "TransformerBlock", x, out):
+    """Everything after it: out-projection, residual, norm2, MLP, residual."""
+    x = x + block.attn.to_out(out.reshape(x.shape[0], -1))
+    return x + block.mlp(block.norm2(x))
 
 
 class TransformerBlock(nn.Module):
@@ -172,8 +198,14 @@ class TransformerBlock(nn.Module):
         self.attn = SelfAttention(dim, heads, bias, qk_norm)
         self.norm2 = make_norm(dim, rms)
         self.mlp = MLP(dim, mlp_dim, bias)
+        self.fused = (attention_inputs, attention_outputs)  # swapped for compiled versions by atoken.accel
 
     def forward(self, x, ctx: AttnContext, cache: KVCache | None = None, layer: int = 0):
+        if cache is None and ctx.self_attention:  # the same arithmetic, split around the attention kernel
+            pre, post = self.fused
+            q, k, v = pre(self, x, ctx.rot_q)
+            scale = 1.0 / math.sqrt(self.attn.head_dim)
+            return post(self, x, varlen_attention(q, k, v, ctx.sq, ctx.sk, scale=scale, backend=ctx.backend))
         x = x + self.attn(self.norm1(x), ctx, cache, layer)
         return x + self.mlp(self.norm2(x))
 

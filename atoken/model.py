@@ -50,10 +50,11 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(D, H, M, bias, rms, cfg.encoder_qk_rms_norm) for _ in range(cfg.encoder_num_blocks))
         self.post_layernorm = make_norm(D, rms)
         self.head = AttentionPoolingHead(D, H, M)
+        self.attention_backend = "auto"  # varlen_attention backend (atoken.accel picks it per device)
 
     def forward(self, feats, coords, taps=None):
         """One temporal tile: feats [n, C], tile-local coords [n, 5] -> post-LayerNorm tokens [n, D]."""
-        ctx = build_context(coords, self.blocks[0].attn.rope)
+        ctx = build_context(coords, self.blocks[0].attn.rope, backend=self.attention_backend)
         h = self.input_layer(feats) + self.pos_embedder(coords, ctx.sq).to(feats.dtype)
         _tap(taps, "enc_embed", h, coords)
         for i, block in enumerate(self.blocks):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .accel import accelerate
 from .checkpoint import load_weights, missing_checkpoint
 from .config import ALIASES, ATokenConfig
 from .model import AToken
@@ -85,17 +87,37 @@ def _chunks(sizes: list[int], max_tokens: int) -> list[list[int]]:
     return groups + [cur] if cur else groups
 
 
+def _length_order(sizes: list[int]) -> list[int]:
+    """Sample indices grouped by length (stable), so each forward pass holds as few distinct lengths as possible."""
+    return sorted(range(len(sizes)), key=lambda i: sizes[i])
+
+
 class Tokenizer:
-    """AToken on a device: bf16 on GPU, fp32 on CPU (norms, RoPE, FSQ always fp32)."""
+    """AToken on a device: bf16 on GPU, fp32 on CPU (norms, RoPE, FSQ always fp32 inside their kernels).
+    On CUDA the attention kernel is timed and picked, and the encoder blocks are compiled (`atoken.accel`);
+    `attention` / `compile` override that."""
 
     def __init__(self, model: AToken, device="auto", dtype: torch.dtype | None = None, max_tokens: int = 65536,
-                 identity: dict | None = None):
+                 identity: dict | None = None, attention: str = "auto", compile: bool | None = None):
         self.device = pick_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.cfg = model.cfg
         self.max_tokens = max_tokens
         self._identity = identity
+        self.accel = accelerate(self.model, self.device, self.dtype, attention, compile)
+        if self.accel.compiled:
+            self.accel.compile_s = self._warm_up()
+
+    def _warm_up(self) -> float:
+        """Compile now (seconds), on two small synthetic samples, rather than in the first real batch."""
+        n = 4 * 16 * 16
+        coords = torch.stack(torch.meshgrid(*(torch.arange(k) for k in (4, 16, 16, 1)), indexing="ij"), -1)
+        coords = coords.reshape(n, 4)
+        feats = torch.zeros(n, self.cfg.in_channels)
+        t0 = time.perf_counter()
+        self.encode([(feats, coords), (feats[:256], coords[:256])])
+        return time.perf_counter() - t0
 
     @classmethod
     def from_files(cls, config="tiny-c", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw) -> "Tokenizer":
@@ -134,11 +156,14 @@ class Tokenizer:
         """samples: list of (feats [n, 3072], coords [n, 4]). One packed forward per chunk of <= max_tokens tokens.
         Returns per sample: coords int16 [n,4], latent fp16 [n,48] (the posterior mean), logvar fp16 [n,48] (or
         None), fsq_indices int16 [n,8] (discrete configs, else None), pooled fp16 [D]."""
-        out = []
-        for group in _chunks([len(s[1]) for s in samples], self.max_tokens):
+        out: list[dict | None] = [None] * len(samples)
+        order = _length_order([len(s[1]) for s in samples])
+        for chunk in _chunks([len(samples[i][1]) for i in order], self.max_tokens):
+            group = [order[j] for j in chunk]
             batch = SparseBatch.pack([samples[i] for i in group], channels=self.cfg.in_channels)
             seqlens = batch.seqlens.tolist()
-            enc = self.model.encode(batch.to(self.device, self.dtype))
+            with self.accel.context():
+                enc = self.model.encode(batch.to(self.device, self.dtype))
             mean = enc.mean.float()
             indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
             cols = {
@@ -149,9 +174,9 @@ class Tokenizer:
             }
             pooled = enc.pooled.float().half().cpu().numpy()
             bounds = np.cumsum([0] + seqlens)
-            for j in range(len(group)):
+            for j, i in enumerate(group):
                 a, b = bounds[j], bounds[j + 1]
-                out.append({k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]})
+                out[i] = {k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]}
         return out
 
     @torch.inference_mode()

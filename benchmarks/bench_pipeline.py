@@ -1,11 +1,23 @@
-"""Pipeline throughput: a video job over real test videos repeated to a few thousand clips, against a plain
-sequential loop (decode -> tokenize -> write) doing the same work.
+"""Speed of light of the pipeline: for each workload, the standalone encoder (compiled, the attention kernel the
+tokenizer picks) against the whole pipeline on the same inputs, on one GPU.
 
-Reports clips/s of both, the speed-up, per-stage throughput, and the GPU-busy fraction in steady state
-(`nvidia-smi` utilisation sampled every 100 ms between the arrivals of the 10th and 90th percentile clips,
-so Ray start-up, model loading and the tail are excluded; whole-run figures are reported too).
+Workloads (real test files repeated as hard links; `--workloads` picks):
+  video4096  16-frame clips at 8 fps, 512^2-area buckets: 4,096 tokens a clip (`../shared/data/videos`)
+  video1024  the same at 256^2: 1,024 tokens a clip
+  image256   the test images at 256^2: 256 tokens each (`../shared/data/images`)
+  mesh       the test meshes (150 views, 64^3 voxel features): their own token counts (`../shared/data/meshes`)
 
-  python benchmarks/bench_pipeline.py --videos ../shared/data/videos --clips 2000 --out benchmarks/results/pipeline.json
+Per workload it reports, from one run:
+  - encoder tokens/s: the pipeline's own tokenizer stage code (`Tokenize` + backend, compiled) over prepared rows of
+    the same inputs already on the GPU, packed as the stage packs them;
+  - pipeline tokens/s: the job's steady state (between the 10th and 90th percentile rows to finish) x the mean
+    tokens per row of the committed shards;
+  - pipeline efficiency = pipeline / encoder tokens/s; GPU busy (nvidia-smi every 100 ms, same window);
+  - each stage's capacity: its measured rate per worker x the workers it can have.
+Optionally (`--baseline-clips N`) a plain sequential loop on the first workload.
+
+  python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
+  python benchmarks/bench_pipeline.py --workloads video4096 --samples 2000 --baseline-clips 100
 """
 from __future__ import annotations
 
@@ -18,14 +30,32 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.job import JobConfig, validate_job  # noqa: E402
 
-DEFAULT_VIDEOS = ("Big_Buck_Bunny_180_10s.webm", "bbb_480p_vp9_opus_1second.webm", "chaplin.mp4", "stub_mp4v.mp4",
-                  "max-heromode.mp4")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VIDEOS = ("Big_Buck_Bunny_180_10s.webm", "bbb_480p_vp9_opus_1second.webm", "chaplin.mp4", "stub_mp4v.mp4",
+          "max-heromode.mp4")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tiff", ".tif", ".webp", ".bmp", ".pgm")
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    kind: str   # videos | images | meshes: which input folder
+    area: int   # bucket area (pixels)
+    samples: int
+
+
+WORKLOADS = {w.name: w for w in (Workload("video4096", "videos", 512 * 512, 2000),
+                                 Workload("video1024", "videos", 256 * 256, 3000),
+                                 Workload("image256", "images", 256 * 256, 12000),
+                                 Workload("mesh", "meshes", 256 * 256, 400))}
 
 
 class GpuSampler(threading.Thread):
@@ -58,15 +88,16 @@ class GpuSampler(threading.Thread):
         return sum(vals) / len(vals) / 100.0 if vals else None
 
 
-def make_inputs(src: Path, names: list[str], n: int, dest: Path) -> Path:
-    """n clips as hard links (or copies) of the real videos under distinct names."""
+def make_inputs(src: Path, names: list[str] | None, n: int, dest: Path, suffixes: tuple[str, ...] = ()) -> Path:
+    """n inputs as hard links (or copies) of the real files (`names`, or every file with one of `suffixes`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    files = [src / f for f in names if (src / f).exists()]
+    files = ([src / f for f in names if (src / f).exists()] if names else
+             sorted(f for f in src.iterdir() if f.suffix.lower() in suffixes))
     if not files:
-        raise SystemExit(f"no test videos found in {src}")
+        raise SystemExit(f"no input files found in {src}")
     for i in range(n):
         f = files[i % len(files)]
-        link = dest / f"clip_{i:05d}{f.suffix}"
+        link = dest / f"in_{i:05d}{f.suffix}"
         if not link.exists():
             try:
                 os.link(f, link)
@@ -75,18 +106,20 @@ def make_inputs(src: Path, names: list[str], n: int, dest: Path) -> Path:
     return dest
 
 
-def job_for(inputs: Path, out: Path, args) -> JobConfig:
+def job_for(w: "Workload", inputs: Path, out: Path, args) -> JobConfig:
     ray = {"prepare_batch_rows": args.prepare_batch_rows}
     if args.prepare_actors:
         ray["prepare_actors"] = args.prepare_actors
+    # upscale: every clip fills its bucket (the workload's token count), as in the figures before the
+    # no-upscaling default; at native sizes the small test videos give fewer tokens and are not comparable
     return validate_job({
         "name": "bench", "out": str(out), "sources": [{"type": "folder", "path": str(inputs), "name": "bench"}],
-        # upscale: every clip fills its bucket (4096 tokens at the defaults), as in the figures before the
-        # no-upscaling default; at native sizes the small test videos give fewer tokens and are not comparable
         "decode": {"fps": args.fps, "max_frames": args.frames, "timeout_s": args.decode_timeout, "upscale": True,
-                   "buckets": {"area": args.area, "min_side": 128, "max_side": 1024}},
+                   "buckets": {"area": w.area, "min_side": 128, "max_side": 1024}},
+        "mesh": {"views": args.views},
         "tokenize": {"config": args.config, "device": args.device, "batch_tokens": args.batch_tokens,
-                     "batch_rows": args.batch_rows, "actors_per_gpu": args.actors_per_gpu},
+                     "batch_rows": args.batch_rows, "actors_per_gpu": args.actors_per_gpu,
+                     "attention": args.attention, "compile": args.compile},
         "write": {"rows_per_write": args.rows_per_write}, "qa": {"samples": 0}, "ray": ray})
 
 
@@ -129,17 +162,141 @@ def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
     return {"clips": len(rows), "ok": ok, "wall_s": wall, "clips_per_s": len(rows) / wall}
 
 
+def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
+    """The tokenizer stage's own model code on n prepared rows already on the GPU: tokens/s of encode alone."""
+    import torch
+
+    from pipeline.prepare import Prepare
+    from pipeline.sources import iter_rows, make_source
+    from pipeline.tokenize import Tokenize
+
+    rows = list(iter_rows(make_source(job.sources[0])))[:n]
+    gpu = torch.cuda.is_available()
+    prepare = Prepare(job.fetch, job.decode, job.mesh, job.storage, branch="3d" if w.kind == "meshes" else "media",
+                      gpus=0.1 if gpu and w.kind == "meshes" else 0.0, batch_size=8)
+    prepared = [r for i in range(0, len(rows), 8) for r in prepare(rows[i:i + 8]) if r["status"] == "ok"]
+    prepare.teardown()
+    stage = Tokenize(job.tokenize, "encoder-alone", gpus=1.0 if gpu else 0.0)
+    t0 = time.perf_counter()
+    stage.setup()
+    setup_s = time.perf_counter() - t0
+    packed = [stage.model.pack(r) for r in prepared]
+    del prepared
+    tokens = sum(len(p[1]) for p in packed)
+    stage.model.encode(packed)  # warm-up (kernels, allocator)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        stage.model.encode(packed)  # returns host arrays: synchronised
+    sec = (time.perf_counter() - t0) / repeats
+    acc = stage.model.tokenizer.accel
+    out = {"rows": len(packed), "tokens": tokens, "tokens_per_row": tokens / max(len(packed), 1),
+           "s_per_pass": sec, "tokens_per_s": tokens / sec, "rows_per_s": len(packed) / sec,
+           "attention": acc.attention, "compiled": acc.compiled, "compile_s": acc.compile_s,
+           "attention_timings_ms": acc.timings_ms, "setup_s": setup_s}
+    del packed, stage
+    if gpu:
+        torch.cuda.empty_cache()
+    return out
+
+
+def shard_tokens(store_dir: str) -> tuple[int, int]:
+    """(ok rows, tokens) committed in a store version, from the shards' coords lists."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as ds
+
+    data = Path(store_dir) / "data"
+    files = sorted(str(f) for f in data.rglob("*.parquet"))
+    if not files:
+        return 0, 0
+    table = ds.dataset(files, format="parquet").to_table(columns=["coords"])
+    return table.num_rows, int(pc.sum(pc.list_value_length(table.column("coords"))).as_py() or 0)
+
+
+def capacities(summary, job: JobConfig, w: Workload) -> dict:
+    """Per stage: rows/s per worker (its measured time per row) and x the workers it can have on this machine."""
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) if ray.is_initialized() else os.cpu_count()
+    gpus = 1 if shutil.which("nvidia-smi") else 0
+    tok_workers = job.tokenize.actors_per_gpu * gpus if gpus else job.tokenize.actors
+    workers = {"tokenize": tok_workers, "write": None}
+    prep = "mesh" if w.kind == "meshes" else "decode"
+    workers[prep] = max(1, int((cpus - tok_workers) / (job.ray.prepare_cpus or 1.0)))
+    out = {}
+    for k, s in summary.stage_s.items():
+        per = s / max(summary.stage_n[k], 1)
+        n = workers.get(k)
+        out[k] = {"rows": summary.stage_n[k], "s_per_row_per_worker": per, "workers": n,
+                  "rows_per_s_capacity": (n / per) if n and per else None}
+    return out
+
+
+def run_workload(w: Workload, args, sampler: "GpuSampler") -> dict:
+    from pipeline.run import run_job
+
+    src = Path(getattr(args, w.kind))
+    names = list(VIDEOS) if w.kind == "videos" else None
+    suffixes = {"images": IMAGE_SUFFIXES, "meshes": MESH_SUFFIXES}.get(w.kind, ())
+    n = args.samples or w.samples
+    work = Path(args.work) / w.name
+    shutil.rmtree(work / "out", ignore_errors=True)
+    inputs = make_inputs(src, names, n, work / "inputs", suffixes)
+    job = job_for(w, inputs, work / "out", args)
+    t0 = time.time()
+    summary = run_job(job)
+    t1 = time.time()
+    print(summary.render())
+    steady, s0, s1 = summary.steady_rate() or (summary.todo / summary.wall_s, t0, t1)
+    rows, tokens = shard_tokens(summary.store_dir)
+    per_row = tokens / max(rows, 1)
+    pipe = {"rows": summary.todo, "ok": summary.counts.get("ok", 0), "wall_s": summary.wall_s,
+            "rows_per_s": summary.todo / summary.wall_s, "steady_rows_per_s": steady,
+            "tokens_per_row": per_row, "steady_tokens_per_s": steady * per_row,
+            "gpu_busy": sampler.busy(s0, s1, trim=0.0), "gpu_busy_whole_run": sampler.busy(t0, t1, trim=0.0),
+            "commits": summary.commits, "written_MB": sum(s["bytes"] for s in summary.shards) / 1e6,
+            "stages": capacities(summary, job, w)}
+    import ray
+    ray.shutdown()
+    enc = encoder_alone(job, w, args.encoder_rows, args.encoder_repeats)
+    return {"workload": w.name, "inputs": n, "pipeline": pipe, "encoder": enc,
+            "efficiency": pipe["steady_tokens_per_s"] / enc["tokens_per_s"] if enc["tokens_per_s"] else None,
+            "job": job.model_dump(mode="json")}
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{'workload':10s} {'tok/row':>8s} {'encoder tok/s':>14s} {'pipeline tok/s':>15s} {'efficiency':>10s} "
+          f"{'rows/s':>8s} {'GPU busy':>8s}  stage capacity (rows/s)")
+    for r in results:
+        p, e = r["pipeline"], r["encoder"]
+        busy = "n/a" if p["gpu_busy"] is None else f"{p['gpu_busy'] * 100:.0f} %"
+        caps = ", ".join(f"{k} {v['rows_per_s_capacity']:.0f}" for k, v in p["stages"].items()
+                         if v["rows_per_s_capacity"])
+        print(f"{r['workload']:10s} {p['tokens_per_row']:8.0f} {e['tokens_per_s']:14,.0f} "
+              f"{p['steady_tokens_per_s']:15,.0f} {r['efficiency']:10.1%} {p['steady_rows_per_s']:8.1f} {busy:>8s}  "
+              f"{caps}")
+    if results:
+        e = results[0]["encoder"]
+        print(f"encoder: attention {e['attention']}, compiled={e['compiled']}"
+              + (f" (compile {e['compile_s']:.1f} s per process)" if e["compile_s"] else ""))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--videos", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"))
-    p.add_argument("--names", default=",".join(DEFAULT_VIDEOS))
-    p.add_argument("--clips", type=int, default=2000)
-    p.add_argument("--baseline-clips", type=int, default=100)
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    p.add_argument("--samples", type=int, default=None, help="inputs per workload (default: per workload)")
+    p.add_argument("--videos", default=str(DATA / "videos"))
+    p.add_argument("--images", default=str(DATA / "images"))
+    p.add_argument("--meshes", default=str(DATA / "meshes"))
+    p.add_argument("--baseline-clips", type=int, default=0, help="also run the sequential loop on N inputs")
+    p.add_argument("--encoder-rows", type=int, default=64, help="prepared rows the standalone encoder runs over")
+    p.add_argument("--encoder-repeats", type=int, default=5)
     p.add_argument("--config", default="atoken/configs/atoken-soc.yaml")
     p.add_argument("--device", default="auto")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--area", type=int, default=512 * 512, help="pixel area of the resolution buckets")
+    p.add_argument("--views", type=int, default=150)
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--batch-rows", type=int, default=16)
     p.add_argument("--actors-per-gpu", type=int, default=2)
@@ -153,55 +310,32 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("PIPELINE_PROGRESS", "0")
-
-    work = Path(args.work)
-    shutil.rmtree(work / "out", ignore_errors=True)
-    shutil.rmtree(work / "loop", ignore_errors=True)
-    inputs = make_inputs(Path(args.videos), args.names.split(","), args.clips, work / "clips")
-    job = job_for(inputs, work / "out", args)
-
-    from pipeline.run import run_job
-    sampler = GpuSampler()
-    sampler.start()
-    t0 = time.time()
-    summary = run_job(job)
-    t1 = time.time()
-    sampler.stop()
-    print(summary.render())
-    print(summary.ray_stats)
-    steady, s0, s1 = summary.steady_rate() or (summary.todo / summary.wall_s, t0, t1)
-    pipe = {"clips": summary.todo, "ok": summary.counts.get("ok", 0), "wall_s": summary.wall_s,
-            "clips_per_s": summary.todo / summary.wall_s, "gpu_busy_whole_run": sampler.busy(t0, t1, trim=0.0),
-            "commits": summary.commits, "commit_ms": 1e3 * summary.commit_s / max(summary.commits, 1),
-            "written_MB": sum(s["bytes"] for s in summary.shards) / 1e6,
-            "steady_clips_per_s": steady, "gpu_busy": sampler.busy(s0, s1, trim=0.0),
-            "stages": {k: {"samples": summary.stage_n[k], "s_per_sample_per_worker": summary.stage_s[k] /
-                           max(summary.stage_n[k], 1)} for k in summary.stage_s}}
-
-    import ray
-    ray.shutdown()
-    write_json(args.out, {"pipeline": pipe})  # kept even if the baseline fails
-    if args.baseline_clips <= 0:
-        return 0
-    loop_job = job_for(inputs, work / "loop", args)
-    loop_job.decode.timeout_s = 0  # a plain loop: decode in-process, no isolation
-    loop = sequential_loop(loop_job, inputs, args.baseline_clips)
+    names = [x for x in args.workloads.split(",") if x]
+    if bad := [x for x in names if x not in WORKLOADS]:
+        p.error(f"unknown workloads {bad}; choose from {', '.join(WORKLOADS)}")
 
     import torch
-    result = {"machine": {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                          "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__},
-              "settings": vars(args), "pipeline": pipe, "sequential_loop": loop,
-              "speedup": pipe["clips_per_s"] / loop["clips_per_s"],
-              "steady_speedup": pipe["steady_clips_per_s"] / loop["clips_per_s"]}
-    print(f"\n{'':24s}{'clips':>8s}{'wall s':>10s}{'clips/s':>10s}")
-    print(f"{'ray data pipeline':24s}{pipe['clips']:8d}{pipe['wall_s']:10.1f}{pipe['clips_per_s']:10.2f}")
-    print(f"{'sequential loop':24s}{loop['clips']:8d}{loop['wall_s']:10.1f}{loop['clips_per_s']:10.2f}")
-    busy = pipe["gpu_busy"]
-    print(f"speed-up {result['speedup']:.1f}x (whole run, startup included); steady state "
-          f"{pipe['steady_clips_per_s']:.2f} clips/s = {result['steady_speedup']:.1f}x the loop; GPU busy in steady "
-          f"state {'n/a' if busy is None else f'{busy * 100:.0f} %'}")
-    for k, v in pipe["stages"].items():
-        print(f"  {k:9s} {1 / max(v['s_per_sample_per_worker'], 1e-9):8.1f} clips/s per worker")
+    machine = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpus": os.cpu_count(),
+               "python": platform.python_version(), "torch": torch.__version__}
+    result = {"machine": machine, "settings": vars(args), "workloads": []}
+    sampler = GpuSampler()
+    sampler.start()
+    for name in names:
+        result["workloads"].append(run_workload(WORKLOADS[name], args, sampler))
+        write_json(args.out, result)  # kept as each workload finishes
+    sampler.stop()
+    print_table(result["workloads"])
+    if args.baseline_clips > 0:
+        w = WORKLOADS[names[0]]
+        work = Path(args.work) / w.name
+        shutil.rmtree(work / "loop", ignore_errors=True)
+        loop_job = job_for(w, work / "inputs", work / "loop", args)
+        loop_job.decode.timeout_s = 0  # a plain loop: decode in-process, no isolation
+        loop = sequential_loop(loop_job, work / "inputs", args.baseline_clips)
+        steady = result["workloads"][0]["pipeline"]["steady_rows_per_s"]
+        result["sequential_loop"] = loop | {"steady_speedup": steady / loop["clips_per_s"]}
+        print(f"sequential loop ({w.name}): {loop['clips_per_s']:.2f} rows/s; the pipeline's steady state is "
+              f"{steady / loop['clips_per_s']:.1f}x that")
     write_json(args.out, result)
     return 0
 
@@ -209,7 +343,7 @@ def main(argv=None) -> int:
 def write_json(path: str | None, obj: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2))
+        Path(path).write_text(json.dumps(obj, indent=2, default=str))
 
 
 if __name__ == "__main__":

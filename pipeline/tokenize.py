@@ -29,6 +29,8 @@ class TokenizeConfig(Config):
     actors_per_gpu: int = Field(2, ge=1)  # >1 overlaps one actor's CPU work with another's GPU work
     logvar: bool = False                # also store the posterior log-variance
     kv_cache_size: int = Field(0, ge=0)  # decoder KV cache (raw frames), used by the QA decode
+    attention: Literal["auto", "cudnn", "flash", "efficient", "math", "flash-attn"] = "auto"  # auto: timed on CUDA
+    compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the encoder blocks; auto = on CUDA
 
     @field_validator("backend")
     @classmethod

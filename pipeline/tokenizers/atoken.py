@@ -35,8 +35,11 @@ class Model:
         from atoken.tokenizer import Tokenizer
 
         self.cfg = cfg
-        self.tokenizer = Tokenizer.from_files(cfg.config, cfg.checkpoint, device=device, max_tokens=cfg.batch_tokens)
+        compile = {"auto": None, "on": True, "off": False}[cfg.compile]
+        self.tokenizer = Tokenizer.from_files(cfg.config, cfg.checkpoint, device=device, max_tokens=cfg.batch_tokens,
+                                              attention=cfg.attention, compile=compile)
         self.device = self.tokenizer.device
+        print(f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}", flush=True)
 
     def pack(self, row: Row):
         return sample_tokens(row, self.device)
