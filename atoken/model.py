@@ -92,6 +92,7 @@ class EncodeOutput:
     logvar: torch.Tensor  # [N, latent] fp32
     pooled: torch.Tensor  # [B, D] attention-pooled embedding (not normalised)
     tokens: torch.Tensor  # [N, D] post-LayerNorm encoder tokens ("x_no_proj")
+    seqlens: list[int]  # tokens per sample (host ints)
 
     @property
     def pooled_norm(self) -> torch.Tensor:
@@ -139,7 +140,7 @@ class AToken(nn.Module):
         seg = Segments.from_batch_ids(coords[:, 0], batch.batch_size)
         pooled = self.encoder.head(tokens, seg)
         mean, logvar = self.proj(tokens).float().chunk(2, dim=-1)
-        return EncodeOutput(mean, logvar, pooled, tokens)
+        return EncodeOutput(mean, logvar, pooled, tokens, seg.lens)
 
     def quantize(self, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """mean [N, 48] -> (codes [N, 48] fp32, indices [N, 8] int32). Discrete configs only."""

@@ -82,6 +82,44 @@ def video_to_tokens(thwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
     return feats.contiguous(), coords
 
 
+def clip_tokens(shape: tuple[int, ...], patch=PATCH) -> int:
+    """Tokens of one [T, H, W, 3] clip under video_to_tokens' rules (zero-frame padding, centre crop)."""
+    T, H, W = shape[:3]
+    return max(T // patch[0], 1) * (H // patch[1]) * (W // patch[2])
+
+
+def patch_view(clip, patch=PATCH):
+    """The part of a [T, H, W, 3] clip that video_to_tokens keeps (whole patches, centre crop), as a view."""
+    T, H, W = clip.shape[:3]
+    h, w = H // patch[1] * patch[1], W // patch[2] * patch[2]
+    top, left = (H - h) // 2, (W - w) // 2
+    return clip[: T // patch[0] * patch[0] if T >= patch[0] else T, top : top + h, left : left + w]
+
+
+def clips_to_batch(clips: torch.Tensor, patch=PATCH, dtype: torch.dtype = torch.float32, first: int = 0) -> "SparseBatch":
+    """B same-shape uint8 clips [B, T, H, W, 3] -> one SparseBatch of samples first..first+B-1, made where the clips
+    are (the GPU, in the pipeline). The batched form of video_to_tokens: the same tokens in the same order, with no
+    per-sample host work or sync. Uint8 pixels are finite and the coordinates are valid by construction."""
+    if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
+        raise ValueError(f"clips: expected uint8 [B, T, H, W, 3], got {clips.dtype} {tuple(clips.shape)}")
+    B, T, H, W, _ = clips.shape
+    pt, ph, pw = patch
+    if B == 0 or T == 0 or H < ph or W < pw:
+        raise ValueError(f"clips: shape {tuple(clips.shape)} holds no {pt}x{ph}x{pw} patch")
+    x = patch_view(clips.movedim(0, 3), patch).movedim(3, 0).float().div_(127.5).sub_(1.0)
+    if T < pt:  # zero frames (mid-gray), as video_to_tokens
+        x = torch.cat([x, x.new_zeros(B, pt - T, *x.shape[2:])], dim=1)
+    nt, nh, nw = x.shape[1] // pt, x.shape[2] // ph, x.shape[3] // pw
+    n = nt * nh * nw
+    feats = x.reshape(B, nt, pt, nh, ph, nw, pw, 3).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(B * n, -1).to(dtype)
+    dev = clips.device
+    grid = torch.meshgrid(torch.arange(nt, device=dev), torch.arange(nh, device=dev), torch.arange(nw, device=dev),
+                          indexing="ij")
+    one = torch.stack([g.reshape(-1) for g in grid] + [torch.zeros(n, dtype=torch.long, device=dev)], dim=1)
+    b = torch.arange(first, first + B, device=dev).repeat_interleave(n)[:, None]
+    return SparseBatch(feats, torch.cat([b, one.repeat(B, 1)], dim=1).int())
+
+
 def image_to_tokens(hwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """[H, W, 3] image -> tokens of a 4-frame clip (the image + 3 zero frames)."""
     x = _as_tensor(hwc, "image")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import json
 import time
@@ -16,7 +17,7 @@ from .accel import accelerate
 from .checkpoint import load_weights, missing_checkpoint
 from .config import ALIASES, ATokenConfig
 from .model import AToken
-from .sparse import SparseBatch
+from .sparse import SparseBatch, clip_tokens, clips_to_batch, patch_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {"tiny-c": "tiny-c.safetensors", "tiny-d": "tiny-d.safetensors"}  # config name -> shipped weights file
@@ -161,23 +162,55 @@ class Tokenizer:
         for chunk in _chunks([len(samples[i][1]) for i in order], self.max_tokens):
             group = [order[j] for j in chunk]
             batch = SparseBatch.pack([samples[i] for i in group], channels=self.cfg.in_channels)
-            seqlens = batch.seqlens.tolist()
-            with self.accel.context():
-                enc = self.model.encode(batch.to(self.device, self.dtype))
-            mean = enc.mean.float()
-            indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
-            cols = {
-                "coords": batch.coords[:, 1:].to(torch.int16).cpu().numpy(),
-                "latent": mean.half().cpu().numpy(),
-                "logvar": enc.logvar.half().cpu().numpy() if with_logvar else None,
-                "fsq_indices": indices,
-            }
-            pooled = enc.pooled.float().half().cpu().numpy()
-            bounds = np.cumsum([0] + seqlens)
-            for j, i in enumerate(group):
-                a, b = bounds[j], bounds[j + 1]
-                out[i] = {k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]}
+            for i, enc in zip(group, self.encode_batch(batch.to(self.device, self.dtype), with_logvar)):
+                out[i] = enc
         return out
+
+    @torch.inference_mode()
+    def encode_clips(self, clips: list[np.ndarray], with_logvar: bool = True) -> list[dict]:
+        """clips: uint8 [T, H, W, 3] arrays (an image is T = 1). Same output as encode() on their tokens, but
+        clips of one shape travel to the device as one pinned uint8 copy and are patchified there in one go."""
+        out: list[dict | None] = [None] * len(clips)
+        for part, batch in self.clip_batches(clips):
+            for i, enc in zip(part, self.encode_batch(batch, with_logvar)):
+                out[i] = enc
+        return out
+
+    def clip_batches(self, clips: list[np.ndarray]):
+        """Yield (clip indices, SparseBatch on the device) per forward pass of at most max_tokens tokens, shortest
+        clips first. Each shape in a pass travels as one pinned uint8 copy of its kept pixels (patch_view)."""
+        views = [patch_view(c) for c in clips]
+        order = sorted(range(len(views)), key=lambda i: (clip_tokens(views[i].shape), views[i].shape))
+        pin = self.device.type == "cuda"
+        for chunk in _chunks([clip_tokens(views[i].shape) for i in order], self.max_tokens):
+            part = [order[j] for j in chunk]
+            pieces, first = [], 0
+            for shape, same in itertools.groupby(part, key=lambda i: views[i].shape):
+                same = list(same)
+                host = torch.empty((len(same), *shape), dtype=torch.uint8, pin_memory=pin)
+                for k, i in enumerate(same):
+                    host[k].numpy()[...] = views[i]
+                pieces.append(clips_to_batch(host.to(self.device, non_blocking=pin), dtype=self.dtype, first=first))
+                first += len(same)
+            yield part, SparseBatch(torch.cat([p.feats for p in pieces]), torch.cat([p.coords for p in pieces]))
+
+    @torch.inference_mode()
+    def encode_batch(self, batch: SparseBatch, with_logvar: bool) -> list[dict]:
+        """One packed forward pass on the device -> per-sample host arrays (see encode)."""
+        with self.accel.context():
+            enc = self.model.encode(batch)
+        mean = enc.mean.float()
+        indices = self.model.quantize(mean)[1].to(torch.int16).cpu().numpy() if self.model.discrete else None
+        cols = {
+            "coords": batch.coords[:, 1:].to(torch.int16).cpu().numpy(),
+            "latent": mean.half().cpu().numpy(),
+            "logvar": enc.logvar.half().cpu().numpy() if with_logvar else None,
+            "fsq_indices": indices,
+        }
+        pooled = enc.pooled.float().half().cpu().numpy()
+        bounds = np.cumsum([0] + enc.seqlens)
+        return [{k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]}
+                for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
 
     @torch.inference_mode()
     def decode(self, samples: list, kv_cache_size: int | None = None) -> list[np.ndarray]:

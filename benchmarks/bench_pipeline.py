@@ -50,12 +50,13 @@ class Workload:
     kind: str   # videos | images | meshes: which input folder
     area: int   # bucket area (pixels)
     samples: int
+    batch_rows: int  # rows per tokenizer call: about 16-64k tokens, so that forward passes are dense
 
 
-WORKLOADS = {w.name: w for w in (Workload("video4096", "videos", 512 * 512, 2000),
-                                 Workload("video1024", "videos", 256 * 256, 3000),
-                                 Workload("image256", "images", 256 * 256, 12000),
-                                 Workload("mesh", "meshes", 256 * 256, 400))}
+WORKLOADS = {w.name: w for w in (Workload("video4096", "videos", 512 * 512, 2000, 16),
+                                 Workload("video1024", "videos", 256 * 256, 3000, 32),
+                                 Workload("image256", "images", 256 * 256, 12000, 128),
+                                 Workload("mesh", "meshes", 256 * 256, 400, 16))}
 
 
 class GpuSampler(threading.Thread):
@@ -118,7 +119,7 @@ def job_for(w: "Workload", inputs: Path, out: Path, args) -> JobConfig:
                    "buckets": {"area": w.area, "min_side": 128, "max_side": 1024}},
         "mesh": {"views": args.views},
         "tokenize": {"config": args.config, "device": args.device, "batch_tokens": args.batch_tokens,
-                     "batch_rows": args.batch_rows, "actors_per_gpu": args.actors_per_gpu,
+                     "batch_rows": args.batch_rows or w.batch_rows, "actors_per_gpu": args.actors_per_gpu,
                      "attention": args.attention, "compile": args.compile},
         "write": {"rows_per_write": args.rows_per_write}, "qa": {"samples": 0}, "ray": ray})
 
@@ -163,12 +164,14 @@ def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
 
 
 def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
-    """The tokenizer stage's own model code on n prepared rows already on the GPU: tokens/s of encode alone."""
+    """The tokenizer stage's own model code on n prepared rows, its forward passes already on the GPU: tokens/s
+    of encode alone."""
     import torch
 
     from pipeline.prepare import Prepare
     from pipeline.sources import iter_rows, make_source
     from pipeline.tokenize import Tokenize
+    from pipeline.tokenizers.atoken import sample_tokens
 
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
     gpu = torch.cuda.is_available()
@@ -180,20 +183,33 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     t0 = time.perf_counter()
     stage.setup()
     setup_s = time.perf_counter() - t0
-    packed = [stage.model.pack(r) for r in prepared]
+    tk, logvar = stage.model.tokenizer, job.tokenize.logvar
+    if w.kind == "meshes":
+        packed = [sample_tokens(r) for r in prepared]
+        tokens = sum(len(p[1]) for p in packed)
+
+        def run():
+            tk.encode(packed, with_logvar=logvar)
+    else:  # the forward passes the stage makes, already on the device: the encoder's own ceiling
+        batches = [b for _, b in tk.clip_batches([r["pixels"] for r in prepared])]
+        tokens = sum(len(b) for b in batches)
+
+        def run():
+            for b in batches:
+                tk.encode_batch(b, logvar)  # host arrays out: synchronised
+    n_rows = len(prepared)
     del prepared
-    tokens = sum(len(p[1]) for p in packed)
-    stage.model.encode(packed)  # warm-up (kernels, allocator)
+    run()  # warm-up (kernels, allocator)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        stage.model.encode(packed)  # returns host arrays: synchronised
+        run()
     sec = (time.perf_counter() - t0) / repeats
     acc = stage.model.tokenizer.accel
-    out = {"rows": len(packed), "tokens": tokens, "tokens_per_row": tokens / max(len(packed), 1),
-           "s_per_pass": sec, "tokens_per_s": tokens / sec, "rows_per_s": len(packed) / sec,
+    out = {"rows": n_rows, "tokens": tokens, "tokens_per_row": tokens / max(n_rows, 1),
+           "s_per_pass": sec, "tokens_per_s": tokens / sec, "rows_per_s": n_rows / sec,
            "attention": acc.attention, "compiled": acc.compiled, "compile_s": acc.compile_s,
            "attention_timings_ms": acc.timings_ms, "setup_s": setup_s}
-    del packed, stage
+    del run, stage
     if gpu:
         torch.cuda.empty_cache()
     return out
@@ -298,7 +314,7 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--views", type=int, default=150)
     p.add_argument("--batch-tokens", type=int, default=65536)
-    p.add_argument("--batch-rows", type=int, default=16)
+    p.add_argument("--batch-rows", type=int, default=None, help="rows per tokenizer call (default: per workload)")
     p.add_argument("--actors-per-gpu", type=int, default=2)
     p.add_argument("--prepare-actors", type=int, default=None, help="fetch+decode actors (default: autoscaled)")
     p.add_argument("--rows-per-write", type=int, default=128)

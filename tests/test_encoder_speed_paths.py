@@ -100,3 +100,35 @@ def test_each_attention_kernel_gives_the_same_tokens(kernel):
     out = Tokenizer(model, device="cuda", attention=kernel, compile=False).encode(samples)
     for b, o in zip(base, out):
         assert _rel(o["latent"], b["latent"]) < 1e-2
+
+
+def test_clips_are_patchified_on_the_device_as_one_batch_with_the_same_tokens():
+    """encode_clips (one uint8 copy per shape, patchified in one go) gives what per-sample video_to_tokens +
+    encode gives: images, clips shorter than a patch, frame counts off a multiple of 4, sizes that need a crop,
+    shapes interleaved so the results must come back in their places."""
+    from atoken.sparse import SparseBatch, clips_to_batch, image_to_tokens, video_to_tokens
+
+    rng = np.random.default_rng(1)
+    shapes = [(1, 40, 56), (9, 32, 32), (2, 33, 47), (1, 41, 60), (9, 32, 32), (4, 16, 16), (1, 40, 56)]
+    clips = [rng.integers(0, 256, (*s, 3), dtype=np.uint8) for s in shapes]
+    same = [c for c in clips if c.shape == clips[1].shape]
+    batch = clips_to_batch(torch.from_numpy(np.stack(same)))
+    ref = SparseBatch.pack([video_to_tokens(c) for c in same])
+    torch.testing.assert_close(batch.feats, ref.feats, rtol=0, atol=0)
+    torch.testing.assert_close(batch.coords, ref.coords, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        clips_to_batch(torch.zeros(1, 4, 16, 16, 3))
+    with pytest.raises(ValueError, match="patch"):
+        clips_to_batch(torch.zeros(1, 4, 8, 16, 3, dtype=torch.uint8))
+
+    model = _model("tiny-c")
+    want = Tokenizer(model, device="cpu", compile=False).encode(
+        [image_to_tokens(c[0]) if len(c) == 1 else video_to_tokens(c) for c in clips])
+    for max_tokens in (10, 100_000):  # a pass per shape or two; one pass of every shape
+        tok = Tokenizer(model, device="cpu", compile=False, max_tokens=max_tokens)
+        passes = list(tok.clip_batches(clips))
+        assert len(passes) == (1 if max_tokens > 1000 else 6)
+        got = tok.encode_clips(clips)
+        for g, w in zip(got, want):  # the same inputs; passes grouped differently round fp16 storage differently
+            np.testing.assert_array_equal(g["coords"], w["coords"])
+            assert _rel(g["latent"], w["latent"]) < 1e-3 and _rel(g["pooled"], w["pooled"]) < 1e-3

@@ -42,10 +42,29 @@ class Model:
         print(f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}", flush=True)
 
     def pack(self, row: Row):
-        return sample_tokens(row, self.device)
+        """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, patchified on the
+        device in encode(), a batch of one shape at a time."""
+        if row["modality"] == "3d":
+            return sample_tokens(row)
+        clip = np.asarray(row["pixels"])
+        if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3 or min(clip.shape[:3]) == 0:
+            raise ValueError(f"expected uint8 pixels [T, H, W, 3], got {clip.dtype} {clip.shape}")
+        if row["modality"] == "image" and len(clip) != 1:
+            raise ValueError(f"an image row holds one frame, got {len(clip)}")
+        if min(clip.shape[1:3]) < 16:
+            raise ValueError(f"frames {clip.shape[1]}x{clip.shape[2]} are smaller than one 16x16 patch")
+        return clip
 
     def encode(self, packed: list) -> list[dict]:
-        return self.tokenizer.encode(packed, with_logvar=self.cfg.logvar)
+        clips = [i for i, p in enumerate(packed) if isinstance(p, np.ndarray)]
+        tokens = [i for i, p in enumerate(packed) if not isinstance(p, np.ndarray)]
+        out: list[dict | None] = [None] * len(packed)
+        lv = self.cfg.logvar
+        for idx, enc in ((clips, self.tokenizer.encode_clips([packed[i] for i in clips], with_logvar=lv)),
+                         (tokens, self.tokenizer.encode([packed[i] for i in tokens], with_logvar=lv))):
+            for i, e in zip(idx, enc):
+                out[i] = e
+        return out
 
     def reconstruct(self, rec: dict, prepared: Row) -> tuple[np.ndarray, np.ndarray]:
         import torch
