@@ -24,11 +24,10 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.reader import open_versions
 from pipeline.storage import Storage
-from pipeline.store import Store
+from pipeline.store import Store, read_parquet
 
 FORMATS = ("webdataset", "lance")
 MANIFEST = "export.json"
@@ -90,8 +89,7 @@ def export(out: str, fmt: str, dest: str | None = None, bucket_by: str | None = 
         if path in man["sources"]:
             res["skipped"] += 1
             continue
-        with storage.open_input(path) as f:
-            table = pq.read_table(f)
+        table = read_parquet(storage, path)  # page checksums verified: a damaged shard is an error naming it
         if bucket_by:
             table = table.append_column("token_bucket", pa.array(token_bucket(table.column("num_tokens"))))
         if fmt == "webdataset":
