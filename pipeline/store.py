@@ -193,6 +193,8 @@ class Store:
             self.storage.move(torn, f"quarantine/torn-{int(time.time())}/{torn}")
             out.problems.append(f"dropped a torn last commit record {torn} ({self.damaged.pop(torn)}); nothing of "
                                 "it was moved in, its samples are redone")
+        if not self.storage.list(MANIFEST) and (self.ledger.levels() or self.ledger.fragments()):
+            self.damaged[f"{MANIFEST}/"] = "missing, but the ledger records finished samples"
         if self.damaged:
             raise StoreDamaged(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
                                + f". {repair_hint(self.uri)}")
@@ -276,7 +278,7 @@ class Store:
             r.update(status=REQUEUED, stage="verify", reason=f"requeued by repair: {where}")
         q = f"quarantine/repair-{seq:010d}"
         moves = [[p, f"{q}/{p}"] for p in sorted(damaged) if self.storage.exists(p)]
-        moves += [[p, f"{q}/{p}"] for p in sorted(self.damaged)]
+        moves += [[p, f"{q}/{p}"] for p in sorted(self.damaged) if self.storage.exists(p)]
         ledger_rel = None
         if lost:
             buf = pa.BufferOutputStream()
@@ -351,7 +353,7 @@ class Store:
         seq = self.next_seq - 1
         table = pa.Table.from_pylist([vars(s) for s in self.shards.values()], schema=shard_index_schema())
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         name = f"{MANIFEST}/checkpoint-{seq:010d}.parquet"
         self.storage.write_bytes(name, buf.getvalue().to_pybytes())
         for rel in self._records_since_checkpoint:
