@@ -100,7 +100,7 @@ def deduplicate(table: pa.Table) -> pa.Table:
     if pc.any(requeued).as_py():
         last = table.filter(requeued).group_by("id").aggregate([("seq", "max")]).rename_columns(["id", "_rq"])
         table = table.join(last, "id", join_type="left outer")
-        keep = pc.or_(pc.is_null(table.column("_rq")), pc.greater_equal(table.column("seq"), table.column("_rq")))
+        keep = pc.or_kleene(pc.is_null(table.column("_rq")), pc.greater_equal(table.column("seq"), table.column("_rq")))
         table = table.filter(keep).drop_columns(["_rq"])
     prio = pc.fill_null(pc.index_in(table.column("status"), value_set=pa.array(list(PRIORITY))), -1)
     table = table.append_column("_prio", prio)
