@@ -27,14 +27,14 @@ from tests.reliability.conftest import (IMAGES, count_lost_dup, expected_ids, fi
                                         outcomes_by_key, run_cli, shard_ids, the_store, write_job)
 
 FLIP_TRIALS = 20
-N = 8  # images in the baseline store
+N = len(IMAGES)  # images in the baseline store (5 shards)
 
 
 @pytest.fixture(scope="module")
 def baseline(shared_data, tmp_path_factory, ray_local):
-    """One finished store of 8 images in 4 shards (2 rows per writer call); tests damage copies of it."""
+    """One finished store of 10 images in 5 shards (2 rows per writer call); tests damage copies of it."""
     root = tmp_path_factory.mktemp("damage")
-    src = make_inputs(shared_data, root / "in", images=IMAGES[:8], videos=[], meshes=[])
+    src = make_inputs(shared_data, root / "in", images=IMAGES, videos=[], meshes=[])
     cfg = job_dict(str(root / "out"), [{"type": "folder", "path": str(src), "name": "local"}])
     summary = run_job(validate_job(cfg))
     assert summary.counts.get("ok") == N and verify(the_store(root / "out").storage) == []
