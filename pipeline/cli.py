@@ -134,6 +134,8 @@ def cmd_status(args) -> int:
     for store in stores:
         store.load()
         tok, pre = store.read_json("tokenizer.json"), store.read_json("preprocess.json")
+        for path, why in store.damaged.items():
+            print(f"  damaged {path}: {why} (`python -m pipeline verify {store.uri} --repair`)")
         counts = store.counts()
         print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
         for m, c in counts.items():

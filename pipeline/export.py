@@ -70,7 +70,7 @@ def export(out: str, fmt: str, dest: str | None = None, bucket_by: str | None = 
         raise ValueError(f"--bucket-by: only 'tokens' is supported, got {bucket_by!r}")
     (name, storage), = open_versions(out, storage_options, version).items()
     store = Store(storage)
-    store.load()
+    store.load_whole()
     target = Storage(dest or storage.uri(f"exports/{fmt}" + ("-by-tokens" if bucket_by else "")), storage_options)
     man = _load_manifest(target, fmt, bucket_by, name)
     committed = dict(store.shards)

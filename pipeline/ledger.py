@@ -150,7 +150,8 @@ def compact(storage: Storage, files: list[str]) -> str | None:
     tables = []
     for rel in files:
         with storage.open_input(rel) as f:
-            tables.append(_with_seq(pq.read_table(f, page_checksum_verification=True).cast(ledger_schema(), safe=False), rel))
+            table = pq.read_table(f, page_checksum_verification=True)
+            tables.append(_with_seq(table.cast(ledger_schema(), safe=False), rel))
     table = deduplicate(pa.concat_tables(tables)).sort_by([("bucket", "ascending"), ("id", "ascending")])
     table = table.cast(ledger_schema())
     seqs = pc.min_max(table.column("seq")).as_py() if table.num_rows else {"min": 0, "max": 0}
@@ -190,7 +191,8 @@ def read_all(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for rel in led.levels() + led.fragments():
         with storage.open_input(rel) as f:
-            tables.append(_with_seq(pq.read_table(f, page_checksum_verification=True).cast(ledger_schema(), safe=False), rel))
+            table = pq.read_table(f, page_checksum_verification=True)
+            tables.append(_with_seq(table.cast(ledger_schema(), safe=False), rel))
     if not tables:
         return ledger_schema().empty_table()
     table = deduplicate(pa.concat_tables(tables))

@@ -16,6 +16,9 @@ The commit protocol (docs/design.md), with one live driver (pipeline/lock.py):
 A crash before 2 leaves only staging garbage (collected on the next open); a crash after 2 is rolled forward on
 the next open. Files in `data/` that no commit names are moved to `quarantine/`. So a reader that globs
 `data/**/*.parquet` never sees a partial file, a duplicate row or a row from an attempt that was not committed.
+Damage is found, never trusted: a corrupt commit record (other than a torn last one) or shard index stops the
+open (`StoreDamaged`); a shard whose size differs from its record is un-committed and its samples requeued
+(`Store.repair`, also what `verify --repair` does after re-hashing every shard).
 """
 from __future__ import annotations
 
@@ -155,6 +158,15 @@ class Store:
             span = seq_span(rel)
             if span:
                 self.next_seq = max(self.next_seq, span[1] + 1)
+        return records
+
+    def load_whole(self) -> list[dict]:
+        """`load` for readers: a damaged manifest is an error (DamagedFile, with the repair command), not a
+        silently smaller set of shards."""
+        records = self.load()
+        if self.damaged:
+            raise DamagedFile(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
+                              + f". Run `python -m pipeline verify {self.uri} --repair`")
         return records
 
     def _apply(self, rec: dict) -> None:
@@ -512,7 +524,8 @@ def write_root_card(root: Storage, current: str) -> bool:
     body = (f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
             "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
             + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest "
-            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n" + CHECKSUM_NOTE)
+            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n"
+            + CHECKSUM_NOTE)
     root.write_bytes("README.md", body.encode())
     return True
 

@@ -251,6 +251,11 @@ def test_corrupt_middle_record_stops_the_start(baseline, tmp_path, figures, caps
     recs = sorted(e.path for e in store.storage.list(MANIFEST) if e.path.endswith(".json"))
     assert len(recs) == 3, recs
     store.storage.write_bytes(recs[1], store.storage.read_bytes(recs[1])[:40] + b"#\x00")
+    from pipeline.export import export  # readers refuse a damaged manifest rather than serve fewer shards
+
+    with pytest.raises(DamagedFile, match=recs[1]):
+        export(str(out), "webdataset", dest=str(tmp_path / "wds"))
+    assert cli(["status", str(out)]) == 0 and f"damaged {recs[1]}" in capsys.readouterr().out
     with pytest.raises(StoreDamaged, match="verify .* --repair"):
         run_job(validate_job(cfg))
     job = write_job(tmp_path / "job.yaml", cfg)
