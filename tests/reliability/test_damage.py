@@ -306,11 +306,12 @@ def test_corrupt_shard_index_is_repaired(baseline, tmp_path, figures, capsys):
 
 # ---- item 3: a duplicate never shadows the original ---------------------------------------------------------------
 
+@pytest.mark.slow  # its own `python -m pipeline run` with its own Ray cluster, killed: like the crash matrix
 def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures):
     """A url_list with one row twice; the driver is killed after its 2nd commit record: the first occurrence's
     id ends ok with its row, never failed; the duplicate line is counted, not recorded against that id."""
     src = baseline["src"]
-    files = sorted(p for p in src.iterdir())
+    files = sorted(src.iterdir())
     lines = ["url,caption"] + [f"{p},c{k}" for k, p in enumerate(files)]
     lines.insert(2, f"{files[0]},dup")  # line 2 repeats line 1
     csv = tmp_path / "list.csv"
@@ -324,7 +325,7 @@ def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures)
     assert rerun.resume["ul"]["duplicate"] == 1
     ids = shard_ids(out)
     state = final_state(out)
-    expected = {r for r in state["ok"]}
+    expected = set(state["ok"])
     record(figures, case="duplicate row + kill -9 after commit 2", trials=1, requeued=0,
            redone_by_rerun=rerun.finished, lost=len(files) - len(ids), duplicated=sum(c - 1 for c in ids.values()),
            wrong_data_served=0, verify_problems=len(state["problems"]))
