@@ -331,3 +331,28 @@ def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures)
            wrong_data_served=0, verify_problems=len(state["problems"]))
     assert len(ids) == len(files) and set(ids) == expected and max(ids.values()) == 1
     assert not state["other"] and state["problems"] == [], state
+
+
+def test_requeued_sets_aside_earlier_outcomes_and_survives_compaction(tmp_path):
+    """The ledger rule behind repair, without Ray: a `requeued` outcome beats an earlier ok (so the id is to do
+    again), a later ok beats it, and compacting the ledger into a level keeps both decisions."""
+    from pipeline.ledger import LedgerView, compact, fragment_path, read_all, write_table
+    from schemas.tokens import ledger_table
+
+    storage = Storage(str(tmp_path / "store"))
+    rec = {"bucket": 0, "modality": "image", "source": "t"}
+    write_table(storage, fragment_path(0), ledger_table([{"id": "a", "status": "ok", **rec},
+                                                         {"id": "b", "status": "ok", **rec}]))
+    write_table(storage, fragment_path(1), ledger_table([{"id": "a", "status": "requeued", **rec},
+                                                         {"id": "b", "status": "requeued", **rec}]))
+    write_table(storage, fragment_path(2), ledger_table([{"id": "b", "status": "ok", **rec}]))
+
+    def statuses():
+        t = read_all(storage, ["id", "status"])
+        return dict(zip(t.column("id").to_pylist(), t.column("status").to_pylist()))
+
+    assert statuses() == {"a": "requeued", "b": "ok"}
+    view = LedgerView(storage.root, {}, tuple(e.path for e in storage.list("ledger", recursive=True)))
+    assert dict(zip(*[view.statuses(0).column(c).to_pylist() for c in ("id", "status")])) == statuses()
+    compact(storage, [e.path for e in storage.list("ledger/log")])
+    assert statuses() == {"a": "requeued", "b": "ok"}
