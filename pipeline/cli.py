@@ -34,6 +34,7 @@ def _os_error(exc: OSError) -> str:
 
 def cmd_run(args) -> int:
     from pipeline.run import SIGNAL_EXIT, run_job
+    from pipeline.store import DamagedFile
 
     job = _job(args)
     if args.address:
@@ -52,6 +53,9 @@ def cmd_run(args) -> int:
     except KeyboardInterrupt:
         print("aborted: what was committed is kept; rerun the same command to continue", file=sys.stderr)
         return 130
+    except DamagedFile as exc:  # a committed file fails its checks: say which, and how to repair
+        return _fail(f"{exc}\nrun `python -m pipeline verify {job.out} --repair` to un-commit it; the next run "
+                     "redoes its samples")
     except OSError as exc:  # disk full, read-only output, missing input: one clear line, no traceback
         return _fail(f"{_os_error(exc)}. Committed shards are intact; rerun the same command to resume once this "
                      "is fixed.")
@@ -130,6 +134,8 @@ def cmd_status(args) -> int:
     for store in stores:
         store.load()
         tok, pre = store.read_json("tokenizer.json"), store.read_json("preprocess.json")
+        for path, why in store.damaged.items():
+            print(f"  damaged {path}: {why} (`python -m pipeline verify {store.uri} --repair`)")
         counts = store.counts()
         print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
         for m, c in counts.items():
@@ -155,16 +161,33 @@ def cmd_status(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from pipeline.store import verify
+    import uuid
+
+    from pipeline.lock import RunLock
+    from pipeline.store import repair, verify
 
     stores = _versions(args.out)
     bad = 0
     for store in stores:
-        problems = verify(store.storage)
-        bad += len(problems)
-        print(f"{store.uri}: " + ("ok" if not problems else f"{len(problems)} problems"))
-        for p in problems:
+        if not args.repair:
+            problems = verify(store.storage)
+            bad += len(problems)
+            print(f"{store.uri}: " + ("ok" if not problems else f"{len(problems)} problems"))
+            for p in problems:
+                print(f"  {p}")
+            continue
+        run_id = f"repair-{uuid.uuid4().hex[:8]}"
+        with RunLock(store.storage, run_id):
+            res = repair(store.storage, run_id)
+        print(f"{store.uri}: {len(res['problems'])} problems found" if res["problems"] else f"{store.uri}: ok")
+        for p in res["problems"]:
             print(f"  {p}")
+        if res["drops"] or res["requeued"]:
+            print(f"  repaired: {len(res['drops'])} shards un-committed, {res['requeued']} samples requeued "
+                  f"(record: {store.uri}/{res['quarantine']}); the next run redoes them")
+        for p in res["after"]:
+            print(f"  still: {p}")
+        bad += len(res["after"])
     if not stores:
         print(f"no token store under {args.out}")
     return 1 if bad or not stores else 0
@@ -284,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.lock import LockedError
     from pipeline.mesh.cli import add_mesh_commands
     from pipeline.storage import StorageError
+    from pipeline.store import DamagedFile
 
     p = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -311,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_status)
     v = sub.add_parser("verify", help="re-hash shards against the manifest, check ids against the ledger")
     v.add_argument("out")
+    v.add_argument("--repair", action="store_true", help="un-commit damaged shards (kept in quarantine/) and "
+                   "requeue their samples for the next run; re-derive the index, the ledger level and the card")
     v.set_defaults(fn=cmd_verify)
     c = sub.add_parser("compact", help="merge small shards (exactly-once, like a run)")
     c.add_argument("out")
@@ -333,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     args.early_signals = early
     try:
         return args.fn(args)
-    except (ConfigError, StorageError, LockedError) as exc:
+    except (ConfigError, StorageError, LockedError, DamagedFile) as exc:  # StoreDamaged: a StorageError
         return _fail(exc, 2)
     except (ValueError, FileNotFoundError) as exc:
         if args.cmd != "export":

@@ -59,7 +59,7 @@ def compact(store: Store, run_id: str, cfg: WriteConfig, small_bytes: int | None
 
         for s in shards:
             with store.storage.open_input(s.path) as f:
-                pf = pq.ParquetFile(f)
+                pf = pq.ParquetFile(f, page_checksum_verification=True)
                 if writer is None:
                     writer = pq.ParquetWriter(sink, pf.schema_arrow, compression=None if cfg.compression == "none"
                                               else cfg.compression, write_page_checksum=True)

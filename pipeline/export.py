@@ -24,11 +24,10 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.reader import open_versions
 from pipeline.storage import Storage
-from pipeline.store import Store
+from pipeline.store import Store, read_parquet
 
 FORMATS = ("webdataset", "lance")
 MANIFEST = "export.json"
@@ -71,7 +70,7 @@ def export(out: str, fmt: str, dest: str | None = None, bucket_by: str | None = 
         raise ValueError(f"--bucket-by: only 'tokens' is supported, got {bucket_by!r}")
     (name, storage), = open_versions(out, storage_options, version).items()
     store = Store(storage)
-    store.load()
+    store.load_whole()
     target = Storage(dest or storage.uri(f"exports/{fmt}" + ("-by-tokens" if bucket_by else "")), storage_options)
     man = _load_manifest(target, fmt, bucket_by, name)
     committed = dict(store.shards)
@@ -90,8 +89,7 @@ def export(out: str, fmt: str, dest: str | None = None, bucket_by: str | None = 
         if path in man["sources"]:
             res["skipped"] += 1
             continue
-        with storage.open_input(path) as f:
-            table = pq.read_table(f)
+        table = read_parquet(storage, path)  # page checksums verified: a damaged shard is an error naming it
         if bucket_by:
             table = table.append_column("token_bucket", pa.array(token_bucket(table.column("num_tokens"))))
         if fmt == "webdataset":

@@ -9,7 +9,9 @@ Layout, under the version directory:
                                             reading one bucket reads ~1 group
 `compact` turns fragments (or levels) into one level, then deletes its inputs: a crash in between leaves the same
 outcome twice, which is harmless (an id's status is decided by priority: ok > skipped > failed, then the latest
-commit), never a loss. The schema is `schemas.tokens.ledger_schema`.
+commit), never a loss. A `requeued` outcome (a damaged shard un-committed by `verify --repair`) sets aside
+every earlier outcome of its id, so the id is to do again; what the redo records later decides. The schema is
+`schemas.tokens.ledger_schema`.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.storage import Storage
-from schemas.tokens import ledger_schema
+from schemas.tokens import REQUEUED, ledger_schema
 
 LOG, LEVELS = "ledger/log", "ledger/levels"
 PRIORITY = {"failed": 1, "skipped": 2, "ok": 3}
@@ -68,7 +70,7 @@ class LedgerView:
 def read_bucket(storage: Storage, rel: str, bucket: int, columns=("id", "status", "seq", "bucket")) -> pa.Table:
     """Rows of one bucket from a ledger file, reading only the row groups whose bucket range covers it."""
     with storage.open_input(rel) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, page_checksum_verification=True)
         col = pf.schema_arrow.get_field_index("bucket")
         groups = []
         for i in range(pf.num_row_groups):
@@ -92,7 +94,14 @@ def _with_seq(table: pa.Table, rel: str) -> pa.Table:
 
 
 def deduplicate(table: pa.Table) -> pa.Table:
-    """One row per id: the highest priority status, then the latest commit."""
+    """One row per id: the highest priority status, then the latest commit; outcomes older than an id's latest
+    `requeued` one do not count."""
+    requeued = pc.equal(table.column("status"), REQUEUED)
+    if pc.any(requeued).as_py():
+        last = table.filter(requeued).group_by("id").aggregate([("seq", "max")]).rename_columns(["id", "_rq"])
+        table = table.join(last, "id", join_type="left outer")
+        keep = pc.or_kleene(pc.is_null(table.column("_rq")), pc.greater_equal(table.column("seq"), table.column("_rq")))
+        table = table.filter(keep).drop_columns(["_rq"])
     prio = pc.fill_null(pc.index_in(table.column("status"), value_set=pa.array(list(PRIORITY))), -1)
     table = table.append_column("_prio", prio)
     table = table.sort_by([("id", "ascending"), ("_prio", "descending"), ("seq", "descending")])
@@ -141,7 +150,8 @@ def compact(storage: Storage, files: list[str]) -> str | None:
     tables = []
     for rel in files:
         with storage.open_input(rel) as f:
-            tables.append(_with_seq(pq.read_table(f).cast(ledger_schema(), safe=False), rel))
+            table = pq.read_table(f, page_checksum_verification=True)
+            tables.append(_with_seq(table.cast(ledger_schema(), safe=False), rel))
     table = deduplicate(pa.concat_tables(tables)).sort_by([("bucket", "ascending"), ("id", "ascending")])
     table = table.cast(ledger_schema())
     seqs = pc.min_max(table.column("seq")).as_py() if table.num_rows else {"min": 0, "max": 0}
@@ -181,7 +191,8 @@ def read_all(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     tables = []
     for rel in led.levels() + led.fragments():
         with storage.open_input(rel) as f:
-            tables.append(_with_seq(pq.read_table(f).cast(ledger_schema(), safe=False), rel))
+            table = pq.read_table(f, page_checksum_verification=True)
+            tables.append(_with_seq(table.cast(ledger_schema(), safe=False), rel))
     if not tables:
         return ledger_schema().empty_table()
     table = deduplicate(pa.concat_tables(tables))

@@ -11,11 +11,11 @@ import io
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from atoken.metrics import psnr, ssim
 from pipeline.rows import is_ok, new_row
+from pipeline.store import DamagedFile, read_parquet, sha256_of
 
 
 def recorded_configs(store, job):
@@ -43,12 +43,17 @@ def run_qa(store, job) -> dict:
 
     decode, mesh = recorded_configs(store, job)
     model = backend(job.tokenize.backend).Model(job.tokenize, job.tokenize.device)
-    results = {}
+    results, damaged = {}, []
     for modality in sorted({s.modality for s in store.shards.values()}):
         recs = []
         for path in sorted(p for p, s in store.shards.items() if s.modality == modality):
-            with store.storage.open_input(path) as f:
-                recs += pq.read_table(f).slice(0, job.qa.samples - len(recs)).to_pylist()
+            try:  # never an unverified shard: its bytes match the commit record, and its page checksums
+                if sha256_of(store.storage, path) != store.shards[path].sha256:
+                    raise DamagedFile(f"{store.storage.uri(path)}: sha256 differs from the commit record")
+                recs += read_parquet(store.storage, path).slice(0, job.qa.samples - len(recs)).to_pylist()
+            except OSError as exc:
+                damaged.append(f"{exc}")
+                continue
             if len(recs) >= job.qa.samples:
                 break
         prepare = Prepare(job.fetch, decode, mesh, job.storage, "3d" if modality == "3d" else "media")
@@ -68,6 +73,8 @@ def run_qa(store, job) -> dict:
         results[modality] = {"n": len(scores["psnr"]), **{k: float(np.mean(v)) for k, v in scores.items() if v}}
         if job.qa.grid and pairs:
             store.storage.write_bytes(f"qa/{modality}.png", grid_png(pairs))
+    if damaged:  # reported, not read: `verify --repair` un-commits them
+        results["damaged_shards"] = damaged
     store.storage.write_bytes("qa/qa.json", json.dumps(results, indent=2).encode())
     return results
 

@@ -89,7 +89,7 @@ def snapshot(stores: dict[str, Storage], modalities: tuple[str, ...] | None,
     out, seqs = [], {}
     for name, storage in stores.items():
         store = Store(storage)
-        store.load()
+        store.load_whole()
         seqs[name] = store.next_seq - 1
         limit = None if cutoff is None else cutoff.get(name, -1)
         for s in store.shards.values():

@@ -305,6 +305,8 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
         from pipeline.qa import run_qa
 
         summary.qa = run_qa(store, job)
+        summary.notes += [f"qa skipped a damaged shard ({d}); `python -m pipeline verify {store.uri} --repair` "
+                          "un-commits it" for d in summary.qa.pop("damaged_shards", [])]
     summary.wall_s = time.perf_counter() - t0
     return summary
 

@@ -16,6 +16,9 @@ The commit protocol (docs/design.md), with one live driver (pipeline/lock.py):
 A crash before 2 leaves only staging garbage (collected on the next open); a crash after 2 is rolled forward on
 the next open. Files in `data/` that no commit names are moved to `quarantine/`. So a reader that globs
 `data/**/*.parquet` never sees a partial file, a duplicate row or a row from an attempt that was not committed.
+Damage is found, never trusted: a corrupt commit record (other than a torn last one) or shard index stops the
+open (`StoreDamaged`); a shard whose size differs from its record is un-committed and its samples requeued
+(`Store.repair`, also what `verify --repair` does after re-hashing every shard).
 """
 from __future__ import annotations
 
@@ -30,13 +33,36 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.faults import maybe_fault
-from pipeline.ledger import Ledger, fragment_path, read_all
-from pipeline.storage import Storage
-from schemas.tokens import MODALITIES, SCHEMA_VERSION, shard_index_schema
+from pipeline.ledger import Ledger, fragment_path, read_all, seq_span
+from pipeline.storage import Storage, StorageError
+from schemas.tokens import MODALITIES, REQUEUED, SCHEMA_VERSION, ledger_table, shard_index_schema
 
 FORMAT = "atoken-cache/2"
 MANIFEST = "manifest"
 CHECKPOINT_EVERY = 256
+
+
+class StoreDamaged(StorageError):
+    """The committed state cannot be read as written: the start stops, and says how to repair it."""
+
+
+def repair_hint(uri: str) -> str:
+    return (f"nothing was changed; `python -m pipeline verify {uri} --repair` un-commits what is damaged (kept "
+            "under quarantine/) so that the next run redoes exactly those samples")
+
+
+class DamagedFile(OSError):
+    """A store file that is missing, truncated or fails its Parquet page checksums (the message names it)."""
+
+
+def read_parquet(storage: Storage, rel: str, columns=None) -> pa.Table:
+    """A whole Parquet file of the store, read with page checksum verification (every shard and ledger file is
+    written with page checksums): a flipped bit is an error naming the file, never wrong data."""
+    try:
+        with storage.open_input(rel) as f:
+            return pq.ParquetFile(f, page_checksum_verification=True).read(columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise DamagedFile(f"{storage.uri(rel)}: {type(exc).__name__}: {exc}") from exc
 
 
 def sha256_of(storage: Storage, rel: str) -> str:
@@ -95,48 +121,104 @@ class Store:
 
     # ---- reading the committed state --------------------------------------------------------------------------
     def load(self) -> list[dict]:
-        """Reads the checkpoint and the commit records after it; returns those records (oldest first)."""
+        """Reads the checkpoint and the commit records after it; returns those records (oldest first). What cannot
+        be parsed is listed in `damaged` (path -> why), not applied; a damaged record's number is not reused."""
         self.shards, records = {}, []
-        self.checkpoint_seq, self._records_since_checkpoint, self.damaged = -1, [], []
+        self.checkpoint_seq, self._records_since_checkpoint, self.damaged = -1, [], {}
         entries = self.storage.list(MANIFEST)
         checkpoints = sorted(e.path for e in entries if e.path.rsplit("/", 1)[-1].startswith("checkpoint-"))
         if checkpoints:
-            with self.storage.open_input(checkpoints[-1]) as f:
-                for rec in pq.read_table(f).to_pylist():
-                    self.shards[rec["path"]] = Shard(**rec)
             self.checkpoint_seq = int(checkpoints[-1].rsplit("-", 1)[-1].split(".")[0])
+            try:
+                for rec in read_parquet(self.storage, checkpoints[-1]).to_pylist():
+                    self.shards[rec["path"]] = Shard(**rec)
+            except (OSError, TypeError) as exc:
+                self.damaged[checkpoints[-1]] = f"unreadable shard index: {exc}"
+                self.shards = {}
         self.next_seq = self.checkpoint_seq + 1
         for e in entries:
             name = e.path.rsplit("/", 1)[-1]
             if not name.endswith(".json") or not name[:-5].isdigit() or int(name[:-5]) <= self.checkpoint_seq:
                 continue
+            self.next_seq = max(self.next_seq, int(name[:-5]) + 1)
             try:
                 rec = json.loads(self.storage.read_bytes(e.path))
-            except (json.JSONDecodeError, UnicodeDecodeError):  # cannot be torn (atomic writes): a damaged one is
-                self.damaged.append(e.path)                     # reported, not applied, and its number not reused
-                self.next_seq = max(self.next_seq, int(name[:-5]) + 1)
+                if not isinstance(rec, dict) or rec.get("seq") != int(name[:-5]):
+                    raise ValueError(f"its seq {rec.get('seq') if isinstance(rec, dict) else rec!r} is not "
+                                     f"{int(name[:-5])}")
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+                self.damaged[e.path] = f"corrupt commit record: {type(exc).__name__}: {exc}"
                 continue
             records.append(rec)
         records.sort(key=lambda r: r["seq"])
         for rec in records:
             self._apply(rec)
             self._records_since_checkpoint.append(f"{MANIFEST}/{rec['seq']:010d}.json")
-            self.next_seq = max(self.next_seq, rec["seq"] + 1)
+        for rel in self.ledger.levels() + self.ledger.fragments():  # never reuse a number the ledger holds
+            span = seq_span(rel)
+            if span:
+                self.next_seq = max(self.next_seq, span[1] + 1)
+        return records
+
+    def load_whole(self) -> list[dict]:
+        """`load` for readers: a damaged manifest is an error (DamagedFile, with the repair command), not a
+        silently smaller set of shards."""
+        records = self.load()
+        if self.damaged:
+            raise DamagedFile(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
+                              + f". Run `python -m pipeline verify {self.uri} --repair`")
         return records
 
     def _apply(self, rec: dict) -> None:
         for path in rec.get("removes", []):
             self.shards.pop(path, None)
+        for d in rec.get("drops", []):  # verify --repair: un-committed, its samples requeued
+            self.shards.pop(d["path"], None)
         for s in rec.get("shards", []):
             self.shards[s["path"]] = Shard(**{**s, "seq": rec["seq"]})
 
-    # ---- opening for a run: roll forward, quarantine, collect garbage ------------------------------------------
+    def _torn_last(self, records: list[dict]) -> str | None:
+        """The one damaged record that may be dropped: the last one, when nothing of its commit was moved in
+        (then it is a write that never completed). None otherwise."""
+        if len(self.damaged) != 1:
+            return None
+        path = next(iter(self.damaged))
+        if not path.endswith(".json"):
+            return None
+        seq = int(path.rsplit("/", 1)[-1][:-5])
+        if records and records[-1]["seq"] > seq:
+            return None
+        moved = self.storage.exists(fragment_path(seq)) or self.ledger.covers(seq) or any(
+            e.path.rsplit("/", 1)[-1].startswith(f"part-{seq:06d}-") for m in MODALITIES
+            for e in self.storage.list(f"data/{m}"))
+        return None if moved else path
+
+    # ---- opening for a run: roll forward, check sizes, quarantine, collect garbage --------------------------
     def recover(self, run_id: str | None = None) -> Recovery:
+        """With the lock held. A damaged record in the middle of the manifest or a damaged shard index stops it
+        (StoreDamaged, with the repair command); a torn last record is set aside. Committed shards whose size
+        differs from their record, or that are gone, are un-committed and their samples requeued (`repair`)."""
         out = Recovery()
         records = self.load()
-        out.problems += [f"damaged commit record {p} (not applied)" for p in self.damaged]
+        torn = self._torn_last(records)
+        if torn:
+            self.storage.move(torn, f"quarantine/torn-{int(time.time())}/{torn}")
+            out.problems.append(f"dropped a torn last commit record {torn} ({self.damaged.pop(torn)}); nothing of "
+                                "it was moved in, its samples are redone")
+        if not self.storage.list(MANIFEST) and (self.ledger.levels() or self.ledger.fragments()):
+            self.damaged[f"{MANIFEST}/"] = "missing, but the ledger records finished samples"
+        if self.damaged:
+            raise StoreDamaged(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
+                               + f". {repair_hint(self.uri)}")
         for rec in records:
             out.rolled_forward += self._finish_moves(rec, out.problems)
+        sizes = {e.path: e.size for e in self.storage.list("data", recursive=True)}
+        damaged = {p: ("missing" if sizes.get(p) is None else f"{sizes[p]} bytes, the commit says {s.bytes}")
+                   for p, s in self.shards.items() if sizes.get(p) != s.bytes}
+        if damaged:
+            res = self.repair(damaged, run_id or "recover")
+            out.problems.append(f"{len(res['drops'])} damaged shards un-committed ({res['quarantine']}); "
+                                f"{res['requeued']} samples requeued")
         self.checkpoint()  # fold the records now that their moves are done: none outlives a later compaction
         known = set(self.shards)
         for e in self.storage.list("data", recursive=True):  # paths are relative to the store root
@@ -166,9 +248,75 @@ class Store:
                 done += 1
             elif dst.startswith("ledger/") and self.ledger.covers(rec["seq"]):
                 continue  # the fragment was moved in, then compacted into a level
+            elif rec.get("op") == "repair" and dst.startswith("quarantine/"):
+                continue  # a damaged file that is gone: nothing to keep
             else:
                 problems.append(f"commit {rec['seq']}: {dst} is missing and its staged copy {src} is gone")
+        if rec.get("op") == "repair":
+            self._write_quarantine_record(rec)
         return done
+
+    # ---- repair: un-commit damaged shards, requeue their samples --------------------------------------------
+    def repair(self, damaged: dict[str, str], run_id: str) -> dict:
+        """One commit (op `repair`) that un-commits the `damaged` shards (path -> why; they move to
+        `quarantine/repair-<seq>/`), sets aside the damaged manifest files in `self.damaged`, and records every
+        sample that is ok in the ledger but has no row in an intact shard as `requeued`, with the reason: the
+        next run redoes exactly those. The commit record is also kept as `quarantine/repair-<seq>.json`."""
+        damaged = dict(damaged)
+        have: set[str] = set()
+        for path in sorted(p for p in self.shards if p not in damaged):  # the intact shards' ids
+            try:
+                have.update(read_parquet(self.storage, path, ["id"]).column("id").to_pylist())
+            except OSError as exc:
+                damaged[path] = f"unreadable: {exc}"
+        why_of: dict[str, str] = {}
+        for path in damaged:  # a damaged shard's own ids, where its id column still reads
+            try:
+                why_of.update(dict.fromkeys(read_parquet(self.storage, path, ["id"]).column("id").to_pylist(),
+                                            f"{path}: {damaged[path]}"))
+            except OSError:
+                pass
+        by_seq = {(self.shards[p].seq, self.shards[p].modality): p for p in damaged if p in self.shards}
+        ledger = read_all(self.storage)
+        ledger = ledger.filter(pc.equal(ledger.column("status"), "ok")).to_pylist()
+        lost = [r for r in ledger if r["id"] not in have]
+        seq = self.next_seq
+        base = f"staging/{run_id}/repair-{seq:010d}"
+        for r in lost:
+            where = why_of.get(r["id"]) or (f"{by_seq[(r['seq'], r['modality'])]}: "
+                                            f"{damaged[by_seq[(r['seq'], r['modality'])]]}"
+                                            if (r["seq"], r["modality"]) in by_seq else
+                                            "no intact committed shard holds its row")
+            r.update(status=REQUEUED, stage="verify", reason=f"requeued by repair: {where}")
+        q = f"quarantine/repair-{seq:010d}"
+        moves = [[p, f"{q}/{p}"] for p in sorted(damaged) if self.storage.exists(p)]
+        moves += [[p, f"{q}/{p}"] for p in sorted(self.damaged) if self.storage.exists(p)]
+        ledger_rel = None
+        if lost:
+            buf = pa.BufferOutputStream()
+            pq.write_table(ledger_table(lost), buf, compression="zstd", write_page_checksum=True)
+            self.storage.write_bytes(f"{base}/ledger.parquet", buf.getvalue().to_pybytes())
+            ledger_rel = fragment_path(seq)
+            moves.append([f"{base}/ledger.parquet", ledger_rel])
+        drops = [{"path": p, "reason": why, "record": vars(self.shards[p]) if p in self.shards else None}
+                 for p, why in sorted(damaged.items())]
+        record = {"seq": seq, "op": "repair", "run": run_id, "time": time.time(), "shards": [], "removes": [],
+                  "drops": drops, "manifest_damage": self.damaged, "ledger": ledger_rel, "moves": moves,
+                  "counts": {REQUEUED: len(lost)}}
+        name = f"{MANIFEST}/{seq:010d}.json"
+        self.storage.write_bytes(name, json.dumps(record, ensure_ascii=False, default=str).encode())
+        self.next_seq = seq + 1
+        self._move_all(moves)
+        self._write_quarantine_record(record)
+        self._apply(record)
+        self._records_since_checkpoint.append(name)
+        self.damaged = {}
+        return {"seq": seq, "drops": drops, "requeued": len(lost), "quarantine": f"{q}.json"}
+
+    def _write_quarantine_record(self, rec: dict) -> None:
+        rel = f"quarantine/repair-{rec['seq']:010d}.json"
+        if not self.storage.exists(rel):
+            self.storage.write_bytes(rel, json.dumps(rec, indent=1, ensure_ascii=False, default=str).encode())
 
     # ---- committing ------------------------------------------------------------------------------------------
     def commit(self, record: dict, run_id: str) -> dict:
@@ -217,7 +365,7 @@ class Store:
         seq = self.next_seq - 1
         table = pa.Table.from_pylist([vars(s) for s in self.shards.values()], schema=shard_index_schema())
         buf = pa.BufferOutputStream()
-        pq.write_table(table, buf, compression="zstd")
+        pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
         name = f"{MANIFEST}/checkpoint-{seq:010d}.parquet"
         self.storage.write_bytes(name, buf.getvalue().to_pybytes())
         for rel in self._records_since_checkpoint:
@@ -258,52 +406,101 @@ class Store:
                           f"({counts[m]['bytes'] / 1e6:.1f} MB)\n" for m in present)
                 + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")` or "
                   "`datasets.load_dataset(<this folder>, \"<modality>\")`; `with_format(\"arrow\")` keeps fp16. "
-                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n")
+                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n"
+                + CHECKSUM_NOTE)
         if not self.storage.exists("README.md") or self.storage.read_bytes("README.md").decode() != body:
             self.storage.write_bytes("README.md", body.encode())
 
 
-def verify(storage: Storage) -> list[str]:
-    """Re-hashes every committed shard, checks ids are unique and agree with the ledger, and lists files in
-    `data/` that no commit names. Returns the problems (empty when all is well)."""
-    store = Store(storage)
-    problems = []
+def check(store: Store) -> tuple[dict[str, str], list[str]]:
+    """Re-hashes every committed shard, reads its ids (page checksums verified), checks ids are unique and agree
+    with the ledger, and lists files in `data/` that no commit names. Returns (damaged shards: path -> why,
+    every problem found, as lines). Never raises on a damaged store: what it cannot read is a finding."""
+    storage, problems, damaged = store.storage, [], {}
     try:
         store.load()
-    except Exception as exc:  # a store this damaged is a finding, not a crash
-        return [f"cannot read the manifest: {type(exc).__name__}: {exc}"]
-    problems += [f"damaged commit record {p}" for p in store.damaged]
+    except Exception as exc:  # noqa: BLE001 - a store this damaged is a finding, not a crash
+        return {}, [f"cannot read the manifest: {type(exc).__name__}: {exc}"]
+    if not storage.list(MANIFEST) and storage.list("data", recursive=True):
+        problems.append(f"{MANIFEST}/ is missing or empty, but data/ holds files")
+    problems += [f"damaged {p}: {why}" for p, why in store.damaged.items()]
     seen: dict[str, str] = {}
     for path, s in sorted(store.shards.items()):
         size = storage.size(path)
         if size is None:
-            problems.append(f"missing shard {path}")
+            damaged[path] = "missing"
             continue
-        if size != s.bytes or sha256_of(storage, path) != s.sha256:
-            problems.append(f"hash mismatch {path}")
+        if size != s.bytes:
+            damaged[path] = f"truncated or replaced: {size} bytes, the commit says {s.bytes}"
+        elif sha256_of(storage, path) != s.sha256:
+            damaged[path] = "hash mismatch: the bytes differ from the commit record (corrupt shard)"
         try:
-            with storage.open_input(path) as f:
-                ids = pq.read_table(f, columns=["id"]).column("id").to_pylist()
-        except (OSError, pa.ArrowException) as exc:
-            problems.append(f"unreadable shard {path}: {exc}")
+            ids = read_parquet(storage, path, ["id"]).column("id").to_pylist()
+        except OSError as exc:
+            damaged.setdefault(path, f"unreadable: {exc}")
             continue
         if len(ids) != s.rows:
-            problems.append(f"{path}: {len(ids)} rows, the commit says {s.rows}")
+            damaged.setdefault(path, f"{len(ids)} rows, the commit says {s.rows}")
         for i in ids:
             if i in seen:
                 problems.append(f"duplicate id {i} in {path} and {seen[i]}")
             seen[i] = path
+    problems += [f"missing shard {p}" if why == "missing" else f"hash mismatch {p}" if why.startswith("hash")
+                 else f"damaged shard {p}: {why}" for p, why in damaged.items()]
     known = set(store.shards)
     for e in storage.list("data", recursive=True):
         if e.path not in known:
             problems.append(f"uncommitted file {e.path}")
-    outcomes = read_all(storage, ["id", "status"])
+    try:
+        outcomes = read_all(storage, ["id", "status"])
+    except (OSError, pa.ArrowException) as exc:
+        return damaged, problems + [f"cannot read the ledger: {type(exc).__name__}: {exc}"]
     ok = set(outcomes.filter(pc.equal(outcomes.column("status"), "ok")).column("id").to_pylist())
     if ok != set(seen):
         problems.append(f"ledger and shards disagree: {len(ok - set(seen))} ok in the ledger without a row, "
                         f"{len(set(seen) - ok)} rows without an ok outcome")
-    return problems
+    return damaged, problems
 
+
+def verify(storage: Storage) -> list[str]:
+    """The problems `check` finds (empty when all is well)."""
+    return check(Store(storage))[1]
+
+
+def repair(storage: Storage, run_id: str) -> dict:
+    """`verify --repair`, with the lock held: rolls forward what a crash left, un-commits every damaged shard and
+    damaged manifest file (kept under quarantine/), requeues the samples that have no intact row, then re-derives
+    the shard index, the ledger level (each id's status) and the card. Returns what it did."""
+    from pipeline.ledger import compact as compact_ledger
+
+    store = Store(storage)
+    records = store.load()
+    rolled = []
+    for rec in records:
+        store._finish_moves(rec, rolled)
+    damage = store.damaged
+    damaged, problems = check(store)  # reloads
+    store.damaged = {**store.damaged, **damage}
+    res = {"drops": [], "requeued": 0, "quarantine": None, "problems": problems}
+    if damaged or store.damaged or any(p.startswith("ledger and shards disagree") for p in problems):
+        res.update(store.repair(damaged, run_id))
+        res["problems"] = problems
+    rec = store.recover(run_id)
+    res["quarantined"] = rec.quarantined
+    for files in store.ledger.plan_compaction():
+        compact_ledger(storage, files)
+    store.write_card()
+    store.drop_staging(run_id)
+    res["after"] = verify(storage)
+    return res
+
+
+CHECKSUM_NOTE = (
+    "\nShards carry Parquet page checksums; pyarrow and `datasets` check them only when asked. To make a damaged "
+    "shard an error instead of wrong data, pass `fragment_scan_options=pyarrow.dataset.ParquetFragmentScanOptions("
+    "page_checksum_verification=True)` to `datasets.load_dataset`, or `page_checksum_verification=True` to "
+    "`pyarrow.parquet.read_table`. `python -m pipeline verify <this folder>` re-hashes every shard against its "
+    "commit record, and `--repair` un-commits damaged ones so that the next run redoes their samples.\n")
 
 ROOT_CARD_MARK = "<!-- atoken-cache: output root card, rewritten by each run -->"
 
@@ -327,7 +524,8 @@ def write_root_card(root: Storage, current: str) -> bool:
     body = (f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
             "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
             + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest "
-            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n")
+            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n"
+            + CHECKSUM_NOTE)
     root.write_bytes("README.md", body.encode())
     return True
 

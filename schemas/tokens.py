@@ -20,7 +20,8 @@ import pyarrow as pa
 SCHEMA_VERSION = "1.2"  # 1.1: `preprocess` column; ledger and shard index. 1.2: the tokenized window, clamping,
                         # upscaling, and typed source metadata (Panda-70M, WebVid)
 MODALITIES = ("image", "video", "3d")
-STATUSES = ("ok", "failed", "skipped")
+REQUEUED = "requeued"  # ledger only: its shard was damaged and un-committed (verify --repair); the next run redoes it
+STATUSES = ("ok", "failed", "skipped", REQUEUED)
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def ledger_schema() -> pa.Schema:
     fields = [
         pa.field("id", pa.string(), nullable=False),
         pa.field("bucket", pa.int32(), nullable=False),    # hash bucket of the id (resume reads one bucket at a time)
-        pa.field("status", pa.string(), nullable=False),   # ok | failed | skipped
+        pa.field("status", pa.string(), nullable=False),   # ok | failed | skipped | requeued
         pa.field("stage", pa.string()),                    # the stage that decided it (failed/skipped)
         pa.field("reason", pa.string()),
         pa.field("modality", pa.string()),

@@ -390,6 +390,7 @@ def test_verify_reports_damage(storage):
 
 
 def test_damaged_commit_record_is_reported_and_its_number_not_reused(storage):
+    """A damaged last record whose commit moved nothing in is a torn write: dropped (kept in quarantine/)."""
     store = open_store(storage)
     commit_rows(store, [row(0)])
     storage.write_bytes(f"{MANIFEST}/0000000001.json", b"\x00garbage")
@@ -397,7 +398,9 @@ def test_damaged_commit_record_is_reported_and_its_number_not_reused(storage):
     assert any("0000000001.json" in p for p in out.problems)
     store = open_store(storage, "run-3")
     assert commit_rows(store, [row(1)], "run-3")["seq"] == 2
-    assert storage.read_bytes(f"{MANIFEST}/0000000001.json") == b"\x00garbage"  # the evidence is kept
+    # a torn last record (nothing of it moved in) is set aside, the evidence kept under quarantine/
+    kept = [p for p in files(storage, "quarantine") if p.endswith(f"{MANIFEST}/0000000001.json")]
+    assert len(kept) == 1 and storage.read_bytes(kept[0]) == b"\x00garbage"
 
 
 def test_recover_after_ledger_compaction_reports_no_false_problems(storage):

@@ -49,6 +49,14 @@ def render(figs: dict) -> str:
                              ["storage", "trial", "signal", "after", "delay_s", "rc", "committed_by_run",
                               "visible_after_interrupt", "redone_by_rerun", "lost", "duplicates", "verify_problems",
                               "interrupted_s", "rerun_s"]) + [""]
+    if rows := figs.get("damage"):
+        out += ["## Damage (flipped bits, truncated/deleted/copied shards, manifest damage; then repair and rerun)",
+                "", f"{len(rows)} cases, {sum(r.get('trials', 1) for r in rows)} trials; lost "
+                f"{sum(r.get('lost', 0) for r in rows)}, duplicated {sum(r.get('duplicated', 0) for r in rows)}, "
+                f"wrong data served {sum(r.get('wrong_data_served', 0) for r in rows)}.", ""]
+        out += _table(rows, ["case", "trials", "errors_naming_file", "identical", "wrong_data_served",
+                             "unverified_pyarrow_wrong", "hf_errors", "requeued", "redone_by_rerun", "lost",
+                             "duplicated", "verify_problems"]) + [""]
     if rows := figs.get("locks"):
         out += ["## Run lock", ""] + _table(rows, ["case", "rc", "result"]) + [""]
     if net := figs.get("network"):
