@@ -295,13 +295,13 @@ def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_fa
                           num_cpus=SMALL_TASK_CPUS)
 
 
-def dry_run_counts(job, view: LedgerView, buckets: int) -> dict[str, dict]:
+def dry_run_counts(job, view: LedgerView, buckets: int, id_rule: int | None = None) -> dict[str, dict]:
     """Per source: rows, to do, already ok / failed / skipped, duplicate rows (nothing is fetched)."""
     ray = init_ray(job.ray)
     cpus, _ = cluster(ray)
     out: dict[str, dict] = {}
     for cfg in job.sources:
-        source = make_source(cfg, job.storage)
+        source = make_source(cfg, job.storage, id_rule)
         ds = source_dataset(ray, source, view, buckets, retry_failed=False, dry_run=True, partitions=max(2, cpus))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.to_pylist():
@@ -330,13 +330,13 @@ def _write_task(batch: pa.Table, writer) -> pa.Table:
 
 
 def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, ray, split: bool,
-              batch_rows: dict) -> dict:
+              batch_rows: dict, id_rule: int | None = None) -> dict:
     """Phase 1: every source read, keyed, filtered against the ledger and described, materialised in the object
     store, then split by branch when the branches go to different pools. (The shuffle is a barrier anyway;
     materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    parts = [source_dataset(ray, make_source(cfg, job.storage), view, buckets, retry_failed, control,
+    parts = [source_dataset(ray, make_source(cfg, job.storage, id_rule), view, buckets, retry_failed, control,
                             partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
@@ -359,12 +359,13 @@ def bundles_per_block(bundles: int, cpus: int, most: int = 32) -> int:
     return max(1, min(most, bundles // (8 * max(1, cpus))))
 
 
-def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray):
+def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray,
+          id_rule: int | None = None):
     """The whole job as one Ray dataset of writer records. 3D rows get a pool of their own only when it has
     resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
     split = stages["3d"].resources() != stages["media"].resources()
     todo = plan_work(job, view, buckets, retry_failed, control, ray, split,
-                     {b: stages[b].batch_size for b in ("media", "3d")})
+                     {b: stages[b].batch_size for b in ("media", "3d")}, id_rule)
     if not todo:  # nothing new: no actor pool, no model load
         return None
     prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True,

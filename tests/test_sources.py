@@ -276,7 +276,7 @@ def test_folder_content_beats_extension(tmp_path):
     assert rows["video.jpg"]["modality"] == "video"
     assert rows["mesh.bin"]["modality"] == "3d"
     assert rows["notes.txt"]["status"] == "skipped" and "unrecognised content" in rows["notes.txt"]["reason"]
-    assert rows["really_png.mp4"]["id"] == "local-sub_really_png.mp4-" + rows["really_png.mp4"]["id"][-10:]
+    assert rows["really_png.mp4"]["id"] == "local-sub_really_png.mp4-" + rows["really_png.mp4"]["id"][-16:]
 
 
 def test_folder_nested(tmp_path):
@@ -460,3 +460,20 @@ def test_objaverse_missing_mirror_without_download(tmp_path):
         read(type="objaverse", mirror_dir=str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="sources.0.mirror_dir: missing"):
         read(type="objaverse")
+
+
+@pytest.mark.parametrize("cfg", [{"type": "url_list", "url_col": "contentUrl", "key_col": "videoid"},
+                                 {"type": "webvid"}])
+def test_hostile_csv_keys_lose_nothing(tmp_path, cfg):
+    """Issue 15: 10k distinct raw keys (invalid UTF-8, cleaned form + hash, whitespace/case/normalisation
+    variants) give 10k distinct ids; an old store's rule (1) is still what `id_rule=1` gives."""
+    from tests.test_ids import hostile_keys, write_hostile_csv
+
+    keys = hostile_keys()
+    write_hostile_csv(tmp_path / "k.csv", keys)
+    src = make_source(source_config({**cfg, "name": "s", "path": str(tmp_path / "k.csv")}))
+    rows = list(iter_rows(src))
+    assert len(rows) == len(keys) and len({r["id"] for r in rows}) == len(keys)
+    assert {r["id"] for r in rows} == {make_id("s", k) for k in keys}
+    old = list(iter_rows(make_source(src.cfg, id_rule=1)))
+    assert {r["id"] for r in old} == {make_id("s", k, 1) for k in keys}

@@ -54,9 +54,12 @@ class Source:
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
 
-    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None):
+    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None):
+        from pipeline.sources.ids import ID_RULE, check_rule
+
         self.cfg = cfg
         self.storage = storage or StorageOptions()
+        self.id_rule = check_rule(ID_RULE if id_rule is None else id_rule)  # the store's (pipeline/sources/ids.py)
 
     @property
     def name(self) -> str:
@@ -103,8 +106,8 @@ def source_config(data: dict, index: int = 0) -> SourceConfig:
     return validate(mod.Source.Config, data, prefix=f"sources.{index}")
 
 
-def make_source(cfg: SourceConfig, storage: StorageOptions | None = None) -> Source:
-    return source_module(cfg.type).Source(cfg, storage)
+def make_source(cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None) -> Source:
+    return source_module(cfg.type).Source(cfg, storage, id_rule)
 
 
 # ---- helpers shared by the source modules --------------------------------------------------------------------
@@ -127,6 +130,16 @@ def text_column(table: pa.Table, name: str) -> pa.Array:
         return pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str)
                          for v in col.to_pylist()], pa.string())
     return pc.cast(col, pa.string())
+
+
+def key_column(table: pa.Table, name: str, id_rule: int) -> pa.Array:
+    """A key column for `make_ids`: its raw bytes (binary CSV columns undecoded) under id rule 2, the decoded text
+    under rule 1 (what stores written before rule 2 hashed)."""
+    col = table.column(name).combine_chunks() if name in table.column_names else None
+    if id_rule > 1 and col is not None and (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
+                                            or pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    return text_column(table, name)
 
 
 def texts(table: pa.Table, name: str) -> list[str]:

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import fnv1a64, make_ids
 from pipeline.storage import open_uri
 
@@ -92,7 +92,7 @@ class Source(BaseSource):
 
     def keys(self, raw: pa.Table) -> pa.Table:
         uid = text_column(raw, "uid")
-        ids = make_ids(self.name, uid)
+        ids = make_ids(self.name, key_column(raw, "uid", self.id_rule), self.id_rule)
         return pa.table({"id": ids, "group": ids, "order": uid,
                          **{c: raw.column(c) for c in _RAW}})
 

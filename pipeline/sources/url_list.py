@@ -15,7 +15,7 @@ from pydantic import model_validator
 
 from pipeline.magic import EXTENSIONS, MODALITY
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import make_ids
 from pipeline.sources.tables import format_of, resolve_files, table_columns
 from pipeline.sources.webvid import resolve
@@ -89,7 +89,7 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         cfg = self.cfg
         url = text_column(raw, cfg.url_col)
-        ids = make_ids(self.name, text_column(raw, cfg.key_col) if cfg.key_col else url)
+        ids = make_ids(self.name, key_column(raw, cfg.key_col or cfg.url_col, self.id_rule), self.id_rule)
         kept = {f"x:{c}": text_column(raw, c) for c in self.extra}
         named = {f"n:{c}": text_column(raw, c) for c in self._named()}
         return pa.table({"id": ids, "group": ids, "order": url, **named, **kept})

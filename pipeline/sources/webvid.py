@@ -17,7 +17,7 @@ import pyarrow as pa
 from pydantic import field_validator, model_validator
 
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts, key_column
 from pipeline.sources.ids import make_ids
 from pipeline.sources.tables import csv_header, format_of, resolve_files
 from typing import Literal
@@ -120,7 +120,7 @@ class Source(BaseSource):
 
     def keys(self, raw: pa.Table) -> pa.Table:
         cols = {c: text_column(raw, c) for c in COLUMNS}
-        ids = make_ids(self.name, cols["videoid"])
+        ids = make_ids(self.name, key_column(raw, "videoid", self.id_rule), self.id_rule)
         return pa.table({"id": ids, "group": ids, "order": cols["contentUrl"], **cols})
 
     def describe(self, rows: pa.Table) -> list[Row]:
