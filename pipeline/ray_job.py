@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 
 from pipeline.ledger import LedgerView
 from pipeline.rows import FAILED, OK, SKIPPED, Row
-from pipeline.sources import Source, make_source
+from pipeline.sources import Source, described as describe_rows, keyed, make_source
 from pipeline.sources.ids import bucket_of
-from pipeline.sources.tables import csv_options
+from pipeline.sources.tables import csv_header, read_csv_stream
 from pipeline.stage import Stage
 from pipeline.storage import filesystem
 
@@ -196,8 +196,8 @@ READ_CPUS = 0.5
 
 
 def _keys(raw: pa.Table, source: Source, buckets: int) -> pa.Table:
-    keyed = source.keys(raw)
-    return keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), buckets), pa.int32()))
+    out = keyed(source, raw)
+    return out.append_column("bucket", pa.array(bucket_of(out.column("group"), buckets), pa.int32()))
 
 
 def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None,
@@ -241,7 +241,7 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
     (per branch), rows travel in bundles of about one prepare batch, one payload each, and a group (the clips of
     one video) is never split between bundles: one prepare call sees all of a video's clips and downloads it
     once."""
-    described = source.describe(rows)
+    described = describe_rows(source, rows)
     branches = ["3d" if r.get("modality") == "3d" else "media" for r in described]
     if not bundle_rows:
         return to_table(described).append_column("branch", pa.array(branches, pa.string()))
@@ -273,7 +273,27 @@ def read_source(ray, source: Source, plan):
         return ray.data.read_parquet(paths, **kw)
     if plan.format == "json":
         return ray.data.read_json(paths, lines=True, **kw)
-    return ray.data.read_csv(paths, **kw, **csv_options(plan.uris[0], plan.columns or []))
+    files = {path: (uri, plan.encodings.get(uri) or "utf8", csv_header(uri, source.storage, plan.encodings.get(uri)))
+             for path, uri in zip(paths, plan.uris)}
+    return ray.data.read_datasource(_csv_datasource()(paths, files=files, filesystem=fs), num_cpus=READ_CPUS)
+
+
+def _csv_datasource():
+    """A Ray Data file datasource over `tables.read_csv_stream` (per-file encoding and header; a row that does
+    not parse becomes a row of its own, failed later, instead of aborting the read)."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class CSVRows(FileBasedDatasource):
+        def __init__(self, paths, files: dict, **kw):
+            super().__init__(paths, **kw)
+            self.files = files
+
+        def _read_stream(self, f, path: str):
+            uri, encoding, columns = self.files.get(path) or next(
+                v for k, v in self.files.items() if path.endswith(k.lstrip("/")) or k.endswith(path.lstrip("/")))
+            yield from read_csv_stream(f, uri, columns, encoding)
+
+    return CSVRows
 
 
 def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_failed: bool, control=None,

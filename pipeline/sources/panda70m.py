@@ -18,7 +18,7 @@ from pydantic import field_validator, model_validator
 from pipeline.rows import Row, fail, new_row, skip
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, text_column, texts
 from pipeline.sources.ids import key_bytes, make_id
-from pipeline.sources.tables import csv_header, format_of, resolve_files
+from pipeline.sources.tables import Encoding, csv_header, detect_encoding, format_of, resolve_files
 from pipeline.sources.webvid import check_template, mirror_uri
 
 REQUIRED = ("videoID", "url", "timestamp", "caption")
@@ -30,6 +30,7 @@ _CLIP_COLUMNS = ("url", "videoid", "clip", "span_start", "span_end", "caption", 
 class Config(SourceConfig):
     type: Literal["panda70m"] = "panda70m"
     path: str | list[str]
+    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
     base_dir: str | None = None            # resolves relative urls (a local or remote mirror)
     min_matching_score: float | None = None  # filter: clips scoring lower are skipped before any download
     path_template: str | None = None       # a mirror under base_dir, e.g. "{videoID}.mp4" (one file per video)
@@ -133,12 +134,14 @@ class Source(BaseSource):
         if len(fmt) != 1 or None in fmt:
             raise ValueError(f"panda70m source {self.name}: mixed or unknown file types in {uris[:5]}")
         fmt = fmt.pop()
+        encodings = {}
         if fmt == "csv":
             for u in uris:
-                missing = set(REQUIRED) - set(csv_header(u, self.storage))
+                encodings[u] = detect_encoding(u, self.storage, self.cfg.encoding)
+                missing = set(REQUIRED) - set(csv_header(u, self.storage, encodings[u]))
                 if missing:
                     raise ValueError(f"{u}: not a Panda-70M CSV, missing columns {sorted(missing)}")
-        return Read(fmt, uris=uris, columns=list(REQUIRED + EXTRA))
+        return Read(fmt, uris=uris, columns=list(REQUIRED + EXTRA), encodings=encodings)
 
     def keys(self, raw: pa.Table) -> pa.Table:
         cols = {c: texts(raw, c) for c in REQUIRED + EXTRA}
