@@ -414,7 +414,8 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
     prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
     free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
     dims = TokenDims(**store.read_json("tokenizer.json")["dims"])
-    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus)
+    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus,
+                  run_id=run_id)
     return {
         "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
         "media_actors": job.ray.prepare_actors or (1, free),
