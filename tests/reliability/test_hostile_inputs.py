@@ -280,9 +280,9 @@ def test_memory_hungry_image_and_mesh_in_one_job(ray_local, shared_data, tmp_pat
     run_job(validate_job(cfg))
     assert time.perf_counter() - t0 < 600
     state = final_state(tmp_path / "out")
-    assert state["problems"] == [] and state["ok"] == {f"local-{n}" for n in ("coffee.png", "camera.png",
+    assert state["problems"] == [] and state["ok"] == {f"folder-{n}" for n in ("coffee.png", "camera.png",
                                                                               "coins.png")}
     other = state["other"]
-    assert other["local-big.png"]["status"] == "failed" and "max_image_bytes=64 MiB" in other["local-big.png"]["reason"]
-    assert other["local-sphere.glb"]["status"] == "failed"
-    assert "exceeds max_faces=1000" in other["local-sphere.glb"]["reason"]
+    assert other["folder-big.png"]["status"] == "failed" and "max_image_bytes=64 MiB" in other["folder-big.png"]["reason"]
+    assert other["folder-sphere.glb"]["status"] == "failed"
+    assert "exceeds max_faces=1000" in other["folder-sphere.glb"]["reason"]
