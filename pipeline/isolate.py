@@ -1,5 +1,6 @@
 """Run a call in a child process under a wall-clock limit and a memory cap, so a hanging, crashing or
-memory-hungry decoder costs one sample instead of the worker. `timeout_s=0` runs in-process (no isolation, no overhead).
+memory-hungry decoder costs one sample instead of the worker. `timeout_s=0` runs in-process (no isolation, no
+overhead).
 
 The child is long-lived: an `Isolator` (one per worker) reuses it from call to call and replaces it only after
 it hung (killed) or died. Forking a big, threaded Ray worker for every sample costs ~0.5 s on a 16-core machine

@@ -35,7 +35,7 @@ class MeshConfig(Config):
     max_faces: int = Field(5_000_000, ge=1)  # larger meshes fail with a clear reason instead of exhausting memory
     max_vertices: int = Field(10_000_000, ge=1)  # checked, like max_faces, from the header before loading
     max_file_mb: int = Field(1024, ge=1)     # larger files are refused unread
-    timeout_s: float = Field(120.0, ge=0)    # wall-clock limit of loading one file (in a killable child; 0 = in-process)
+    timeout_s: float = Field(120.0, ge=0)    # wall-clock limit of loading one file, in a killable child (0: in-process)
     memory_mb: int = Field(8192, ge=0)       # memory cap of that child (0 = none)
 
     def budget(self) -> MeshBudget:

@@ -202,7 +202,8 @@ def test_a_sample_killed_twice_is_failed(shared_data, tmp_path, scratch):
     the rest of its batch."""
     import pickle
 
-    paths = [shared_data / "images" / "coffee.png", big_png(tmp_path / "big.png"), shared_data / "images" / "camera.png"]
+    images = shared_data / "images"
+    paths = [images / "coffee.png", big_png(tmp_path / "big.png"), images / "camera.png"]
     out = tmp_path / "rows.pkl"
     for k in range(2):
         assert _prepare_in_a_process(paths, out) == -9
