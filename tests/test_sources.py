@@ -538,3 +538,12 @@ def test_long_fields_and_a_10k_clip_row(tmp_path):
     (tmp_path / "p.csv").write_text(f'videoID,url,timestamp,caption\nv,http://h/v,"{stamps}","{caps}"\n')
     rows = read(type="panda70m", path=str(tmp_path / "p.csv"))
     assert len(rows) == n and len({r["id"] for r in rows}) == n and all(r["status"] == "ok" for r in rows)
+
+
+def test_cap3d_captions_have_no_field_limit(tmp_path):
+    """Objaverse's Cap3D captions: a 200k-character caption (over the csv module's limit) is read whole."""
+    from pipeline.sources.objaverse import read_captions
+
+    (tmp_path / "c.csv").write_text('uid,caption\nabc,"a chair"\ndef,' + "x" * 200_000 + "\nghi,a red, shiny car\n")
+    caps = read_captions(str(tmp_path / "c.csv"))
+    assert caps == {"abc": "a chair", "def": "x" * 200_000, "ghi": "a red"}  # (unquoted commas: as csv reads them)
