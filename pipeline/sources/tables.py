@@ -19,7 +19,7 @@ from pipeline.storage import Storage, StorageOptions, filesystem, open_uri, spli
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json",
            ".csv.gz": "csv", ".tsv.gz": "csv", ".jsonl.gz": "json"}
 CSV_BLOCK_BYTES = 64 << 20   # a CSV row may be this long; ~one block of rows per parse step
-HEAD_BYTES = 1 << 20         # what encoding detection and headers read
+HEAD_BYTES = 1 << 16         # what encoding detection and headers read
 ROW_ERROR = "_row_error"     # CSV rows that did not parse: why (null for the others)
 UNPARSED = b"\x00unparsed-" # the marker in every column of such a row (+ a hash of its text)
 
