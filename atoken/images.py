@@ -71,9 +71,17 @@ def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) ->
     return np.asarray(im.convert("RGB"))
 
 
+def decoded_bytes(im: Image.Image) -> int:
+    """What decoding `im` takes, from its header (Pillow opens lazily): width x height x bands x bytes a sample."""
+    mode = im.mode
+    per = 2 if mode.startswith("I;16") else 4 if mode in ("I", "F", "I;32") else 1
+    return im.size[0] * im.size[1] * len(im.getbands()) * per
+
+
 def load_rgb(path: str, background: int = 255, icc_to_srgb: bool = True,
-             max_pixels: int = 100_000_000) -> np.ndarray:
-    """An image file -> uint8 [H, W, 3] by the rules above; ImageError with a readable reason for bad input."""
+             max_pixels: int = 100_000_000, max_bytes: int | None = None) -> np.ndarray:
+    """An image file -> uint8 [H, W, 3] by the rules above; ImageError with a readable reason for bad input.
+    `max_bytes`: refuse, before decoding, an image whose decoded samples would take more."""
     heif = heif_available()
     try:
         with open(path, "rb") as f:
@@ -84,6 +92,10 @@ def load_rgb(path: str, background: int = 255, icc_to_srgb: bool = True,
             w, h = im.size
             if w * h > max_pixels:
                 raise ImageError(f"image too large: {w}x{h} > max_pixels={max_pixels}")
+            need = decoded_bytes(im)
+            if max_bytes is not None and need > max_bytes:
+                raise ImageError(f"image too large to decode: {w}x{h} {im.mode} needs {need / 2**20:.0f} MiB "
+                                 f"> max_image_bytes={max_bytes / 2**20:.0f} MiB")
             im.load()  # truncated or corrupt data fails here, not later
             im = ImageOps.exif_transpose(im)
             return to_rgb8(im, background, icc_to_srgb)

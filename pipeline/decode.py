@@ -12,7 +12,8 @@ Videos: frames sampled at min(fps, native fps), at most max_frames, T a multiple
 are kept: the tokenizer pads them). A clip longer than one window gives the first window (`windows: first`), the
 centred one (`centre`), or consecutive windows (`all`, at most `max_windows`). Filters (`min_side`, `min_frames`,
 `min_duration_s`) raise DecodeSkip: the sample is recorded `skipped` with the rule. Decoding runs in a killable
-child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process), owned by the prepare stage.
+child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process) with a memory cap (`memory_mb`),
+owned by the prepare stage; images are also refused from their header (`max_pixels`, `max_image_bytes`).
 """
 from __future__ import annotations
 
@@ -55,8 +56,11 @@ class DecodeConfig(Config):
     min_frames: int = Field(0, ge=0)          # filter: skip videos giving fewer frames per window (0 = off)
     min_duration_s: float = Field(0.0, ge=0)  # filter: skip clips shorter than this, after clamping (0 = off)
     timeout_s: float = Field(60.0, ge=0)      # wall-clock limit per sample (0 = decode in-process, no isolation)
-    isolate: tuple[Literal["image", "video"], ...] = ("video",)  # modalities decoded in a killable child
-                                              # (~3-20 ms a sample; Pillow is bounded by max_pixels, decord hangs)
+    isolate: tuple[Literal["image", "video"], ...] = ("image", "video")  # modalities decoded in a killable
+                                              # child (~3-20 ms a sample), under timeout_s and memory_mb
+    memory_mb: int = Field(4096, ge=0)        # memory cap of that child: address space it may add (0 = none)
+    max_attempts: int = Field(2, ge=1)        # a sample whose worker died this often while on it is failed
+    max_image_bytes: int = Field(1 << 30, ge=1)  # refuse images whose decoded samples (from the header) are larger
     background: int = Field(255, ge=0, le=255)  # gray level that alpha is composited onto (255 = white)
     icc_to_srgb: bool = True
     max_pixels: int = Field(100_000_000, ge=1)  # refuse larger images (decompression bombs)
@@ -98,7 +102,7 @@ def _upscaled(h: int, w: int, size: tuple[int, int], resample: bool) -> bool:
 
 def decode_image(path: str, cfg: DecodeConfig) -> dict:
     try:
-        rgb = load_rgb(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels)
+        rgb = load_rgb(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels, cfg.max_image_bytes)
     except ImageError as exc:
         raise DecodeError(str(exc)) from None
     h, w = rgb.shape[:2]

@@ -32,17 +32,65 @@ def scratch_root() -> str:
     return os.environ.get("PIPELINE_SCRATCH") or os.path.join(tempfile.gettempdir(), "atoken-scratch")
 
 
+class Attempts:
+    """Samples started on this node and not finished: one small file per sample id (ids are safe file names),
+    holding how often it was started. A worker killed while on a sample (out of memory, a crash) leaves its
+    file behind; when Ray retries the batch, a sample started `limit` times already is failed instead, so one
+    sample can never make a worker die forever, and the rest of its batch goes on."""
+
+    def __init__(self, root: str, limit: int):
+        self.root, self.limit = root, limit
+
+    def start(self, sample_id: str) -> int:
+        """Counts a start; returns how many earlier starts died (0 normally)."""
+        path = os.path.join(self.root, sample_id)
+        try:
+            with open(path) as f:
+                died = int(f.read() or 0)
+        except (OSError, ValueError):
+            died = 0
+        tmp = f"{path}.{os.getpid()}"
+        for _ in range(3):  # another worker may remove the (empty) folder between makedirs and open
+            os.makedirs(self.root, exist_ok=True)
+            try:
+                with open(tmp, "w") as f:
+                    f.write(str(died + 1))
+                os.replace(tmp, path)
+                break
+            except FileNotFoundError:
+                continue
+        return died
+
+    def exhausted(self, died: int) -> bool:
+        return died >= self.limit
+
+    def finish(self, sample_id: str) -> None:
+        try:
+            os.unlink(os.path.join(self.root, sample_id))
+        except FileNotFoundError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        """Removes the folders when no sample is left in them (a killed sample's file stays)."""
+        for d in (self.root, os.path.dirname(self.root)):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
 class Prepare(Stage):
     reads = ("id", "modality", "uri", "span_start", "span_end")
     adds = DECODED + VOXELIZED
 
     def __init__(self, fetch: FetchConfig, decode: DecodeConfig, mesh: MeshConfig,
                  storage: StorageOptions | None = None, branch: str = "media", gpus: float = 0.0,
-                 cpus: float = 1.0, batch_size: int = 8):
-        self.fetch_cfg, self.decode_cfg, self.mesh_cfg = fetch, decode, mesh
+                 cpus: float = 1.0, batch_size: int = 8, run_id: str = "local"):
+        self.fetch_cfg, self.decode_cfg, self.mesh_cfg, self.run_id = fetch, decode, mesh, run_id
         self.storage, self.branch, self.gpus, self.cpus, self.batch_size = storage, branch, gpus, cpus, batch_size
         self.name = "decode" if branch == "media" else "mesh"
-        self.fetcher = self.isolator = self.mesh = None
+        self.fetcher = self.isolator = self.mesh = self.attempts = None
 
     def resources(self) -> Resources:
         return Resources(cpus=self.cpus, gpus=self.gpus)
@@ -53,12 +101,13 @@ class Prepare(Stage):
         self.scratch = scratch  # this worker's own folder: removed by teardown()
         self.fetcher = Fetcher(self.fetch_cfg, scratch, self.storage)
         self.isolator = Isolator()
+        self.attempts = Attempts(os.path.join(scratch_root(), "attempts", self.run_id), self.decode_cfg.max_attempts)
 
     def teardown(self) -> None:
-        for part in (self.fetcher, self.isolator):
+        for part in (self.fetcher, self.isolator, getattr(self, "attempts", None)):
             if part is not None:
                 part.close()
-        self.fetcher = self.isolator = self.mesh = None
+        self.fetcher = self.isolator = self.mesh = self.attempts = None
         if getattr(self, "scratch", None):  # the Fetcher removes its own sub-folder, not this one
             shutil.rmtree(self.scratch, ignore_errors=True)
             self.scratch = None
@@ -85,7 +134,13 @@ class Prepare(Stage):
                     out[i] = fail(row, "fetch", str(got))
                     continue
                 t0 = time.perf_counter()
-                out[i] = self._one_file(row, got.path)  # a list when a clip gives several windows
+                died = self.attempts.start(row["id"])
+                if self.attempts.exhausted(died):
+                    out[i] = fail(row, self._stage_of(row), f"its worker died {died} times while preparing it "
+                                  "(killed for memory?); not tried again")
+                else:
+                    out[i] = self._one_file(row, got.path)  # a list when a clip gives several windows
+                self.attempts.finish(row["id"])
                 for r in out[i] if isinstance(out[i], list) else [out[i]]:
                     r["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s,
                                     self._stage_of(row): time.perf_counter() - t0}
@@ -103,10 +158,11 @@ class Prepare(Stage):
         if row.get("modality") not in ("image", "video"):
             return fail(row, "decode", f"cannot prepare modality {row.get('modality')!r}")
         span = (row["span_start"], row["span_end"]) if row.get("span_start") is not None else None
-        timeout = self.decode_cfg.timeout_s if row["modality"] in self.decode_cfg.isolate else 0
+        cfg = self.decode_cfg
+        timeout = cfg.timeout_s if row["modality"] in cfg.isolate else 0
         try:
-            got = self.isolator.run(decode_file, path, row["modality"], self.decode_cfg, span, timeout_s=timeout,
-                                    label="decode")
+            got = self.isolator.run(decode_file, path, row["modality"], cfg, span, timeout_s=timeout,
+                                    label="decode", memory_bytes=cfg.memory_mb << 20)
         except DecodeSkip as exc:  # a job rule (filter, no upscaling): skipped, with the rule
             return skip(row, "decode", str(exc))
         except (IsolateError, DecodeError) as exc:
@@ -129,8 +185,15 @@ class Prepare(Stage):
             self.mesh = MeshStage(self.mesh_cfg)
         if self.branch != "3d":  # a mesh in the media pool (no GPU share: one pool for all); the 3D pool's
             maybe_fault("mesh")  # calls pass the stage-level "mesh" point (Stage.__call__) already
-        try:
-            got = self.mesh.process(path, str(row["id"]))
+        from pipeline.mesh.load import load_mesh
+
+        cfg = self.mesh_cfg
+        try:  # loading is where a hostile file costs time and memory: in the killable child
+            mesh = self.isolator.run(load_mesh, path, cfg.budget(), timeout_s=cfg.timeout_s, label="mesh load",
+                                     memory_bytes=cfg.memory_mb << 20)
+            got = self.mesh.process(path, str(row["id"]), mesh)
+        except IsolateError as exc:
+            return fail(row, "mesh", str(exc))
         except MeshError as exc:
             return fail(row, "mesh", str(exc))
         except torch.cuda.OutOfMemoryError as exc:

@@ -27,9 +27,9 @@ import pyarrow.compute as pc
 
 from pipeline.ledger import LedgerView
 from pipeline.rows import FAILED, OK, SKIPPED, Row
-from pipeline.sources import Source, make_source
+from pipeline.sources import Source, described as describe_rows, keyed, make_source
 from pipeline.sources.ids import bucket_of
-from pipeline.sources.tables import csv_options
+from pipeline.sources.tables import csv_header, read_csv_stream
 from pipeline.stage import Stage
 from pipeline.storage import filesystem
 
@@ -196,8 +196,8 @@ READ_CPUS = 0.5
 
 
 def _keys(raw: pa.Table, source: Source, buckets: int) -> pa.Table:
-    keyed = source.keys(raw)
-    return keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), buckets), pa.int32()))
+    out = keyed(source, raw)
+    return out.append_column("bucket", pa.array(bucket_of(out.column("group"), buckets), pa.int32()))
 
 
 def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None,
@@ -241,7 +241,7 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
     (per branch), rows travel in bundles of about one prepare batch, one payload each, and a group (the clips of
     one video) is never split between bundles: one prepare call sees all of a video's clips and downloads it
     once."""
-    described = source.describe(rows)
+    described = describe_rows(source, rows)
     branches = ["3d" if r.get("modality") == "3d" else "media" for r in described]
     if not bundle_rows:
         return to_table(described).append_column("branch", pa.array(branches, pa.string()))
@@ -273,7 +273,27 @@ def read_source(ray, source: Source, plan):
         return ray.data.read_parquet(paths, **kw)
     if plan.format == "json":
         return ray.data.read_json(paths, lines=True, **kw)
-    return ray.data.read_csv(paths, **kw, **csv_options(plan.uris[0], plan.columns or []))
+    files = {path: (uri, plan.encodings.get(uri) or "utf8", csv_header(uri, source.storage, plan.encodings.get(uri)))
+             for path, uri in zip(paths, plan.uris)}
+    return ray.data.read_datasource(_csv_datasource()(paths, files=files, filesystem=fs), num_cpus=READ_CPUS)
+
+
+def _csv_datasource():
+    """A Ray Data file datasource over `tables.read_csv_stream` (per-file encoding and header; a row that does
+    not parse becomes a row of its own, failed later, instead of aborting the read)."""
+    from ray.data.datasource import FileBasedDatasource
+
+    class CSVRows(FileBasedDatasource):
+        def __init__(self, paths, files: dict, **kw):
+            super().__init__(paths, **kw)
+            self.files = files
+
+        def _read_stream(self, f, path: str):
+            uri, encoding, columns = self.files.get(path) or next(
+                v for k, v in self.files.items() if path.endswith(k.lstrip("/")) or k.endswith(path.lstrip("/")))
+            yield from read_csv_stream(f, uri, columns, encoding)
+
+    return CSVRows
 
 
 def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_failed: bool, control=None,
@@ -295,13 +315,13 @@ def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_fa
                           num_cpus=SMALL_TASK_CPUS)
 
 
-def dry_run_counts(job, view: LedgerView, buckets: int) -> dict[str, dict]:
+def dry_run_counts(job, view: LedgerView, buckets: int, id_rule: int | None = None) -> dict[str, dict]:
     """Per source: rows, to do, already ok / failed / skipped, duplicate rows (nothing is fetched)."""
     ray = init_ray(job.ray)
     cpus, _ = cluster(ray)
     out: dict[str, dict] = {}
     for cfg in job.sources:
-        source = make_source(cfg, job.storage)
+        source = make_source(cfg, job.storage, id_rule)
         ds = source_dataset(ray, source, view, buckets, retry_failed=False, dry_run=True, partitions=max(2, cpus))
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.to_pylist():
@@ -330,13 +350,13 @@ def _write_task(batch: pa.Table, writer) -> pa.Table:
 
 
 def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, ray, split: bool,
-              batch_rows: dict) -> dict:
+              batch_rows: dict, id_rule: int | None = None) -> dict:
     """Phase 1: every source read, keyed, filtered against the ledger and described, materialised in the object
     store, then split by branch when the branches go to different pools. (The shuffle is a barrier anyway;
     materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    parts = [source_dataset(ray, make_source(cfg, job.storage), view, buckets, retry_failed, control,
+    parts = [source_dataset(ray, make_source(cfg, job.storage, id_rule), view, buckets, retry_failed, control,
                             partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
@@ -359,12 +379,13 @@ def bundles_per_block(bundles: int, cpus: int, most: int = 32) -> int:
     return max(1, min(most, bundles // (8 * max(1, cpus))))
 
 
-def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray):
+def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray,
+          id_rule: int | None = None):
     """The whole job as one Ray dataset of writer records. 3D rows get a pool of their own only when it has
     resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
     split = stages["3d"].resources() != stages["media"].resources()
     todo = plan_work(job, view, buckets, retry_failed, control, ray, split,
-                     {b: stages[b].batch_size for b in ("media", "3d")})
+                     {b: stages[b].batch_size for b in ("media", "3d")}, id_rule)
     if not todo:  # nothing new: no actor pool, no model load
         return None
     prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True,

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pipeline.faults import maybe_fault
 from pipeline.job import JobConfig, preprocess_identity
 from pipeline.lock import RunLock
+from pipeline.sources.ids import ID_RULE, check_rule
 from pipeline.storage import Storage
 from pipeline.store import Store, versions, write_root_card
 
@@ -250,6 +251,11 @@ class _Signals:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
+def id_rule_of(version: dict) -> int:
+    """The store's id rule (pipeline/sources/ids.py): stores written before rules were recorded use rule 1."""
+    return check_rule(version.get("id_rule", 1))
+
+
 def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -> Summary:
     from pipeline import ray_job
 
@@ -260,9 +266,9 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     store = Store(root.child(name))
     summary = Summary(store_dir=store.uri, dry_run=dry_run)
     if dry_run:
-        buckets = store.read_json("version.json")["buckets"] if store.storage.exists("version.json") \
-            else job.ray.buckets
-        summary.resume = ray_job.dry_run_counts(job, store.ledger.view(), buckets)
+        version = store.read_json("version.json") if store.storage.exists("version.json") else \
+            {"buckets": job.ray.buckets, "id_rule": ID_RULE}
+        summary.resume = ray_job.dry_run_counts(job, store.ledger.view(), version["buckets"], id_rule_of(version))
         summary.notes += version_notes(root, tok, pre, name)
         summary.wall_s = time.perf_counter() - t0
         return summary
@@ -273,7 +279,7 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
         if lock.took_over:
             summary.notes.append(f"took over a stale lock of run {lock.took_over.get('run')} "
                                  f"(host {lock.took_over.get('host')}, pid {lock.took_over.get('pid')})")
-        store.init({"name": name, "buckets": job.ray.buckets}, tok, pre)
+        store.init({"name": name, "buckets": job.ray.buckets, "id_rule": ID_RULE}, tok, pre)
         buckets = store.read_json("version.json")["buckets"]
         rec = store.recover(run_id)
         if rec.rolled_forward:
@@ -318,8 +324,9 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
         control = sig.control = ray_job.make_control(ray)
         if sig.signum is not None:  # a stop requested while restarting
             return
+        version = store.read_json("version.json")
         ds = ray_job.build(job, make_stages(job, store, run_id, pre_id(store), ray), store.ledger.view(),
-                           store.read_json("version.json")["buckets"], retry_failed, control, ray)
+                           version["buckets"], retry_failed, control, ray, id_rule_of(version))
         if sig.signum is not None:  # stopped while planning: nothing is in flight, start no actor pool
             summary.resume = ray.get(control.get_counts.remote())
             return
@@ -409,7 +416,8 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
     prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
     free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
     dims = TokenDims(**store.read_json("tokenizer.json")["dims"])
-    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus)
+    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus,
+                  run_id=run_id)
     return {
         "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
         "media_actors": job.ray.prepare_actors or (1, free),

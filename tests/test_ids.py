@@ -43,8 +43,9 @@ def test_clean_keys_stay_readable():
     assert make_id("folder", "top.png") == "folder-top.png"
     assert make_id("my source!", "k") == "my_source-k"  # the source prefix is sanitised too
     changed = make_id("s", "a b")
-    assert re.fullmatch(r"s-a_b-[0-9a-f]{10}", changed)  # changed keys get a hash of the raw key
-    assert len(make_id("s", "z" * 500)) == len("s-") + MAX_KEY_CHARS + 11
+    assert re.fullmatch(r"s-a_b-[0-9a-f]{16}", changed)  # changed keys get a hash of the raw key
+    assert len(make_id("s", "z" * 500)) == len("s-") + MAX_KEY_CHARS + 17
+    assert re.fullmatch(r"s-a_b-[0-9a-f]{10}", make_id("s", "a b", rule=1))  # rule 1 (older stores): 10 hex
 
 
 def test_distinct_raw_keys_never_collide():
@@ -128,3 +129,87 @@ def test_bucket_of_spreads_evenly():
     assert counts.min() > expected * 0.75 and counts.max() < expected * 1.25, (counts.min(), counts.max())
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 400  # 255 degrees of freedom: ~255 expected, 400 is far in the tail
+
+
+# ---- hostile keys (issue 15: ids that never collide) ------------------------------------------------------
+
+def hostile_keys(n: int = 10_000, seed: int = 1) -> list[bytes]:
+    """Distinct raw keys built to collide under cleaning: invalid UTF-8, whitespace/case variants, unicode
+    normalisation forms, U+FFFD itself, window-shaped keys, and keys equal to another key's cleaned form + hash
+    (under both id rules)."""
+    import unicodedata
+
+    rng = random.Random(seed)
+    keys: dict[bytes, None] = {}
+
+    def add(k):
+        if len(keys) < n:
+            keys.setdefault(k if isinstance(k, bytes) else k.encode("utf-8"), None)
+
+    i = 0
+    while len(keys) < n:
+        i += 1
+        base = "".join(rng.choice("abcXYZ019") for _ in range(rng.choice([1, 3, 6]))) + str(i)
+        for k in (base, f" {base}", f"{base} ", f"{base}\t", f" {base} ", base.upper(), base.lower(),
+                  f"{base} x", f"{base}_x", f"{base}/x", f"{base}.w1", f"{base}.w{i}"):
+            add(k)
+        accent = f"caf\u00e9{i}"
+        for form in ("NFC", "NFD", "NFKC", "NFKD"):
+            add(unicodedata.normalize(form, accent + "\u212b"))  # Angstrom sign: its NFC is U+00C5
+        add(f"caf\ufffd{i}")
+        for bad in (b"\xe9", b"\xe8", b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\x80\x81"):
+            add(b"caf" + bad + str(i).encode())
+        for rule in (1, 2):  # another key's cleaned form + its hash, as a key of its own
+            add(make_id("s", f"{base} x", rule).split("-", 1)[1])
+            add(make_id("s", b"caf\xe9" + str(i).encode(), rule).split("-", 1)[1])
+        add("x" * (MAX_KEY_CHARS + 1) + str(i))
+        add("x" * (MAX_KEY_CHARS + 1) + str(i) + "y")
+    return list(keys)
+
+
+def test_hostile_keys_give_distinct_ids():
+    keys = hostile_keys()
+    assert len(set(keys)) == len(keys) == 10_000
+    ids = make_ids("s", pa.array(keys, pa.binary())).to_pylist()
+    assert len(set(ids)) == len(keys)  # zero lost distinct keys
+    assert ids == [make_id("s", k) for k in keys] and all(SAFE_ID.match(i) for i in ids)
+    # windows of a clip never take another key's id
+    assert not {f"{i}.w1" for i in ids} & set(ids)
+    # rule 1 (older stores) is the old rule: it loses keys (U+FFFD before hashing, key == cleaned + hash)
+    old = make_ids("s", pa.array(keys, pa.binary()), rule=1).to_pylist()
+    assert len(set(old)) < len(keys)
+
+
+def test_rule_2_reserved_shapes_are_hashed():
+    digest = make_id("s", "clip 1").rsplit("-", 1)[1]
+    assert make_id("s", f"clip_1-{digest}") != make_id("s", "clip 1")
+    assert re.fullmatch(r"s-clip_1-[0-9a-f]{16}-[0-9a-f]{16}", make_id("s", f"clip_1-{digest}"))
+    assert make_id("s", "clip.w3") != "s-clip.w3" and make_id("s", "clip.w3").startswith("s-clip.w3-")
+    assert make_id("s", digest) != f"s-{digest}"
+    assert make_id("s", "clip_1-95f9540953") == "s-clip_1-95f9540953"  # 10 hex: a clean key under rule 2
+    assert make_id("s", b"caf\xe9") != make_id("s", b"caf\xe8")
+
+
+def test_rule_1_ids_are_unchanged():
+    """Ids of stores written before rule 2 (values from the code before it): they must resume as they are."""
+    assert make_id("s", "clip 1", 1) == "s-clip_1-95f9540953"
+    assert make_id("s", "clip_1-95f9540953", 1) == "s-clip_1-95f9540953"  # the collision rule 2 removes
+    assert make_id("s", b"caf\xe9", 1) == make_id("s", b"caf\xe8", 1) == make_id("s", "caf\ufffd", 1)
+    assert make_id("s", "1053841541", 1) == make_id("s", "1053841541") == "s-1053841541"
+    keys = varied_keys()
+    assert make_ids("s", pa.array(keys), rule=1).to_pylist() == [make_id("s", k, 1) for k in keys]
+    with pytest.raises(ValueError, match="unknown id rule 3"):
+        make_id("s", "k", 3)
+
+
+def write_hostile_csv(path, keys: list[bytes], dupes: int = 0) -> int:
+    """A url_list/webvid-shaped CSV (`videoid,name,contentUrl`) of the keys, every field quoted; the first `dupes`
+    keys appear twice (exact duplicates, which must still be counted as such). Returns the rows written."""
+    def q(b: bytes) -> bytes:
+        return b'"' + b.replace(b'"', b'""') + b'"'
+
+    lines = [b"videoid,name,contentUrl"]
+    for i, k in enumerate(keys + keys[:dupes]):
+        lines.append(b",".join((q(k), q(b"caption %d" % i), q(b"http://h/%d.mp4" % i))))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return len(keys) + dupes

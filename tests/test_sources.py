@@ -276,7 +276,7 @@ def test_folder_content_beats_extension(tmp_path):
     assert rows["video.jpg"]["modality"] == "video"
     assert rows["mesh.bin"]["modality"] == "3d"
     assert rows["notes.txt"]["status"] == "skipped" and "unrecognised content" in rows["notes.txt"]["reason"]
-    assert rows["really_png.mp4"]["id"] == "local-sub_really_png.mp4-" + rows["really_png.mp4"]["id"][-10:]
+    assert rows["really_png.mp4"]["id"] == "local-sub_really_png.mp4-" + rows["really_png.mp4"]["id"][-16:]
 
 
 def test_folder_nested(tmp_path):
@@ -460,3 +460,90 @@ def test_objaverse_missing_mirror_without_download(tmp_path):
         read(type="objaverse", mirror_dir=str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="sources.0.mirror_dir: missing"):
         read(type="objaverse")
+
+
+@pytest.mark.parametrize("cfg", [{"type": "url_list", "url_col": "contentUrl", "key_col": "videoid"},
+                                 {"type": "webvid"}])
+def test_hostile_csv_keys_lose_nothing(tmp_path, cfg):
+    """Issue 15: 10k distinct raw keys (invalid UTF-8, cleaned form + hash, whitespace/case/normalisation
+    variants) give 10k distinct ids; an old store's rule (1) is still what `id_rule=1` gives."""
+    from tests.test_ids import hostile_keys, write_hostile_csv
+
+    keys = hostile_keys()
+    write_hostile_csv(tmp_path / "k.csv", keys)
+    src = make_source(source_config({**cfg, "name": "s", "path": str(tmp_path / "k.csv")}))
+    rows = list(iter_rows(src))
+    assert len(rows) == len(keys) and len({r["id"] for r in rows}) == len(keys)
+    assert {r["id"] for r in rows} == {make_id("s", k) for k in keys}
+    old = list(iter_rows(make_source(src.cfg, id_rule=1)))
+    assert {r["id"] for r in old} == {make_id("s", k, 1) for k in keys}
+
+
+WEBVID_TEXT = "videoid,name,contentUrl\n1,café,http://h/1.mp4\n2,naïve ☃,http://h/2.mp4\n"
+
+
+@pytest.mark.parametrize("codec,declared", [("utf-8", "auto"), ("utf-8-sig", "auto"), ("utf-16", "auto"),
+                                            ("utf-16-le", "auto"), ("utf-16-be", "auto"), ("utf-32", "auto"),
+                                            ("cp1252", "cp1252"), ("utf-16", "utf-16")])
+def test_csv_encodings(tmp_path, codec, declared):
+    """UTF-8 with or without BOM and UTF-16/32 are detected; other encodings are read as the job file says."""
+    text = WEBVID_TEXT.replace("☃", "") if codec == "cp1252" else WEBVID_TEXT
+    (tmp_path / "w.csv").write_bytes(text.encode(codec))
+    rows = read(type="webvid", path=str(tmp_path / "w.csv"), encoding=declared)
+    assert [r["caption"] for r in rows] == ["café", "naïve ☃" if codec != "cp1252" else "naïve"]
+    assert [r["id"] for r in rows] == ["webvid-1", "webvid-2"] and all(r["status"] == "ok" for r in rows)
+
+
+def test_csv_encoding_errors_are_clear(tmp_path):
+    (tmp_path / "l.csv").write_bytes(WEBVID_TEXT.replace("☃", "").replace("name", "nåme").encode("latin-1"))
+    with pytest.raises(ValueError, match=r"l.csv: not UTF-8 .*set the source's `encoding:` \(e.g. latin-1"):
+        read(type="url_list", path=str(tmp_path / "l.csv"), url_col="contentUrl")
+    rows = read(type="url_list", path=str(tmp_path / "l.csv"), url_col="contentUrl", encoding="latin-1")
+    assert json.loads(rows[0]["meta"])["nåme"] == "café"
+    (tmp_path / "u.csv").write_bytes(WEBVID_TEXT.encode("utf-8"))
+    with pytest.raises(ValueError, match=r"u.csv: not ascii .*fix the source's `encoding:`"):
+        read(type="webvid", path=str(tmp_path / "u.csv"), encoding="ascii")
+    with pytest.raises(ConfigError, match="encoding.*unknown encoding 'klingon'"):
+        source_config({"type": "url_list", "path": "x.csv", "encoding": "klingon"})
+
+
+def test_rows_that_do_not_parse_fail_alone(tmp_path):
+    """A row with too many or too few fields is that row's failure (with the reason); the others are read."""
+    (tmp_path / "w.csv").write_text("videoid,name,contentUrl\n1,a,http://h/1.mp4\n2,b,http://h/2.mp4,x,y\n"
+                                    "3,c\n4,d,http://h/4.mp4\n2,b,http://h/2.mp4,x,y\n")
+    rows = read(type="webvid", path=str(tmp_path / "w.csv"))
+    ok = sorted(r["id"] for r in rows if r["status"] == "ok")
+    bad = [r for r in rows if r["status"] == "failed"]
+    assert ok == ["webvid-1", "webvid-4"] and len(bad) == 3 and {r["stage"] for r in bad} == {"source"}
+    assert sorted(r["reason"] for r in bad)[0].startswith("unparsable row in w.csv: expected 3 fields, got 2: '3,c'")
+    assert len({r["id"] for r in bad}) == 2  # the repeated bad row is one id (a duplicate), the others differ
+    for cfg in ({"type": "url_list"}, {"type": "panda70m"}):
+        (tmp_path / "p.csv").write_text("videoID,url,timestamp,caption\nv,http://h/v,\"[['0:00:01.000', "
+                                        "'0:00:02.000']]\",\"['a']\"\nw,http://h/w,oops,\"['b']\",extra\n")
+        rows = read(**cfg, path=str(tmp_path / "p.csv"))
+        assert sorted(r["status"] for r in rows) == ["failed", "ok"], cfg
+        assert "expected 4 fields, got 5" in next(r["reason"] for r in rows if r["status"] == "failed")
+
+
+def test_long_fields_and_a_10k_clip_row(tmp_path):
+    """No field size limit: a 1 MB caption, and a Panda-70M row of 10k clips (lists of ~0.5 MB)."""
+    (tmp_path / "w.csv").write_text('videoid,name,contentUrl\n1,"' + "x" * (1 << 20) + '",http://h/1.mp4\n'
+                                    "2,b,http://h/2.mp4\n")
+    rows = read(type="webvid", path=str(tmp_path / "w.csv"))
+    assert [len(r["caption"]) for r in rows] == [1 << 20, 1] and all(r["status"] == "ok" for r in rows)
+    n = 10_000
+    t = [f"{i // 3600}:{i // 60 % 60:02d}:{i % 60:02d}" for i in range(n)]
+    stamps = "[" + ", ".join(f"['{s}.000', '{s}.500']" for s in t) + "]"
+    caps = "[" + ", ".join(f"'clip {i}'" for i in range(n)) + "]"
+    (tmp_path / "p.csv").write_text(f'videoID,url,timestamp,caption\nv,http://h/v,"{stamps}","{caps}"\n')
+    rows = read(type="panda70m", path=str(tmp_path / "p.csv"))
+    assert len(rows) == n and len({r["id"] for r in rows}) == n and all(r["status"] == "ok" for r in rows)
+
+
+def test_cap3d_captions_have_no_field_limit(tmp_path):
+    """Objaverse's Cap3D captions: a 200k-character caption (over the csv module's limit) is read whole."""
+    from pipeline.sources.objaverse import read_captions
+
+    (tmp_path / "c.csv").write_text('uid,caption\nabc,"a chair"\ndef,' + "x" * 200_000 + "\nghi,a red, shiny car\n")
+    caps = read_captions(str(tmp_path / "c.csv"))
+    assert caps == {"abc": "a chair", "def": "x" * 200_000, "ghi": "a red"}  # (unquoted commas: as csv reads them)

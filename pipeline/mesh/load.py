@@ -131,9 +131,10 @@ def _obj_lines(path: Path):
         yield start, " ".join(pending).split()
 
 
-def check_obj(path: Path):
-    """Reject OBJ faces that trimesh would silently repair or drop: < 3 corners or bad vertex indices."""
-    num_v = 0
+def check_obj(path: Path) -> tuple[int, int]:
+    """Reject OBJ faces that trimesh would silently repair or drop: < 3 corners or bad vertex indices.
+    Returns (vertices, triangles)."""
+    num_v = num_f = 0
     for lineno, parts in _obj_lines(path):
         if not parts:
             continue
@@ -141,6 +142,7 @@ def check_obj(path: Path):
             num_v += 1
         elif parts[0] == "f":
             refs = parts[1:]
+            num_f += max(0, len(refs) - 2)
             if len(refs) < 3:
                 raise MeshError(f"{path.name}: malformed OBJ: face on line {lineno} has {len(refs)} vertices (needs >= 3)")
             for r in refs:
@@ -151,6 +153,85 @@ def check_obj(path: Path):
                 if i == 0 or i > num_v or -i > num_v:
                     raise MeshError(f"{path.name}: malformed OBJ: face on line {lineno} references vertex {i}, "
                                     f"only {num_v} defined")
+    return num_v, num_f
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Size budget, from the header (glTF accessors, PLY/STL headers, OBJ counts) before the full load
+
+@dataclass
+class MeshBudget:
+    max_faces: int | None = None
+    max_vertices: int | None = None
+    max_bytes: int | None = None
+
+
+def _gltf_counts(gltf: dict) -> tuple[int, int]:
+    """(vertices, triangles) a glTF asks for: every mesh primitive's POSITION / indices accessor counts, once
+    per node that instances the mesh (a mesh without nodes counts once)."""
+    accessors, meshes = gltf.get("accessors") or [], gltf.get("meshes") or []
+
+    def count(i):
+        try:
+            return max(0, int(accessors[int(i)].get("count") or 0))
+        except (IndexError, TypeError, ValueError, AttributeError):
+            return 0
+
+    per_mesh = []
+    for m in meshes:
+        v = f = 0
+        for p in (m.get("primitives") or []) if isinstance(m, dict) else []:
+            if not isinstance(p, dict):
+                continue
+            n = count((p.get("attributes") or {}).get("POSITION", -1))
+            v += n
+            f += (count(p["indices"]) if "indices" in p else n) // 3
+        per_mesh.append((v, f))
+    uses = [n.get("mesh") for n in gltf.get("nodes") or [] if isinstance(n, dict) and "mesh" in n]
+    picked = [per_mesh[u] for u in uses if isinstance(u, int) and 0 <= u < len(per_mesh)] or per_mesh
+    return sum(v for v, _ in picked), sum(f for _, f in picked)
+
+
+def _ply_counts(path: Path) -> tuple[int, int]:
+    v = f = 0
+    with open(path, "rb") as fh:
+        for _ in range(200):
+            line = fh.readline(1 << 12)
+            if not line or line.strip() == b"end_header":
+                break
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == b"element" and parts[2].isdigit():
+                if parts[1] == b"vertex":
+                    v = int(parts[2])
+                elif parts[1] == b"face":
+                    f = int(parts[2])
+    return v, f
+
+
+def _stl_counts(path: Path) -> tuple[int, int]:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(84)
+    if len(head) == 84 and not head[:5].lower() == b"solid":
+        n = struct.unpack_from("<I", head, 80)[0]
+        return 3 * n, n
+    return 0, size // 200  # ASCII: ~200 bytes a facet; the byte budget bounds it too
+
+
+def check_budget(path: Path, budget: MeshBudget, gltf: dict | None = None, counts=None) -> None:
+    """Refuse, before trimesh reads it, a mesh whose file, vertex or triangle count exceeds the budget."""
+    name, size = path.name, path.stat().st_size
+    if budget.max_bytes is not None and size > budget.max_bytes:
+        raise MeshError(f"{name}: file of {size / 2**20:.1f} MiB exceeds max_bytes={budget.max_bytes / 2**20:.0f} MiB")
+    suffix = path.suffix.lower()
+    if counts is None:
+        counts = (_gltf_counts(gltf) if gltf is not None else _ply_counts(path) if suffix == ".ply" else
+                  _stl_counts(path) if suffix == ".stl" else (0, 0))
+    v, f = counts
+    if budget.max_faces is not None and f > budget.max_faces:
+        raise MeshError(f"{name}: {f} triangles exceeds max_faces={budget.max_faces} (from the file's header)")
+    if budget.max_vertices is not None and v > budget.max_vertices:
+        raise MeshError(f"{name}: {v} vertices exceeds max_vertices={budget.max_vertices} (from the file's header)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -234,8 +315,9 @@ def _flatten(scene: trimesh.Scene, name: str) -> tuple[list, int]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def load_mesh(path) -> MeshData:
-    """Load `path` into MeshData (world coordinates, not normalised). Raises MeshError on bad input."""
+def load_mesh(path, budget: MeshBudget | None = None) -> MeshData:
+    """Load `path` into MeshData (world coordinates, not normalised). Raises MeshError on bad input, and on a
+    mesh over `budget` before loading it."""
     path = Path(path)
     name = path.name
     if not path.is_file():
@@ -245,12 +327,17 @@ def load_mesh(path) -> MeshData:
         raise MeshError(f"{name}: unsupported mesh format {suffix!r} (supported: {', '.join(SUPPORTED_SUFFIXES)})")
     if path.stat().st_size == 0:
         raise MeshError(f"{name}: empty file (0 bytes)")
+    gltf = counts = None
+    if budget is not None and budget.max_bytes is not None:
+        check_budget(path, MeshBudget(max_bytes=budget.max_bytes), counts=(0, 0))  # before reading it at all
     if suffix == ".glb":
-        check_glb(path)
+        gltf = check_glb(path)
     elif suffix == ".gltf":
-        check_gltf(path)
+        gltf = check_gltf(path)
     elif suffix == ".obj":
-        check_obj(path)
+        counts = check_obj(path)
+    if budget is not None:
+        check_budget(path, budget, gltf, counts)
 
     logging.getLogger("trimesh").setLevel(logging.ERROR)
     try:

@@ -16,7 +16,7 @@ from atoken.voxelize import GRID, occupied_voxels, voxel_features
 from pipeline.config import Config
 
 from .cameras import sphere_cameras
-from .load import MeshError, load_mesh
+from .load import MeshBudget, MeshData, MeshError, load_mesh
 from .normalize import normalize
 from .render import RenderConfig, Renderer
 
@@ -33,6 +33,13 @@ class MeshConfig(Config):
     feature_mode: Literal["nearest", "visible_mean"] = "nearest"  # nearest (official) | visible_mean
     visibility_tol: float = Field(2.0, gt=0)  # voxel sizes, visible_mean only
     max_faces: int = Field(5_000_000, ge=1)  # larger meshes fail with a clear reason instead of exhausting memory
+    max_vertices: int = Field(10_000_000, ge=1)  # checked, like max_faces, from the header before loading
+    max_file_mb: int = Field(1024, ge=1)     # larger files are refused unread
+    timeout_s: float = Field(120.0, ge=0)    # wall-clock limit of loading one file, in a killable child (0: in-process)
+    memory_mb: int = Field(8192, ge=0)       # memory cap of that child (0 = none)
+
+    def budget(self) -> MeshBudget:
+        return MeshBudget(max_faces=self.max_faces, max_vertices=self.max_vertices, max_bytes=self.max_file_mb << 20)
 
     def render_config(self) -> RenderConfig:
         return RenderConfig(resolution=self.resolution, backend=self.backend, device=self.device)
@@ -46,10 +53,10 @@ class MeshStage:
         self.cfg = cfg
         self.renderer = Renderer(cfg.render_config())
 
-    def process(self, path, asset_id: str) -> dict:
-        """Mesh file -> output fields. Raises MeshError for bad input."""
+    def process(self, path, asset_id: str, mesh: MeshData | None = None) -> dict:
+        """Mesh file (or its MeshData, loaded elsewhere) -> output fields. Raises MeshError for bad input."""
         cfg = self.cfg
-        mesh = load_mesh(path)
+        mesh = mesh if mesh is not None else load_mesh(path, cfg.budget())
         if mesh.num_faces > cfg.max_faces:
             raise MeshError(f"{mesh.num_faces} triangles exceeds max_faces={cfg.max_faces}")
         mesh, norm = normalize(mesh)

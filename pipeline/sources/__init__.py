@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from pydantic import Field
 
 from pipeline.config import Config, ConfigError, validate
-from pipeline.rows import Row
+from pipeline.rows import Row, fail, new_row
 from pipeline.storage import StorageOptions
 
 BRANCHES = ("media", "3d")
@@ -48,15 +48,19 @@ class Read:
     uris: list[str] = field(default_factory=list)
     items: list[Any] = field(default_factory=list)
     columns: list[str] | None = None               # csv: header names, all read as binary (decoded on workers)
+    encodings: dict[str, str] = field(default_factory=dict)  # csv: uri -> codec (tables.detect_encoding)
 
 
 class Source:
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
 
-    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None):
+    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None):
+        from pipeline.sources.ids import ID_RULE, check_rule
+
         self.cfg = cfg
         self.storage = storage or StorageOptions()
+        self.id_rule = check_rule(ID_RULE if id_rule is None else id_rule)  # the store's (pipeline/sources/ids.py)
 
     @property
     def name(self) -> str:
@@ -103,8 +107,8 @@ def source_config(data: dict, index: int = 0) -> SourceConfig:
     return validate(mod.Source.Config, data, prefix=f"sources.{index}")
 
 
-def make_source(cfg: SourceConfig, storage: StorageOptions | None = None) -> Source:
-    return source_module(cfg.type).Source(cfg, storage)
+def make_source(cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None) -> Source:
+    return source_module(cfg.type).Source(cfg, storage, id_rule)
 
 
 # ---- helpers shared by the source modules --------------------------------------------------------------------
@@ -129,9 +133,68 @@ def text_column(table: pa.Table, name: str) -> pa.Array:
     return pc.cast(col, pa.string())
 
 
+def key_column(table: pa.Table, name: str, id_rule: int) -> pa.Array:
+    """A key column for `make_ids`: its raw bytes (binary CSV columns undecoded) under id rule 2, the decoded text
+    under rule 1 (what stores written before rule 2 hashed)."""
+    col = table.column(name).combine_chunks() if name in table.column_names else None
+    if id_rule > 1 and col is not None and (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
+                                            or pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        return col
+    return text_column(table, name)
+
+
 def texts(table: pa.Table, name: str) -> list[str]:
     """A column as stripped Python strings ('' for nulls)."""
     return [(v or "").strip() for v in text_column(table, name).to_pylist()]
+
+
+def keyed(source: Source, raw: pa.Table) -> pa.Table:
+    """`source.keys(raw)`; CSV rows that did not parse (tables.ROW_ERROR) are keyed apart (their columns hold a
+    unique marker, so each gets an id of its own) and keep their reason in ROW_ERROR."""
+    from pipeline.sources.tables import ROW_ERROR
+
+    if ROW_ERROR not in raw.column_names:
+        return source.keys(raw)
+    err = raw.column(ROW_ERROR)
+    good, bad = raw.filter(pc.is_null(err)), raw.filter(pc.is_valid(err))
+    parts = []
+    if good.num_rows or not bad.num_rows:
+        out = source.keys(good.drop_columns([ROW_ERROR]))
+        parts.append(out.append_column(ROW_ERROR, pa.nulls(out.num_rows, pa.string())))
+    if bad.num_rows:
+        out = source.keys(bad.drop_columns([ROW_ERROR]))
+        if out.num_rows != bad.num_rows:
+            raise RuntimeError(f"source {source.name}: keys() gave {out.num_rows} rows for {bad.num_rows} "
+                               "unparsed rows")
+        parts.append(out.append_column(ROW_ERROR, bad.column(ROW_ERROR)))
+    return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+
+
+def described(source: Source, rows: pa.Table) -> list[Row]:
+    """`source.describe(rows)`, with the rows that did not parse failed at `source` with their reason."""
+    from pipeline.sources.tables import ROW_ERROR
+
+    if ROW_ERROR not in rows.column_names:
+        return source.describe(rows)
+    errors = rows.column(ROW_ERROR).to_pylist()
+    rows = rows.drop_columns([ROW_ERROR])
+    good = [i for i, e in enumerate(errors) if e is None]
+    if len(good) == len(errors):
+        return source.describe(rows)
+    out = source.describe(rows.take(good)) if good else []
+    ids, buckets = rows.column("id").to_pylist(), rows.column("bucket").to_pylist()
+    modality = getattr(source.cfg, "modality", "auto")
+    modality = modality if modality != "auto" else "3d" if tuple(source.branches) == ("3d",) else "video"
+    bad = [(i, fail(new_row(ids[i], modality, source.name, uri="", bucket=buckets[i]), "source", e))
+           for i, e in enumerate(errors) if e is not None]
+    if len(out) != len(good):  # a source that expands rows in describe: its rows first
+        return out + [r for _, r in bad]
+    merged: list[Row] = [None] * len(errors)  # type: ignore[list-item]
+    for i, r in zip(good, out):
+        merged[i] = r
+    for i, r in bad:
+        merged[i] = r
+    return merged
 
 
 def iter_rows(source: Source) -> Iterator[Row]:
@@ -141,9 +204,9 @@ def iter_rows(source: Source) -> Iterator[Row]:
 
     seen = 0
     for raw in read_local(source):
-        keyed = source.keys(raw)
-        keyed = keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), 1), pa.int32()))
-        for row in source.describe(keyed):
+        keys = keyed(source, raw)
+        keys = keys.append_column("bucket", pa.array(bucket_of(keys.column("group"), 1), pa.int32()))
+        for row in described(source, keys):
             if source.cfg.limit is not None and seen >= source.cfg.limit:
                 return
             seen += 1

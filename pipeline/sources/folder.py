@@ -14,7 +14,7 @@ import pyarrow as pa
 
 from pipeline.magic import HEAD_BYTES, classify
 from pipeline.rows import Row, new_row, skip
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import make_ids
 from pipeline.storage import Storage
 
@@ -54,7 +54,7 @@ class Source(BaseSource):
 
     def keys(self, raw: pa.Table) -> pa.Table:
         rel = text_column(raw, "rel")
-        ids = make_ids(self.name, rel)
+        ids = make_ids(self.name, key_column(raw, "rel", self.id_rule), self.id_rule)
         return pa.table({"id": ids, "group": ids, "order": rel, "rel": rel,
                          "size": raw.column("size").cast(pa.int64())})
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import fnv1a64, make_ids
 from pipeline.storage import open_uri
 
@@ -50,10 +50,29 @@ def objaverse_at(mirror_dir: str):
 
 
 def read_captions(uri: str, storage=None) -> dict[str, str]:
+    """`uid,caption` rows (pyarrow's reader: no field size limit); a row with more fields keeps its first two."""
+    import pyarrow.csv as pacsv
+
+    from pipeline.sources.tables import CSV_BLOCK_BYTES
+
     with open_uri(uri, storage) as f:
-        text = f.read().decode("utf-8", "replace")
-    return {rec[0].strip(): rec[1].strip() for rec in csv.reader(io.StringIO(text)) if len(rec) >= 2
-            and rec[0] != "uid"}
+        data = f.read()
+    extra: list[list[str]] = []
+
+    def wide(row) -> str:  # unquoted commas in a caption: read that one line as the csv module would
+        extra.extend(rec for rec in csv.reader(io.StringIO(row.text)) if len(rec) >= 2)
+        return "skip"
+
+    table = pacsv.read_csv(pa.py_buffer(data), read_options=pacsv.ReadOptions(
+        autogenerate_column_names=True, block_size=CSV_BLOCK_BYTES), parse_options=pacsv.ParseOptions(
+        newlines_in_values=True, invalid_row_handler=wide), convert_options=pacsv.ConvertOptions(
+        column_types={"f0": pa.binary(), "f1": pa.binary()})) if data.strip() else None
+    rows = []
+    if table is not None and table.num_columns >= 2:
+        rows = zip(*(table.column(c).to_pylist() for c in ("f0", "f1")))
+    recs = [(a.decode("utf-8", "replace"), b.decode("utf-8", "replace")) for a, b in rows] + \
+        [(r[0], r[1]) for r in extra]
+    return {a.strip(): b.strip() for a, b in recs if a != "uid"}
 
 
 class Source(BaseSource):
@@ -92,7 +111,7 @@ class Source(BaseSource):
 
     def keys(self, raw: pa.Table) -> pa.Table:
         uid = text_column(raw, "uid")
-        ids = make_ids(self.name, uid)
+        ids = make_ids(self.name, key_column(raw, "uid", self.id_rule), self.id_rule)
         return pa.table({"id": ids, "group": ids, "order": uid,
                          **{c: raw.column(c) for c in _RAW}})
 

@@ -16,9 +16,9 @@ import pyarrow as pa
 from pydantic import field_validator, model_validator
 
 from pipeline.rows import Row, fail, new_row, skip
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
-from pipeline.sources.ids import make_id
-from pipeline.sources.tables import csv_header, format_of, resolve_files
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, text_column, texts
+from pipeline.sources.ids import key_bytes, make_id
+from pipeline.sources.tables import Encoding, csv_header, detect_encoding, format_of, resolve_files
 from pipeline.sources.webvid import check_template, mirror_uri
 
 REQUIRED = ("videoID", "url", "timestamp", "caption")
@@ -30,6 +30,7 @@ _CLIP_COLUMNS = ("url", "videoid", "clip", "span_start", "span_end", "caption", 
 class Config(SourceConfig):
     type: Literal["panda70m"] = "panda70m"
     path: str | list[str]
+    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
     base_dir: str | None = None            # resolves relative urls (a local or remote mirror)
     min_matching_score: float | None = None  # filter: clips scoring lower are skipped before any download
     path_template: str | None = None       # a mirror under base_dir, e.g. "{videoID}.mp4" (one file per video)
@@ -133,33 +134,40 @@ class Source(BaseSource):
         if len(fmt) != 1 or None in fmt:
             raise ValueError(f"panda70m source {self.name}: mixed or unknown file types in {uris[:5]}")
         fmt = fmt.pop()
+        encodings = {}
         if fmt == "csv":
             for u in uris:
-                missing = set(REQUIRED) - set(csv_header(u, self.storage))
+                encodings[u] = detect_encoding(u, self.storage, self.cfg.encoding)
+                missing = set(REQUIRED) - set(csv_header(u, self.storage, encodings[u]))
                 if missing:
                     raise ValueError(f"{u}: not a Panda-70M CSV, missing columns {sorted(missing)}")
-        return Read(fmt, uris=uris, columns=list(REQUIRED + EXTRA))
+        return Read(fmt, uris=uris, columns=list(REQUIRED + EXTRA), encodings=encodings)
 
     def keys(self, raw: pa.Table) -> pa.Table:
         cols = {c: texts(raw, c) for c in REQUIRED + EXTRA}
+        rule = self.id_rule
+        raw_vids = key_column(raw, "videoID", rule).to_pylist()  # rule 2: the raw bytes make the id
         out = {k: [] for k in ("id", "group", "order", *_CLIP_COLUMNS)}
         for i in range(raw.num_rows):
             rec = {c: cols[c][i] for c in cols}
             vid, url = rec["videoID"], rec["url"]
+            kvid = key_bytes(raw_vids[i] or "") if rule > 1 else vid.encode()
             try:
                 if not vid or not url:
                     raise ValueError("empty videoID or url")
                 clips = clips_of(rec)
             except (ValueError, TypeError) as exc:
-                digest = hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:10]
+                whole = repr([raw.column(c)[i].as_py() for c in raw.column_names]) if rule > 1 else \
+                    json.dumps(rec, sort_keys=True)
+                digest = hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()[:10]
                 clips, error = [(None, None, "", None, {})], f"videoID {vid!r}: {exc}"
-                keys = [f"{vid or 'row'}_bad-{digest}"]
+                keys = [(kvid if vid else b"row") + f"_bad-{digest}".encode()]
             else:
                 error = None
-                keys = [f"{vid}_{round(s * 1000)}_{round(e * 1000)}" for s, e, *_ in clips]
-            group = make_id(self.name, vid or keys[0])
+                keys = [kvid + f"_{round(s * 1000)}_{round(e * 1000)}".encode() for s, e, *_ in clips]
+            group = make_id(self.name, kvid if vid else keys[0], rule)
             for k, (key, (start, end, caption, score, extra)) in enumerate(zip(keys, clips)):
-                for name, value in (("id", make_id(self.name, key)), ("group", group), ("order", url),
+                for name, value in (("id", make_id(self.name, key, rule)), ("group", group), ("order", url),
                                     ("url", url), ("videoid", vid), ("clip", k), ("span_start", start),
                                     ("span_end", end), ("caption", caption), ("matching_score", score),
                                     ("extra", json.dumps(extra, sort_keys=True, default=str)), ("error", error)):

@@ -2,21 +2,26 @@
 in-process (`read_local`, the no-Ray path). Ray Data reads the same files in the wiring."""
 from __future__ import annotations
 
+import codecs
 import csv
 import fnmatch
 import io
-from typing import Iterator
+from typing import Annotated, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from pydantic import AfterValidator
 
 from pipeline.storage import Storage, StorageOptions, filesystem, open_uri, split_uri
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json",
            ".csv.gz": "csv", ".tsv.gz": "csv", ".jsonl.gz": "json"}
-CSV_BLOCK_BYTES = 64 << 20   # a CSV field may be this long; ~one block of rows per parse step
+CSV_BLOCK_BYTES = 64 << 20   # a CSV row may be this long; ~one block of rows per parse step
+HEAD_BYTES = 1 << 16         # what encoding detection and headers read
+ROW_ERROR = "_row_error"     # CSV rows that did not parse: why (null for the others)
+UNPARSED = b"\x00unparsed-" # the marker in every column of such a row (+ a hash of its text)
 
 
 def format_of(uri: str) -> str | None:
@@ -54,21 +59,85 @@ def delimiter(uri: str) -> str:
     return "\t" if ".tsv" in uri.lower() else ","
 
 
-def csv_header(uri: str, options: StorageOptions | None = None) -> list[str]:
-    """Column names from the first line of a CSV/TSV (quoted names allowed)."""
+def _head(uri: str, options: StorageOptions | None, size: int = HEAD_BYTES) -> bytes:
+    """The first `size` bytes of a file (decompressed for .gz)."""
     with open_uri(uri, options) as f:
-        head = f.read(1 << 16)
-    if uri.lower().endswith(".gz"):
+        head = f.read(size)
+    if uri.lower().endswith(".gz") and head:
         import gzip
-        head = gzip.GzipFile(fileobj=io.BytesIO(head)).read1(1 << 16) if head else b""
-    line = head.decode("utf-8", "replace").splitlines()[:1]
+        import zlib
+        try:
+            head = gzip.GzipFile(fileobj=io.BytesIO(head)).read1(size)
+        except (EOFError, OSError, zlib.error):
+            pass
+    return head
+
+
+def check_encoding(name: str) -> str:
+    """A job file's `encoding:` value: `auto` or a codec Python knows."""
+    if name != "auto":
+        try:
+            codecs.lookup(name)
+        except LookupError:
+            raise ValueError(f"unknown encoding {name!r} (auto, or a Python codec such as utf-8, utf-16, "
+                             "latin-1, cp1252)") from None
+    return name
+
+
+Encoding = Annotated[str, AfterValidator(check_encoding)]  # the `encoding:` key of table sources
+
+
+def detect_encoding(uri: str, options: StorageOptions | None = None, declared: str = "auto") -> str:
+    """The codec a CSV/TSV is read with: the declared one (checked against the file's head), or from a BOM
+    (UTF-8, UTF-16, UTF-32), UTF-16 without one (NUL bytes), else UTF-8. A header that is not UTF-8 is refused
+    with what to set."""
+    head = _head(uri, options)
+    if declared != "auto":
+        try:
+            codecs.getincrementaldecoder(declared)().decode(head, final=False)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{uri}: not {declared} (byte {exc.start}: {exc.reason}); "
+                             "fix the source's `encoding:`") from None
+        return declared
+    for bom, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf8"),
+                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+        if head.startswith(bom):
+            return name
+    even, odd = head[0:2000:2], head[1:2000:2]
+    if len(head) >= 4 and odd.count(0) > 0.9 * len(odd) and even.count(0) < 0.1 * len(even):
+        return "utf-16-le"
+    if len(head) >= 4 and even.count(0) > 0.9 * len(even) and odd.count(0) < 0.1 * len(odd):
+        return "utf-16-be"
+    header = head.split(b"\n", 1)[0] if b"\n" in head or len(head) < HEAD_BYTES else b""
+    if not _is_utf8(header):
+        raise ValueError(f"{uri}: not UTF-8 (its header line has invalid bytes); set the source's `encoding:` "
+                         "(e.g. latin-1, cp1252, utf-16)")
+    return "utf8"  # bad bytes in a row: its id hashes them raw, its text has U+FFFD (name latin-1 etc. in `encoding:`)
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def csv_header(uri: str, options: StorageOptions | None = None, encoding: str | None = None) -> list[str]:
+    """Column names from the first line of a CSV/TSV (quoted names allowed), in the file's encoding."""
+    encoding = encoding or detect_encoding(uri, options)
+    head = _head(uri, options)
+    codec = "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding
+    text = codecs.getincrementaldecoder(codec)(errors="replace").decode(head, final=False)
+    line = text.splitlines()[:1]
     return next(csv.reader(line, delimiter=delimiter(uri)), []) if line else []
 
 
-def table_columns(uri: str, fmt: str, options: StorageOptions | None = None) -> list[str]:
+def table_columns(uri: str, fmt: str, options: StorageOptions | None = None,
+                  encoding: str | None = None) -> list[str]:
     """Column names of a table file: the CSV header, the Parquet schema, or the first JSON record's keys."""
     if fmt == "csv":
-        return csv_header(uri, options)
+        return csv_header(uri, options, encoding)
     with open_uri(uri, options) as f:
         if fmt == "parquet":
             return pq.ParquetFile(f).schema_arrow.names
@@ -77,13 +146,63 @@ def table_columns(uri: str, fmt: str, options: StorageOptions | None = None) -> 
     return list(json.loads(first)) if first.strip() else []
 
 
-def csv_options(uri: str, columns: list[str]) -> dict:
+def csv_options(uri: str, columns: list[str], encoding: str = "utf8") -> dict:
     """pyarrow CSV options: every column as binary (decoded on the workers, so bad bytes fail one row, not the
     job), quoted newlines allowed, large blocks so one long field does not abort the read."""
     return dict(
-        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=True),
+        read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False, encoding=encoding),
         parse_options=pacsv.ParseOptions(delimiter=delimiter(uri), newlines_in_values=True),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns}, strings_can_be_null=False))
+
+
+class _BadRows:
+    """pyarrow's invalid_row_handler: rows with the wrong number of fields are kept here, not fatal."""
+
+    def __init__(self):
+        self.rows: list = []
+
+    def __call__(self, row) -> str:
+        self.rows.append(row)
+        return "skip"
+
+
+def read_csv_stream(f, uri: str, columns: list[str], encoding: str = "utf8") -> Iterator[pa.Table]:
+    """The tables of one CSV/TSV stream, every column binary plus `ROW_ERROR` (null for good rows). A row that
+    does not parse (the wrong number of fields) becomes a row of its own: every column holds an `UNPARSED` marker
+    unique to its text and file, and `ROW_ERROR` says why, so it is recorded as that row's failure."""
+    opts = csv_options(uri, columns, encoding)
+    bad = _BadRows()
+    opts["parse_options"].invalid_row_handler = bad
+    reader = pacsv.open_csv(f, **opts)
+    schema = pa.schema(list(reader.schema) + [pa.field(ROW_ERROR, pa.string())])
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            batch = None
+        if batch is not None and batch.num_rows:
+            yield pa.Table.from_batches([batch]).append_column(ROW_ERROR, pa.nulls(batch.num_rows, pa.string()))
+        if bad.rows:
+            yield _unparsed(bad.rows, uri, schema)
+            bad.rows = []
+        if batch is None:
+            return
+
+
+def _unparsed(rows: list, uri: str, schema: pa.Schema) -> pa.Table:
+    import hashlib
+
+    name = split_uri(uri)[1].encode("utf-8", "surrogateescape")
+    markers, errors = [], []
+    for r in rows:
+        text = r.text if isinstance(r.text, str) else str(r.text)
+        digest = hashlib.sha256(name + b"\0" + text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        markers.append(UNPARSED + digest.encode())
+        errors.append(f"unparsable row in {split_uri(uri)[1]}: expected {r.expected_columns} fields, got "
+                      f"{r.actual_columns}: {text[:200]!r}")
+    cols = {f.name: pa.array(markers, pa.binary()).cast(f.type) if f.type in (pa.binary(), pa.string())
+            else pa.nulls(len(rows), f.type) for f in schema if f.name != ROW_ERROR}
+    return pa.table({**cols, ROW_ERROR: pa.array(errors, pa.string())}, schema=schema)
 
 
 def read_local(source) -> Iterator[pa.Table]:
@@ -104,4 +223,5 @@ def read_local(source) -> Iterator[pa.Table]:
                 yield pajson.read_json(f)
         else:
             with fs.open_input_stream(path, compression="detect") as f:
-                yield pacsv.read_csv(f, **csv_options(uri, csv_header(uri, source.storage)))
+                enc = plan.encodings.get(uri) or detect_encoding(uri, source.storage)
+                yield from read_csv_stream(f, uri, csv_header(uri, source.storage, enc), enc)

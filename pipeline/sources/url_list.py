@@ -15,9 +15,9 @@ from pydantic import model_validator
 
 from pipeline.magic import EXTENSIONS, MODALITY
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import make_ids
-from pipeline.sources.tables import format_of, resolve_files, table_columns
+from pipeline.sources.tables import Encoding, detect_encoding, format_of, resolve_files, table_columns
 from pipeline.sources.webvid import resolve
 
 _STD = ("id", "group", "order", "bucket")
@@ -26,6 +26,7 @@ _STD = ("id", "group", "order", "bucket")
 class Config(SourceConfig):
     type: Literal["url_list"] = "url_list"
     path: str | list[str]
+    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
     url_col: str = "url"
     caption_col: str | None = "caption"
     key_col: str | None = None               # the id key (default: the url)
@@ -72,7 +73,8 @@ class Source(BaseSource):
         if len(fmt) != 1 or None in fmt:
             raise ValueError(f"url_list source {self.name}: mixed or unknown file types in {uris[:5]}")
         fmt = fmt.pop()
-        columns = table_columns(uris[0], fmt, self.storage)
+        encodings = {u: detect_encoding(u, self.storage, cfg.encoding) for u in uris} if fmt == "csv" else {}
+        columns = table_columns(uris[0], fmt, self.storage, encodings.get(uris[0]))
         if cfg.url_col not in columns:
             raise ValueError(f"{uris[0]}: no url column {cfg.url_col!r} (columns: {columns})")
         for what, col in (("key", cfg.key_col), *(("span", c) for c in cfg.span_cols or ())):
@@ -80,7 +82,7 @@ class Source(BaseSource):
                 raise ValueError(f"{uris[0]}: no {what} column {col!r} (columns: {columns})")
         extra = columns if cfg.extra_columns == "all" else cfg.extra_columns
         self.extra = [c for c in extra if c not in self._named() and c not in _STD]  # fixed: blocks share a schema
-        return Read(fmt, uris=uris, columns=columns if fmt == "csv" else None)
+        return Read(fmt, uris=uris, columns=columns if fmt == "csv" else None, encodings=encodings)
 
     def _named(self) -> list[str]:
         cfg = self.cfg
@@ -89,7 +91,7 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         cfg = self.cfg
         url = text_column(raw, cfg.url_col)
-        ids = make_ids(self.name, text_column(raw, cfg.key_col) if cfg.key_col else url)
+        ids = make_ids(self.name, key_column(raw, cfg.key_col or cfg.url_col, self.id_rule), self.id_rule)
         kept = {f"x:{c}": text_column(raw, c) for c in self.extra}
         named = {f"n:{c}": text_column(raw, c) for c in self._named()}
         return pa.table({"id": ids, "group": ids, "order": url, **named, **kept})

@@ -18,7 +18,7 @@ import pyarrow as pa
 from pipeline.fetch import tar_uri
 from pipeline.magic import EXTENSIONS, MODALITY
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import make_ids
 from pipeline.sources.tables import resolve_files
 from pipeline.storage import open_uri, split_uri
@@ -102,8 +102,7 @@ class Source(BaseSource):
         return read_members(item, self.storage, self.cfg.caption_ext, self.cfg.meta_ext)
 
     def keys(self, raw: pa.Table) -> pa.Table:
-        key = text_column(raw, "key")
-        ids = make_ids(self.name, key)
+        ids = make_ids(self.name, key_column(raw, "key", self.id_rule), self.id_rule)
         cols = {c: text_column(raw, c) for c in _COLUMNS if c not in ("offset", "size")}
         ints = {c: raw.column(c).cast(pa.int64()) if c in raw.column_names else pa.nulls(raw.num_rows, pa.int64())
                 for c in ("offset", "size")}

@@ -17,9 +17,9 @@ import pyarrow as pa
 from pydantic import field_validator, model_validator
 
 from pipeline.rows import Row, fail, new_row
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts, key_column
 from pipeline.sources.ids import make_ids
-from pipeline.sources.tables import csv_header, format_of, resolve_files
+from pipeline.sources.tables import Encoding, csv_header, detect_encoding, format_of, resolve_files
 from typing import Literal
 
 COLUMNS = ("videoid", "name", "contentUrl", "duration", "page_idx", "page_dir")
@@ -32,6 +32,7 @@ _FIELD = re.compile(r"\{(\w+)\}")
 class Config(SourceConfig):
     type: Literal["webvid"] = "webvid"
     path: str | list[str]                  # CSV/Parquet file(s), a folder of them or a glob; local or remote
+    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
     base_dir: str | None = None            # resolves relative contentUrls (a local or remote mirror)
     url_template: str | None = None        # e.g. "s3://bucket/videos/{page_dir}/{videoid}.mp4"
     path_template: str | None = None       # under base_dir, e.g. "{page_dir}/{videoid}.mp4"
@@ -111,16 +112,18 @@ class Source(BaseSource):
         if len(fmt) != 1 or None in fmt:
             raise ValueError(f"webvid source {self.name}: mixed or unknown file types in {uris[:5]}")
         fmt = fmt.pop()
+        encodings = {}
         if fmt == "csv":
             for u in uris:
-                missing = set(REQUIRED) - set(csv_header(u, self.storage))
+                encodings[u] = detect_encoding(u, self.storage, self.cfg.encoding)
+                missing = set(REQUIRED) - set(csv_header(u, self.storage, encodings[u]))
                 if missing:
                     raise ValueError(f"{u}: not a WebVid CSV, missing columns {sorted(missing)}")
-        return Read(fmt, uris=uris, columns=list(COLUMNS))
+        return Read(fmt, uris=uris, columns=list(COLUMNS), encodings=encodings)
 
     def keys(self, raw: pa.Table) -> pa.Table:
         cols = {c: text_column(raw, c) for c in COLUMNS}
-        ids = make_ids(self.name, cols["videoid"])
+        ids = make_ids(self.name, key_column(raw, "videoid", self.id_rule), self.id_rule)
         return pa.table({"id": ids, "group": ids, "order": cols["contentUrl"], **cols})
 
     def describe(self, rows: pa.Table) -> list[Row]:
