@@ -61,6 +61,9 @@ def init_ray(ray_cfg):
     else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
         ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": env})
+        from pipeline import reaper
+
+        reaper.start()  # a killed driver takes this cluster's processes along within a second or so
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("PIPELINE_PROGRESS", "1") == "1"
     return ray
