@@ -58,6 +58,19 @@ class JobConfig(Config):
     write: WriteConfig = Field(default_factory=WriteConfig)
     qa: QAConfig = Field(default_factory=QAConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    require_licence: list[str] | None = None  # only samples with one of these licences; the others are skipped
+
+    @field_validator("require_licence")
+    @classmethod
+    def _licences(cls, v: list[str] | None) -> list[str] | None:
+        from pipeline.licences import normalise
+
+        if v is not None and not [x for x in v if normalise(x)]:
+            raise ValueError("an empty list would skip every sample; leave it out to keep every licence")
+        return None if v is None else sorted({normalise(x) for x in v if normalise(x)})
+
+    def allowed_licences(self) -> frozenset[str] | None:
+        return None if self.require_licence is None else frozenset(self.require_licence)
 
     @field_validator("out")
     @classmethod

@@ -244,7 +244,7 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
     (per branch), rows travel in bundles of about one prepare batch, one payload each, and a group (the clips of
     one video) is never split between bundles: one prepare call sees all of a video's clips and downloads it
     once."""
-    described = source.describe(rows)
+    described = source.described(rows)
     branches = ["3d" if r.get("modality") == "3d" else "media" for r in described]
     if not bundle_rows:
         return to_table(described).append_column("branch", pa.array(branches, pa.string()))
@@ -339,8 +339,8 @@ def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, 
     materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    parts = [source_dataset(ray, make_source(cfg, job.storage), view, buckets, retry_failed, control,
-                            partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
+    parts = [source_dataset(ray, make_source(cfg, job.storage, job.allowed_licences()), view, buckets, retry_failed,
+                            control, partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
     bundles = todo.count()

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from pipeline.faults import maybe_fault
 from pipeline.ledger import Ledger, fragment_path, read_all
+from pipeline.licences import card_section
 from pipeline.storage import Storage
 from schemas.tokens import MODALITIES, SCHEMA_VERSION, shard_index_schema
 
@@ -258,7 +259,8 @@ class Store:
                           f"({counts[m]['bytes'] / 1e6:.1f} MB)\n" for m in present)
                 + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")` or "
                   "`datasets.load_dataset(<this folder>, \"<modality>\")`; `with_format(\"arrow\")` keeps fp16. "
-                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n")
+                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n"
+                + card_section(self.storage, self.shards))
         if not self.storage.exists("README.md") or self.storage.read_bytes("README.md").decode() != body:
             self.storage.write_bytes("README.md", body.encode())
 

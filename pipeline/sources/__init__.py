@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config import Config, ConfigError, validate
 from pipeline.rows import Row
@@ -34,6 +34,14 @@ class SourceConfig(Config):
     type: str
     name: str | None = None                        # name in ids and shards (default: the type)
     limit: int | None = Field(None, ge=1)          # at most N samples (a sample of the source, not "the first N")
+    licence: str | None = None                     # its samples' licence where they state none (pipeline/licences.py)
+
+    @field_validator("licence")
+    @classmethod
+    def _licence(cls, v: str | None) -> str | None:
+        from pipeline.licences import normalise
+
+        return normalise(v)
 
     @property
     def source_name(self) -> str:
@@ -53,10 +61,20 @@ class Read:
 class Source:
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
+    licence: ClassVar[str] = "unknown"  # the dataset's licence or terms, for rows that state none of their own
 
-    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None):
+    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None,
+                 require_licence: frozenset[str] | None = None):
         self.cfg = cfg
         self.storage = storage or StorageOptions()
+        self.require_licence = require_licence
+
+    def described(self, rows: pa.Table) -> list[Row]:
+        """`describe`, then every row's `licence` (its own, the job's `licence:`, else the dataset's) and the job's
+        `require_licence` (a row whose licence is not allowed is skipped). What the wiring calls."""
+        from pipeline.licences import apply
+
+        return apply(self.describe(rows), self.cfg.licence or self.licence, self.require_licence)
 
     @property
     def name(self) -> str:
@@ -103,8 +121,9 @@ def source_config(data: dict, index: int = 0) -> SourceConfig:
     return validate(mod.Source.Config, data, prefix=f"sources.{index}")
 
 
-def make_source(cfg: SourceConfig, storage: StorageOptions | None = None) -> Source:
-    return source_module(cfg.type).Source(cfg, storage)
+def make_source(cfg: SourceConfig, storage: StorageOptions | None = None,
+                require_licence: frozenset[str] | None = None) -> Source:
+    return source_module(cfg.type).Source(cfg, storage, require_licence)
 
 
 # ---- helpers shared by the source modules --------------------------------------------------------------------
@@ -143,7 +162,7 @@ def iter_rows(source: Source) -> Iterator[Row]:
     for raw in read_local(source):
         keyed = source.keys(raw)
         keyed = keyed.append_column("bucket", pa.array(bucket_of(keyed.column("group"), 1), pa.int32()))
-        for row in source.describe(keyed):
+        for row in source.described(keyed):
             if source.cfg.limit is not None and seen >= source.cfg.limit:
                 return
             seen += 1
