@@ -17,6 +17,7 @@ import sys
 import time
 
 PERIOD_S = 0.5
+_STARTED = "PIPELINE_REAPER_FOR"  # the driver pid a reaper already watches (several local clusters in one process)
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where `pipeline` imports from
 
 
@@ -85,10 +86,13 @@ def watch(driver: int) -> None:
 
 
 def start(driver: int | None = None) -> subprocess.Popen | None:
-    """Starts the reaper for `driver` (default: this process). It exits on its own after the driver."""
-    if not os.path.isdir("/proc"):
+    """Starts the reaper for `driver` (default: this process), once per driver. It exits on its own after the
+    driver."""
+    driver = driver or os.getpid()
+    if not os.path.isdir("/proc") or os.environ.get(_STARTED) == str(driver):
         return None
-    return subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(driver or os.getpid())],
+    os.environ[_STARTED] = str(driver)
+    return subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(driver)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(
                                 [_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])})
