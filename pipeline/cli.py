@@ -142,6 +142,11 @@ def cmd_status(args) -> int:
         print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
         for m, c in counts.items():
             print(f"  {m}: {c['rows']} samples in {c['shards']} shards, {c['bytes'] / 1e6:.2f} MB")
+        from pipeline.licences import summary
+
+        for col, got in summary(store.storage, store.shards).items():  # licence, tokenizer_licence, renderer
+            if set(got) != {"none"}:
+                print(f"  {col}: " + ", ".join(f"{v} {n}" for v, n in got.items()))
         outcomes = read_all(store.storage, ["id", "status", "stage", "reason"])
         by = collections.Counter(outcomes.column("status").to_pylist())
         print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items())))
