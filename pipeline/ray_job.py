@@ -42,7 +42,8 @@ _ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAG
 
 def forwarded_env() -> dict:
     """The environment every worker needs too: pipeline settings and storage credentials/endpoints."""
-    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH", "PIPELINE_REAPER_FOR")  # each node keeps its own
+    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH", "PIPELINE_REAPER_FOR",  # each node keeps its own
+                  "PIPELINE_JOB")  # (the job `submit` sent: the driver's alone)
     return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k not in node_local}
 
 
