@@ -39,7 +39,7 @@ run: install
 dry-run: install
 	$(PY) -m pipeline run $(JOB) --dry-run $(JOB_ARGS)
 
-# Submit a job file to a running Ray cluster (ray job submit), working dir = this repository.
+# Submit a job file to a running Ray cluster (ray job submit): the resolved job, this repository as working dir.
 submit: install
 	$(PY) -m pipeline submit $(JOB) --address $(RAY_ADDRESS) $(JOB_ARGS)
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,16 @@ DEMO_JOB = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
 def _job(args):
     from pipeline.job import load_job
 
-    return load_job(args.job, out=args.out, overrides=args.set)
+    return load_job(**_job_source(args.job), out=args.out, overrides=args.set)
+
+
+def _job_source(job: str) -> dict:
+    """A job file, or `env:NAME`: the job `submit` sent in the environment variable NAME."""
+    if job.startswith("env:"):
+        from pipeline.submit import job_from_env
+
+        return {"data": job_from_env(job[4:])}
+    return {"path": job}
 
 
 def _fail(msg: str, code: int = 1) -> int:
@@ -140,6 +148,11 @@ def cmd_status(args) -> int:
         print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
         for m, c in counts.items():
             print(f"  {m}: {c['rows']} samples in {c['shards']} shards, {c['bytes'] / 1e6:.2f} MB")
+        from pipeline.licences import summary
+
+        for col, got in summary(store.storage, store.shards).items():  # licence, tokenizer_licence, renderer
+            if set(got) != {"none"}:
+                print(f"  {col}: " + ", ".join(f"{v} {n}" for v, n in got.items()))
         outcomes = read_all(store.storage, ["id", "status", "stage", "reason"])
         by = collections.Counter(outcomes.column("status").to_pylist())
         print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items())))
@@ -227,25 +240,16 @@ def cmd_export(args) -> int:
 
 
 def cmd_submit(args) -> int:
-    """Submits `python -m pipeline run JOB` to a Ray cluster with this repository as the working dir."""
+    """`ray job submit` of the resolved job with this repository as the working dir (pipeline/submit.py)."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from pipeline.storage import scheme_of
+    from pipeline.job import job_data
+    from pipeline.submit import ENTRYPOINT, cluster_data, runtime_env
 
-    job = _job(args)
-    out = str(Path(job.out).resolve()) if scheme_of(job.out) == "file" else job.out  # the job runs in a copy
-    root = Path(__file__).resolve().parents[1]
+    data = cluster_data(job_data(**_job_source(args.job), out=args.out, overrides=args.set))
     client = JobSubmissionClient(args.address)
-    sets = "".join(f" --set {json.dumps(s)}" for s in args.set or [])
-    entry = f"{sys.executable} -m pipeline run {Path(args.job).resolve()} --out {out}{sets}"
-    from pipeline.ray_job import forwarded_env
-
-    sub_id = client.submit_job(
-        entrypoint=entry,
-        runtime_env={"working_dir": str(root),
-                     "excludes": [".venv", ".git", "out", "runs", ".device", ".devdata", "*.parquet"],
-                     "env_vars": {**forwarded_env(), "RAY_AUTH_MODE": "disabled", "PIPELINE_PROGRESS": "0"}})
-    print(f"submitted {sub_id} to {args.address}")
+    sub_id = client.submit_job(entrypoint=ENTRYPOINT, runtime_env=runtime_env(data))
+    print(f"submitted {sub_id} to {args.address}: {ENTRYPOINT}")
     for chunk in _tail(client, sub_id):
         print(chunk, end="", flush=True)
     status = client.get_job_status(sub_id)
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a job key, e.g. --set decode.fps=8 --set sources.0.path=x.csv")
 
-    r = sub.add_parser("run", help="run a job file")
+    r = sub.add_parser("run", help="run a job file (or env:NAME, the job `submit` sends)")
     job_args(r)
     r.add_argument("--retry-failed", action="store_true", help="retry samples recorded as failed")
     r.add_argument("--dry-run", action="store_true", help="plan only: counts per source, nothing fetched")

@@ -40,6 +40,7 @@ class RayConfig(Config):
     mesh_actors: int | tuple[int, int] | None = None     # fetch+mesh pool for 3D sources
     mesh_gpus: float = Field(0.1, ge=0, le=1)  # GPU share per 3D worker when the cluster has GPUs
     write_cpus: float = Field(0.25, gt=0)
+    cluster_checkpoints: str | None = None  # `submit`: where checkpoints/ is on the cluster's nodes (not uploaded)
     buckets: int = Field(256, ge=1, le=65536)  # ledger hash buckets (fixed when a store is created)
     restarts: int = Field(2, ge=0)       # in-run re-executions after an infrastructure failure (lost node, ...)
     interrupt_grace_s: float = Field(120.0, ge=0)  # after Ctrl-C: how long in-flight rows may take to finish
@@ -57,6 +58,19 @@ class JobConfig(Config):
     write: WriteConfig = Field(default_factory=WriteConfig)
     qa: QAConfig = Field(default_factory=QAConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    require_licence: list[str] | None = None  # only samples with one of these licences; the others are skipped
+
+    @field_validator("require_licence")
+    @classmethod
+    def _licences(cls, v: list[str] | None) -> list[str] | None:
+        from pipeline.licences import normalise
+
+        if v is not None and not [x for x in v if normalise(x)]:
+            raise ValueError("an empty list would skip every sample; leave it out to keep every licence")
+        return None if v is None else sorted({normalise(x) for x in v if normalise(x)})
+
+    def allowed_licences(self) -> frozenset[str] | None:
+        return None if self.require_licence is None else frozenset(self.require_licence)
 
     @field_validator("out")
     @classmethod
@@ -131,6 +145,12 @@ def _index(node: list, key: str, path: list[str], allow_append: bool = False) ->
 def load_job(path: str | Path | None = None, data: dict | None = None, out: str | None = None,
              overrides: list[str] | None = None) -> JobConfig:
     """A validated job from a YAML file (or a dict), with `--out` and `--set` overrides applied."""
+    return validate_job(job_data(path, data, out, overrides))
+
+
+def job_data(path: str | Path | None = None, data: dict | None = None, out: str | None = None,
+             overrides: list[str] | None = None) -> dict:
+    """The job's plain data (YAML file or dict, then `--set`, then `--out`), not yet validated."""
     if data is None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -146,7 +166,7 @@ def load_job(path: str | Path | None = None, data: dict | None = None, out: str 
     if out:
         data["out"] = out
     data.setdefault("name", Path(path).stem if path else "job")
-    return validate_job(data)
+    return data
 
 
 def validate_job(data: dict) -> JobConfig:

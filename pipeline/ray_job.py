@@ -42,7 +42,8 @@ _ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAG
 
 def forwarded_env() -> dict:
     """The environment every worker needs too: pipeline settings and storage credentials/endpoints."""
-    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH")  # each node keeps its own scratch folder
+    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH", "PIPELINE_REAPER_FOR",  # each node keeps its own
+                  "PIPELINE_JOB")  # (the job `submit` sent: the driver's alone)
     return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k not in node_local}
 
 
@@ -61,6 +62,9 @@ def init_ray(ray_cfg):
     else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
         ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
                  log_to_driver=False, runtime_env={"env_vars": env})
+        from pipeline import reaper
+
+        reaper.start()  # a killed driver takes this cluster's processes along within a second or so
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = os.environ.get("PIPELINE_PROGRESS", "1") == "1"
     return ray
@@ -356,8 +360,9 @@ def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, 
     materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    parts = [source_dataset(ray, make_source(cfg, job.storage, id_rule), view, buckets, retry_failed, control,
-                            partitions=partitions, bundle_rows=batch_rows) for cfg in job.sources]
+    parts = [source_dataset(ray, make_source(cfg, job.storage, id_rule, job.allowed_licences()), view, buckets,
+                            retry_failed, control, partitions=partitions, bundle_rows=batch_rows)
+             for cfg in job.sources]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
     bundles = todo.count()

@@ -32,6 +32,7 @@ class Row(TypedDict, total=False):
     shot_boundary_detection: list[list[float]] | None   # [start, end] seconds per shot, relative to the clip
     page_dir: str | None
     duration: float | None       # the duration the source's metadata states (not measured)
+    licence: str | None          # the sample's licence or terms (pipeline/licences.py); set for every row
     status: str
     stage: str
     reason: str | None
@@ -58,6 +59,7 @@ class Voxelized(Row, total=False):
     voxel_feats: np.ndarray      # fp16 [M, 768] in [0, 1]
     voxel_coords: np.ndarray     # int16 [M, 3]
     num_voxels: int
+    renderer: str                # the renderer that made the views
 
 
 class Tokenized(Row, total=False):
@@ -75,6 +77,7 @@ class Tokenized(Row, total=False):
     fsq_indices: np.ndarray | None
     pooled: np.ndarray           # fp16 [D]
     tokenizer: str
+    tokenizer_licence: str       # the weights' licence
     preprocess: str
 
 

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.faults import maybe_fault
 from pipeline.ledger import Ledger, fragment_path, read_all, seq_span
+from pipeline.licences import card_section
 from pipeline.storage import Storage, StorageError
 from schemas.tokens import MODALITIES, REQUEUED, SCHEMA_VERSION, ledger_table, shard_index_schema
 
@@ -407,7 +408,7 @@ class Store:
                 + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")` or "
                   "`datasets.load_dataset(<this folder>, \"<modality>\")`; `with_format(\"arrow\")` keeps fp16. "
                   "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n"
-                + CHECKSUM_NOTE)
+                + card_section(self.storage, self.shards) + CHECKSUM_NOTE)
         if not self.storage.exists("README.md") or self.storage.read_bytes("README.md").decode() != body:
             self.storage.write_bytes("README.md", body.encode())
 

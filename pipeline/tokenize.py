@@ -28,6 +28,7 @@ class TokenizeConfig(Config):
     actors: int = Field(1, ge=1)        # actor pool size when the cluster has no GPU
     actors_per_gpu: int = Field(2, ge=1)  # >1 overlaps one actor's CPU work with another's GPU work
     logvar: bool = False                # also store the posterior log-variance
+    weights_licence: str | None = None  # the weights' licence, when it is not known (pipeline/licences.py)
     kv_cache_size: int = Field(0, ge=0)  # decoder KV cache (raw frames), used by the QA decode
     attention: Literal["auto", "cudnn", "flash", "efficient", "math", "flash-attn"] = "auto"  # auto: timed on CUDA
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile the encoder blocks; auto = on CUDA
@@ -63,6 +64,9 @@ class Tokenize(Stage):
         device = "cuda" if self.gpus > 0 else ("cpu" if self.cfg.device == "auto" else self.cfg.device)
         self.model = mod.Model(self.cfg, device)
         self.identity = mod.identity(self.cfg)
+        from pipeline.licences import weights_licence
+
+        self.weights_licence = weights_licence(self.identity, self.cfg.weights_licence)
 
     def process_batch(self, rows: list[Row]) -> list[Tokenized]:
         out: list[Row | None] = [None] * len(rows)
@@ -85,5 +89,6 @@ class Tokenize(Stage):
             out.update(width=w, height=h, num_frames=t)
         if row.get("render"):  # 3D render settings travel in the shard's `meta` JSON
             out["meta"] = json.dumps({**json.loads(row.get("meta") or "{}"), "render": json.loads(row["render"])})
-        out.update(enc, tokenizer=self.identity["id"], preprocess=self.preprocess)
+        out.update(enc, tokenizer=self.identity["id"], tokenizer_licence=self.weights_licence,
+                   preprocess=self.preprocess)
         return out

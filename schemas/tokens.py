@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = "1.2"  # 1.1: `preprocess` column; ledger and shard index. 1.2: the tokenized window, clamping,
-                        # upscaling, and typed source metadata (Panda-70M, WebVid)
+SCHEMA_VERSION = "1.3"  # 1.1: `preprocess` column; ledger and shard index. 1.2: the tokenized window, clamping,
+                        # upscaling, and typed source metadata (Panda-70M, WebVid). 1.3: licence, tokenizer_licence,
+                        # renderer (older shards lack them; readers treat them as not recorded)
 MODALITIES = ("image", "video", "3d")
 REQUEUED = "requeued"  # ledger only: its shard was damaged and un-committed (verify --repair); the next run redoes it
 STATUSES = ("ok", "failed", "skipped", REQUEUED)
@@ -69,7 +70,10 @@ def token_schema(dims: TokenDims) -> pa.Schema:
         pa.field("fsq_indices", pa.list_(pa.list_(i16, dims.fsq_groups))),  # discrete tokenizers only
         pa.field("pooled", pa.list_(f16, dims.embed)),             # semantic embedding
         pa.field("meta", pa.string()),                 # JSON: source extras, render settings
+        pa.field("licence", pa.string()),              # the sample's licence or terms (pipeline/licences.py ids)
+        pa.field("renderer", pa.string()),             # 3D: the renderer that made the views
         pa.field("tokenizer", pa.string(), nullable=False),
+        pa.field("tokenizer_licence", pa.string()),    # the tokenizer weights' licence
         pa.field("preprocess", pa.string(), nullable=False),   # preprocessing identity (decode/mesh settings)
     ]
     return _with_hf_metadata(pa.schema(fields), {"schema_version": SCHEMA_VERSION, "dims": dims.__dict__})
@@ -145,7 +149,7 @@ def rows_to_table(rows: list[dict], dims: TokenDims) -> pa.Table:
 _SCALARS = ("id", "modality", "source", "uri", "caption", "span_start", "span_end", "window_start", "window_end",
             "window_index", "span_clamped", "media_duration", "upscaled", "matching_score", "desirable_filtering",
             "shot_boundary_detection", "page_dir", "duration", "width", "height", "num_frames", "fps", "orig_width",
-            "orig_height", "num_voxels", "meta", "tokenizer", "preprocess")
+            "orig_height", "num_voxels", "meta", "licence", "renderer", "tokenizer", "tokenizer_licence", "preprocess")
 _TOKEN_DTYPES = {"coords": np.int16, "latent": np.float16, "logvar": np.float16, "fsq_indices": np.int16}
 
 

@@ -235,6 +235,7 @@ class LocalCluster:
         env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
                    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops a node at once, not after a 30 s drain
                    PIPELINE_SCRATCH=str(scratch), TMPDIR=str(scratch),
+                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # `python`
                    PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
         env.update({k: str(v) for k, v in self.extra_env.items()})
         env[MARKER] = f"{self.uid}:{node}"

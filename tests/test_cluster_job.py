@@ -5,11 +5,13 @@ scratch dir, no shared cache), a WebVid job read over loopback HTTP and written 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -128,3 +130,58 @@ def test_submit_equals_local_and_survives_a_lost_node(cluster, served, s3_server
     ids = [r["id"] for r in rows_at(s3_server.uri("cluster-kill"), s3_server.options())]
     assert len(ids) == len(set(ids)), "duplicated rows after a lost node"
     assert set(ids) == expected, f"lost rows: {sorted(expected - set(ids))}"
+
+
+def test_submit_runs_from_the_upload_on_a_head_elsewhere(shared_data, tmp_path):
+    """A head started by `ray start --head` in a temp dir, without this repository on its PYTHONPATH and with its
+    own `python` on PATH: the submitted entry point names no path of this machine, the job runs from the uploaded
+    working dir, `checkpoints/` and outputs are not uploaded, and the checkpoint is the one the job file says is
+    on the cluster (`ray.cluster_checkpoints`)."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.submit import ENTRYPOINT
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("camera.png", "coins.png"):
+        shutil.copy(shared_data / "images" / name, src / name)
+    on_cluster = tmp_path / "cluster-checkpoints"
+    on_cluster.mkdir()
+    shutil.copy(REPO / "atoken" / "weights" / "tiny-c.safetensors", on_cluster / "tiny-c.safetensors")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "elsewhere", "out": str(tmp_path / "out"), "sources": [{"type": "folder", "path": str(src)}],
+        "decode": {"buckets": {"area": 64 * 64, "min_side": 32, "max_side": 128}},
+        "tokenize": {"config": "tiny-c", "checkpoint": "checkpoints/tiny-c.safetensors", "device": "cpu"},
+        "qa": {"samples": 0}, "ray": {"cluster_checkpoints": str(on_cluster)}}))
+    made = [d for d in (REPO / "checkpoints", REPO / "out") if not d.exists()]
+    markers = [REPO / "checkpoints" / "not-uploaded.pt", REPO / "out" / "not-uploaded.bin"]
+    for m in markers:
+        m.parent.mkdir(exist_ok=True)
+        m.write_bytes(b"x" * 1024)
+    head_env = {"PYTHONPATH": ""}  # the cluster's `python` is this venv's (LocalCluster puts it first on PATH)
+    try:
+        with tempfile.TemporaryDirectory(prefix="sub", dir="/tmp") as short, \
+                LocalCluster(short, workers=0, head_cpus=2, extra_env=head_env) as c:  # short: unix socket paths
+            env = {k: v for k, v in c.env().items() if k != "PYTHONPATH"}
+            res = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(job), "--address", c.dashboard_url],
+                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            assert res.returncode == 0 and "SUCCEEDED" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
+            sub_id = re.search(r"^submitted (\S+) to ", res.stdout, re.M).group(1)
+            info = JobSubmissionClient(c.dashboard_url).get_job_info(sub_id)
+            assert info.entrypoint == ENTRYPOINT == "python -m pipeline run env:PIPELINE_JOB"
+            sent = yaml.safe_load(info.runtime_env["env_vars"]["PIPELINE_JOB"])
+            assert sent["tokenize"]["checkpoint"] == str(on_cluster / "tiny-c.safetensors")
+            uploads = [d for d in Path(c._ray_root).rglob("working_dir_files/*") if (d / "pipeline" / "cli.py").is_file()]
+            assert len(uploads) == 1, uploads
+            assert not (uploads[0] / "checkpoints").exists() and not (uploads[0] / "out").exists()
+            assert not (uploads[0] / ".git").exists() and (uploads[0] / "atoken" / "weights" / "tiny-c.safetensors").is_file()
+    finally:
+        for m in markers:
+            m.unlink(missing_ok=True)
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+    rows = rows_at(str(tmp_path / "out"), None)
+    assert len({r["id"] for r in rows}) == 2 and all(r["num_tokens"] > 0 for r in rows), rows
+    tok = json.loads(next((tmp_path / "out").glob("*/tokenizer.json")).read_text())
+    assert tok.get("checkpoint") == str(on_cluster / "tiny-c.safetensors"), tok

@@ -23,10 +23,10 @@ CFG = WriteConfig(shard_bytes=64 * KB, shard_max_bytes=128 * KB, row_group_bytes
 
 
 def small_store(storage: Storage, images: int = 24, videos: int = 5) -> Store:
-    """One commit per small shard, as many short incremental runs leave them."""
+    """One commit per small shard, as many short incremental runs leave them (about 4 fit in a target shard)."""
     store = open_store(storage)
     for i in range(images):
-        commit_rows(store, [row(i, n=30), row(1000 + i, n=30)] + ([row(2000 + i, status="failed")] if i % 4 == 0
+        commit_rows(store, [row(i, n=24), row(1000 + i, n=24)] + ([row(2000 + i, status="failed")] if i % 4 == 0
                                                                    else []))
     for i in range(videos):
         commit_rows(store, [row(3000 + i, "video", n=30)])
@@ -107,7 +107,9 @@ def test_small_shards_are_merged(storage, monkeypatch):
 def test_a_damaged_small_shard_is_left_alone_and_reported(storage):
     store = small_store(storage, images=6, videos=4)
     video = sorted(p for p, s in store.shards.items() if s.modality == "video")
-    flip_byte(storage, video[1])
+    with storage.open_input(video[1]) as f:  # a byte in the middle of the latent values, not in the footer
+        chunk = pq.ParquetFile(f).metadata.row_group(0).column(token_schema(DIMS).get_field_index("latent"))
+    flip_byte(storage, video[1], at=chunk.data_page_offset + chunk.total_compressed_size // 2)
     res = compact(store, "compact-1", CFG)
     assert len(res["problems"]) == 1 and res["problems"][0].startswith("not merged (hash mismatch): ")
     assert video[1] in res["problems"][0]

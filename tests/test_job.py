@@ -200,3 +200,24 @@ def test_mesh_settings_count_only_for_3d():
     assert "mesh" in settings and "decode" not in settings  # a 3D-only job: decode settings do not count
     assert ident(objaverse, "decode.fps=2") == ident(objaverse) != ident(objaverse, "mesh.views=24")
     assert ident(video_job(), "sources.0.path=other.csv") == video  # the inputs are not the preprocessing
+
+
+def test_submit_sends_the_resolved_job_with_cluster_checkpoints(monkeypatch):
+    from pipeline.cli import _job_source
+    from pipeline.job import job_data
+    from pipeline.submit import JOB_ENV, cluster_data, excludes, runtime_env
+
+    data = cluster_data(job_data(WEBVID, out="out/wv", overrides=["decode.fps=8"]))
+    assert data["tokenize"]["checkpoint"] == "/mnt/checkpoints/atoken-soc.pt"  # as jobs/webvid.yaml says
+    assert data["out"] == str((Path.cwd() / "out" / "wv").resolve())
+    ex = excludes(data, root=Path.cwd())
+    assert "/checkpoints/" in ex and "/out/wv/" in ex and ".git" in ex
+    env = runtime_env(data)
+    monkeypatch.setenv(JOB_ENV, env["env_vars"][JOB_ENV])
+    back = load_job(**_job_source(f"env:{JOB_ENV}"))  # what `python -m pipeline run env:PIPELINE_JOB` runs
+    assert back.decode.fps == 8 and back.tokenize.checkpoint == "/mnt/checkpoints/atoken-soc.pt"
+    with pytest.raises(ConfigError, match="ray.cluster_checkpoints"):
+        cluster_data(job_data(WEBVID, overrides=["ray.cluster_checkpoints=null"]))
+    monkeypatch.delenv(JOB_ENV)
+    with pytest.raises(ConfigError, match="no environment variable PIPELINE_JOB"):
+        load_job(**_job_source(f"env:{JOB_ENV}"))

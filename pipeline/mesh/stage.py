@@ -80,4 +80,17 @@ class MeshStage:
             "voxel_coords": coords.to(torch.int16).cpu().numpy(),
             "num_voxels": int(coords.shape[0]),
             "render": json.dumps(settings, sort_keys=True),
+            "renderer": renderer_name(out.backend),
         }
+
+
+def renderer_name(backend: str) -> str:
+    """The renderer that made the views, with its version: nvdiffrast on GPU, this package's rasterizer on CPU."""
+    if backend == "cuda":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"nvdiffrast {version('nvdiffrast')}"
+        except PackageNotFoundError:
+            return "nvdiffrast"
+    return f"pipeline.mesh cpu rasterizer (torch {torch.__version__})"

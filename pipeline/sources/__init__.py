@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pipeline.config import Config, ConfigError, validate
 from pipeline.rows import Row, fail, new_row
@@ -34,6 +34,14 @@ class SourceConfig(Config):
     type: str
     name: str | None = None                        # name in ids and shards (default: the type)
     limit: int | None = Field(None, ge=1)          # at most N samples (a sample of the source, not "the first N")
+    licence: str | None = None                     # its samples' licence where they state none (pipeline/licences.py)
+
+    @field_validator("licence")
+    @classmethod
+    def _licence(cls, v: str | None) -> str | None:
+        from pipeline.licences import normalise
+
+        return normalise(v)
 
     @property
     def source_name(self) -> str:
@@ -54,13 +62,23 @@ class Read:
 class Source:
     Config: ClassVar[type[SourceConfig]] = SourceConfig
     branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
+    licence: ClassVar[str] = "unknown"  # the dataset's licence or terms, for rows that state none of their own
 
-    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None):
+    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None,
+                 require_licence: frozenset[str] | None = None):
         from pipeline.sources.ids import ID_RULE, check_rule
 
         self.cfg = cfg
         self.storage = storage or StorageOptions()
         self.id_rule = check_rule(ID_RULE if id_rule is None else id_rule)  # the store's (pipeline/sources/ids.py)
+        self.require_licence = require_licence
+
+    def described(self, rows: pa.Table) -> list[Row]:
+        """`describe`, then every row's `licence` (its own, the job's `licence:`, else the dataset's) and the job's
+        `require_licence` (a row whose licence is not allowed is skipped)."""
+        from pipeline.licences import apply
+
+        return apply(self.describe(rows), self.cfg.licence or self.licence, self.require_licence)
 
     @property
     def name(self) -> str:
@@ -107,8 +125,9 @@ def source_config(data: dict, index: int = 0) -> SourceConfig:
     return validate(mod.Source.Config, data, prefix=f"sources.{index}")
 
 
-def make_source(cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None) -> Source:
-    return source_module(cfg.type).Source(cfg, storage, id_rule)
+def make_source(cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None,
+                require_licence: frozenset[str] | None = None) -> Source:
+    return source_module(cfg.type).Source(cfg, storage, id_rule, require_licence)
 
 
 # ---- helpers shared by the source modules --------------------------------------------------------------------
@@ -171,17 +190,17 @@ def keyed(source: Source, raw: pa.Table) -> pa.Table:
 
 
 def described(source: Source, rows: pa.Table) -> list[Row]:
-    """`source.describe(rows)`, with the rows that did not parse failed at `source` with their reason."""
+    """`source.described(rows)`, with the rows that did not parse failed at `source` with their reason."""
     from pipeline.sources.tables import ROW_ERROR
 
     if ROW_ERROR not in rows.column_names:
-        return source.describe(rows)
+        return source.described(rows)
     errors = rows.column(ROW_ERROR).to_pylist()
     rows = rows.drop_columns([ROW_ERROR])
     good = [i for i, e in enumerate(errors) if e is None]
     if len(good) == len(errors):
-        return source.describe(rows)
-    out = source.describe(rows.take(good)) if good else []
+        return source.described(rows)
+    out = source.described(rows.take(good)) if good else []
     ids, buckets = rows.column("id").to_pylist(), rows.column("bucket").to_pylist()
     modality = getattr(source.cfg, "modality", "auto")
     modality = modality if modality != "auto" else "3d" if tuple(source.branches) == ("3d",) else "video"

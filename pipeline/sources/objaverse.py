@@ -2,7 +2,8 @@
 `~/.objaverse/hf-objaverse-v1` (object-paths.json.gz, metadata/000-XXX.json.gz, glbs/000-XXX/<uid>.glb).
 
 Listed on the workers in `list_parts` chunks, split by metadata shard so each shard's annotations are read once.
-A mirrored object's uri is its GLB; a missing one becomes its Hugging Face URL when downloads are allowed (the
+Each object's `licence` is its own from the annotations (`by` -> `cc-by`, ...; pipeline/licences.py). A mirrored
+object's uri is its GLB; a missing one becomes its Hugging Face URL when downloads are allowed (the
 fetch stage downloads it with its retries and cache), else a failed sample. Optional Cap3D-style captions.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import Field
 
+from pipeline.licences import normalise
 from pipeline.rows import Row, fail, new_row
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, key_column
 from pipeline.sources.ids import fnv1a64, make_ids
@@ -127,7 +129,7 @@ class Source(BaseSource):
             meta = {"uid": r["uid"], "name": r["name"], "license": r["license"], "tags": json.loads(r["tags"]),
                     "face_count": r["face_count"], "caption_from": r["caption_from"]}
             row = new_row(r["id"], "3d", self.name, uri=uri, caption=r["caption"], bucket=r["bucket"],
-                          meta=json.dumps(meta, sort_keys=True, default=str))
+                          meta=json.dumps(meta, sort_keys=True, default=str), licence=normalise(r["license"]))
             if not r["known"]:
                 row = fail(row, "source", f"uid {r['uid']} not in object-paths.json.gz")
             elif not uri:

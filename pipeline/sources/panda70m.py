@@ -15,6 +15,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import field_validator, model_validator
 
+from pipeline.licences import NONE_GRANTED
 from pipeline.rows import Row, fail, new_row, skip
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, text_column, texts
 from pipeline.sources.ids import key_bytes, make_id
@@ -126,6 +127,7 @@ def typed_metadata(score: float | None, extra: dict) -> dict:
 
 class Source(BaseSource):
     Config = Config
+    licence = NONE_GRANTED  # Panda-70M grants no licence: the YouTube videos keep their owners' terms
     branches = ("media",)
 
     def plan(self) -> Read:

@@ -16,6 +16,7 @@ import re
 import pyarrow as pa
 from pydantic import field_validator, model_validator
 
+from pipeline.licences import WITHDRAWN
 from pipeline.rows import Row, fail, new_row
 from pipeline.sources import Read, Source as BaseSource, SourceConfig, text_column, texts, key_column
 from pipeline.sources.ids import make_ids
@@ -104,6 +105,7 @@ def resolve(uri: str, base_dir: str | None) -> str:
 
 class Source(BaseSource):
     Config = Config
+    licence = WITHDRAWN  # WebVid-10M was withdrawn (Shutterstock previews): no licence to use it
     branches = ("media",)
 
     def plan(self) -> Read:
