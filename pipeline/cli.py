@@ -113,6 +113,7 @@ def _show_loaded(store_dir: str) -> None:
     """Loads the shards back with Hugging Face datasets, as a downstream trainer would."""
     import datasets
 
+    datasets.disable_progress_bars()  # its "Generating train split" bars, three per demo
     for mdir in sorted(p for p in (Path(store_dir) / "data").iterdir() if p.is_dir()):
         ds = datasets.load_dataset("parquet", data_files=str(mdir / "*.parquet"), split="train")
         row = ds.with_format("arrow")[:1]

@@ -72,6 +72,11 @@ def init_ray(ray_cfg):
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose
+    # the console side of Ray Data's progress reporting: its periodic block counts and its hints about them
+    # ("progress bars disabled"), and the per-dataset "execution finished" lines; its log file keeps them all
+    for name, level in (("ray.data._internal.progress", logging.ERROR),
+                        ("ray.data._internal.execution.streaming_executor", logging.WARNING)):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
     return ray
 
 

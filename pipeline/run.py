@@ -128,8 +128,9 @@ class Summary:
         lines += [f"  note: {n}" for n in self.notes]
         if self.dry_run:
             return "\n".join(lines)
-        lines.append(f"  this run: {self.finished} of {self.todo} finished; "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
+        lines.append(f"  this run: {self.finished} of {self.todo} finished"
+                     + "".join(f"; {k} {v}" if i == 0 else f", {k} {v}"
+                               for i, (k, v) in enumerate(sorted(self.counts.items()))))
         lines.append(f"  wall {self.wall_s:.1f}s, {self.finished / max(self.wall_s, 1e-9):.2f} samples/s")
         lines += self.ratio_lines()
         for k in self.stage_s:
