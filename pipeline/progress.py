@@ -50,10 +50,14 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self.tty:
+            import shutil
+
             from tqdm import tqdm
 
-            self._bar = tqdm(total=self.total, unit="sample", file=self.stream, dynamic_ncols=True,
-                             mininterval=self.refresh_s, smoothing=0.1, desc="tokenizing")
+            sized = shutil.get_terminal_size((0, 0)).columns > 0  # a pty without a size: tqdm would draw nothing
+            self._bar = tqdm(total=self.total, unit="sample", file=self.stream, dynamic_ncols=sized,
+                             ncols=None if sized else 120, mininterval=self.refresh_s, smoothing=0.1,
+                             desc="tokenizing")
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
         return self
