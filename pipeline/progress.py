@@ -62,14 +62,15 @@ class Progress:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        try:
-            self.tick()
-        except Exception:  # noqa: BLE001 - the run is ending (perhaps because Ray is gone): show what we have
-            pass
+        if self._thread is not None:  # an abort (a second Ctrl-C, an error) waits for nothing
+            self._thread.join(timeout=1 if exc_type else 10)
+        if exc_type is None:
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the run is ending (perhaps because Ray is gone): show what we have
+                pass
         if self._bar is not None:
             self._bar.close()
         elif self.done:
