@@ -56,7 +56,7 @@ class Progress:
 
             sized = shutil.get_terminal_size((0, 0)).columns > 0  # a pty without a size: tqdm would draw nothing
             self._bar = tqdm(total=self.total, unit="sample", file=self.stream, dynamic_ncols=sized,
-                             ncols=None if sized else 120, mininterval=self.refresh_s, smoothing=0.1,
+                             ncols=None if sized else 120, mininterval=self.refresh_s, smoothing=0,
                              desc="tokenizing")
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
