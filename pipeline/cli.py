@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import collections
+import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +47,8 @@ def cmd_run(args) -> int:
     job = _job(args)
     if args.address:
         job.ray.address = args.address
+    if args.ray_progress:
+        job.ray.progress_bars = True
     early = getattr(args, "early_signals", None)
     if early is not None and early.received:  # stopped while starting: nothing was done yet
         import signal
@@ -65,12 +67,32 @@ def cmd_run(args) -> int:
         return _fail(f"{exc}\nrun `python -m pipeline verify {job.out} --repair` to un-commit it; the next run "
                      "redoes its samples")
     except OSError as exc:  # disk full, read-only output, missing input: one clear line, no traceback
-        return _fail(f"{_os_error(exc)}. Committed shards are intact; rerun the same command to resume once this "
-                     "is fixed.")
+        return _fail(_run_error(exc, job.out))
     print(summary.render())
     if args.dry_run:
         print(f"  dry run: {time.perf_counter() - t0:.1f}s, driver peak RSS {_peak_rss_mb():.0f} MB")
     return SIGNAL_EXIT.get(summary.interrupted, 0)
+
+
+def _run_error(exc: OSError, out: str) -> str:
+    """The error and what to do about this one (not a sentence every OSError gets)."""
+    import errno
+
+    msg = _os_error(exc)
+    text = str(exc)
+    if msg.startswith("checkpoint not found"):
+        return msg if "make checkpoints" in msg else f"{msg}; run `make checkpoints`"
+    if exc.errno == errno.ENOSPC:
+        return (f"{msg}. Free space there (or set PIPELINE_SCRATCH / --out elsewhere), then rerun the same "
+                "command: what was committed is kept and the rest is redone")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{msg}. The output or scratch folder is not writable: fix its permissions or pass another --out"
+    if "Unexpected end of stream" in text or "magic bytes" in text or "corrupt" in text.lower():
+        return (f"{msg}. A file in the store looks damaged: `python -m pipeline verify {out}` names the shard "
+                "and what is wrong with it")
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ENOENT:
+        return f"{msg}. Check the path in the job file (or CSV= / --set sources.N.path=...)"
+    return msg
 
 
 def _peak_rss_mb() -> float:
@@ -92,7 +114,8 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     inputs = make_demo_inputs(out.parent / f"{out.name}-inputs")
-    job = load_job(DEMO_JOB, out=str(out), overrides=[f"sources.0.path={inputs}", *(args.set or [])])
+    job = load_job(DEMO_JOB, out=str(out), overrides=[f"sources.0.path={inputs}", *(args.set or []),
+                                                     *(["ray.progress_bars=true"] if args.ray_progress else [])])
     summary = run_job(job)
     print(summary.render())
     _show_loaded(summary.store_dir)
@@ -103,6 +126,7 @@ def _show_loaded(store_dir: str) -> None:
     """Loads the shards back with Hugging Face datasets, as a downstream trainer would."""
     import datasets
 
+    datasets.disable_progress_bars()  # its "Generating train split" bars, three per demo
     for mdir in sorted(p for p in (Path(store_dir) / "data").iterdir() if p.is_dir()):
         ds = datasets.load_dataset("parquet", data_files=str(mdir / "*.parquet"), split="train")
         row = ds.with_format("arrow")[:1]
@@ -118,9 +142,13 @@ def _versions(out: str):
     from pipeline.storage import Storage
     from pipeline.store import Store, versions
 
-    root = Storage(out)
+    root = Storage(out.rstrip("/") or out)
     if root.exists("version.json"):
         return [Store(root)]
+    for up in (1, 2):  # a path inside a version folder (its data/ or data/<modality>/)
+        parent = out.rstrip("/").rsplit("/", up)[0]
+        if parent and parent != out and Storage(parent).exists("version.json"):
+            return [Store(Storage(parent))]
     found = versions(root)
     if not found and root.is_dir():
         infos = root.fs.get_file_info(pafs.FileSelector(root.path(""), recursive=False))
@@ -131,45 +159,18 @@ def _versions(out: str):
 
 
 def cmd_status(args) -> int:
-    import pyarrow.compute as pc
-
-    from pipeline.ledger import read_all
+    from pipeline.status import render, report
 
     stores = _versions(args.out)
     if not stores:
-        print(f"no token store under {args.out}")
+        print(f"no token store under {args.out} (give a job's output root, e.g. out/demo, or one version folder)")
         return 1
-    for store in stores:
-        store.load()
-        tok, pre = store.read_json("tokenizer.json"), store.read_json("preprocess.json")
-        for path, why in store.damaged.items():
-            print(f"  damaged {path}: {why} (`python -m pipeline verify {store.uri} --repair`)")
-        counts = store.counts()
-        print(f"{store.uri}\n  tokenizer {tok.get('id')} ({tok.get('config')}), preprocessing {pre.get('id')}")
-        for m, c in counts.items():
-            print(f"  {m}: {c['rows']} samples in {c['shards']} shards, {c['bytes'] / 1e6:.2f} MB")
-        from pipeline.licences import summary
-
-        for col, got in summary(store.storage, store.shards).items():  # licence, tokenizer_licence, renderer
-            if set(got) != {"none"}:
-                print(f"  {col}: " + ", ".join(f"{v} {n}" for v, n in got.items()))
-        outcomes = read_all(store.storage, ["id", "status", "stage", "reason"])
-        by = collections.Counter(outcomes.column("status").to_pylist())
-        print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(by.items())))
-        bad = outcomes.filter(pc.invert(pc.equal(outcomes.column("status"), "ok")))
-        reasons = collections.Counter(zip(bad.column("status").to_pylist(), bad.column("stage").to_pylist(),
-                                          [(r or "")[:120] for r in bad.column("reason").to_pylist()]))
-        for (status, stage, reason), n in reasons.most_common(args.reasons):
-            print(f"  {n:6d} {status} at {stage}: {reason}")
-        if args.failed and bad.num_rows:  # by kind: unavailable, bot-check, rate-limited, network, decode, ...
-            from pipeline.ytdlp import reason_kind
-
-            kinds = collections.Counter((s, reason_kind(st, r)) for s, st, r in zip(
-                bad.column("status").to_pylist(), bad.column("stage").to_pylist(), bad.column("reason").to_pylist()))
-            print("  by kind: " + ", ".join(f"{s} {k} {n} ({n / outcomes.num_rows:.1%})"
-                                            for (s, k), n in kinds.most_common()))
-        if by.get("failed"):
-            print("  (rerun with --retry-failed to try the failed samples again)")
+    reps = [report(s, stage=args.stage, reason=args.reason, reasons=args.reasons) for s in stores]
+    if args.json:
+        print(json.dumps(reps if len(reps) > 1 else reps[0], indent=1, default=str))
+        return 0
+    print("\n".join(render(r, failed=args.failed or bool(args.stage or args.reason), limit=args.limit)
+                    for r in reps))
     return 0
 
 
@@ -327,15 +328,21 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--retry-failed", action="store_true", help="retry samples recorded as failed")
     r.add_argument("--dry-run", action="store_true", help="plan only: counts per source, nothing fetched")
     r.add_argument("--address", help="Ray address (default: RAY_ADDRESS or a local cluster)")
+    r.add_argument("--ray-progress", action="store_true", help="also show Ray Data's own progress output")
     r.set_defaults(fn=cmd_run)
     d = sub.add_parser("demo", help="make the embedded samples and run the demo job")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--ray-progress", action="store_true", help="also show Ray Data's own progress output")
     d.set_defaults(fn=cmd_demo)
     s = sub.add_parser("status", help="summarise a job's output (a job's out, or one version folder)")
     s.add_argument("out")
     s.add_argument("--reasons", type=int, default=20, help="how many failure reasons to list")
-    s.add_argument("--failed", action="store_true", help="also count failed/skipped samples by kind of reason")
+    s.add_argument("--failed", action="store_true", help="list the failed samples: id, uri, stage and reason")
+    s.add_argument("--stage", help="only samples that failed at this stage (fetch, decode, tokenize, ...)")
+    s.add_argument("--reason", help="only samples whose reason contains this text (any case)")
+    s.add_argument("--limit", type=int, default=0, help="list at most this many failed samples (0: all)")
+    s.add_argument("--json", action="store_true", help="everything as JSON (the failed samples included)")
     s.set_defaults(fn=cmd_status)
     v = sub.add_parser("verify", help="re-hash shards against the manifest, check ids against the ledger")
     v.add_argument("out")

@@ -44,6 +44,12 @@ class RayConfig(Config):
     buckets: int = Field(256, ge=1, le=65536)  # ledger hash buckets (fixed when a store is created)
     restarts: int = Field(2, ge=0)       # in-run re-executions after an infrastructure failure (lost node, ...)
     interrupt_grace_s: float = Field(120.0, ge=0)  # after Ctrl-C: how long in-flight rows may take to finish
+    progress_bars: bool = False          # Ray Data's own progress output and execution log (`--ray-progress`)
+
+
+class ProgressConfig(Config):
+    bar: bool = True                     # the driver's live bar when stdout is a terminal
+    every_s: float = Field(10.0, gt=0)   # otherwise a plain progress line this often
 
 
 class JobConfig(Config):
@@ -71,6 +77,7 @@ class JobConfig(Config):
 
     def allowed_licences(self) -> frozenset[str] | None:
         return None if self.require_licence is None else frozenset(self.require_licence)
+    progress: ProgressConfig = Field(default_factory=ProgressConfig)
 
     @field_validator("out")
     @classmethod

@@ -48,25 +48,39 @@ def forwarded_env() -> dict:
 
 
 def init_ray(ray_cfg):
+    """Ray, started or joined. Ray's own progress output (Ray Data's bars or 10 s block-count log, its execution
+    plans, the start banner) only with `ray.progress_bars` (`--ray-progress`); PIPELINE_PROGRESS=0 forces it off.
+    The driver draws its own bar (pipeline/progress.py)."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return ray
+    verbose = ray_cfg.progress_bars and os.environ.get("PIPELINE_PROGRESS", "1") != "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")  # under `ray job submit`: merge with the job's env
     os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
     env = {**forwarded_env(), "PIPELINE_DRIVER_PID": str(os.getpid())}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    kw = dict(log_to_driver=False, runtime_env={"env_vars": env},
+              logging_level=logging.INFO if verbose else logging.WARNING)
     if address:
-        ray.init(address=address, log_to_driver=False, runtime_env={"env_vars": env})
+        ray.init(address=address, **kw)
     else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
         ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
-                 log_to_driver=False, runtime_env={"env_vars": env})
+                 **kw)
         from pipeline import reaper
 
         reaper.start()  # a killed driver takes this cluster's processes along within a second or so
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("PIPELINE_PROGRESS", "1") == "1"
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    # the console side of Ray Data's progress reporting: its periodic block counts and its hints about them
+    # ("progress bars disabled"), and the per-dataset "execution finished" lines; its log file keeps them all
+    for name, level in (("ray.data._internal.progress", logging.ERROR),
+                        ("ray.data._internal.execution.streaming_executor", logging.WARNING)):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
     return ray
 
 
@@ -82,6 +96,17 @@ def make_control(ray):
 
         def __init__(self):
             self.stop, self.counts = False, {}
+            self.done, self.reasons = {}, {}  # rows out of the tokenizer (progress), failure reasons
+
+        def add_progress(self, counts: dict, reasons: list):
+            for k, v in counts.items():
+                self.done[k] = self.done.get(k, 0) + v
+            for stage, reason, n in reasons:
+                if len(self.reasons) < 1000 or (stage, reason) in self.reasons:
+                    self.reasons[(stage, reason)] = self.reasons.get((stage, reason), 0) + n
+
+        def get_progress(self) -> tuple[dict, dict]:
+            return self.done, self.reasons
 
         def request_stop(self):
             self.stop = True
@@ -141,16 +166,33 @@ class _Gate:
         return self.stop
 
 
+def _report(control, rows: list[Row]) -> None:
+    """Outcomes of finished rows to the control actor (the driver's progress bar); fire and forget."""
+    counts: dict[str, int] = {}
+    reasons: dict[tuple, int] = {}
+    for r in rows:
+        status = r.get("status", OK)
+        counts[status] = counts.get(status, 0) + 1
+        if status == FAILED:
+            key = (r.get("stage"), (r.get("reason") or "").splitlines()[0][:160] if r.get("reason") else "")
+            reasons[key] = reasons.get(key, 0) + 1
+    control.add_progress.remote(counts, [[s, m, n] for (s, m), n in reasons.items()])
+
+
 class StageActor:
-    def __init__(self, stage: Stage, control=None, gate: bool = False):
+    def __init__(self, stage: Stage, control=None, gate: bool = False, report: bool = False):
         self.stage, self.gate = stage, _Gate(control) if gate else None
+        self.control = control if report else None
         stage.setup()
         stage._ready = True
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.gate is not None and self.gate.closed():
             return to_table([])
-        return to_table(self.stage(from_table(batch)))
+        rows = self.stage(from_table(batch))
+        if self.control is not None:
+            _report(self.control, rows)
+        return to_table(rows)
 
     def __del__(self):
         self.stage.teardown()
@@ -167,10 +209,13 @@ def pool(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False, batch_size: int | None = None):
+def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False, batch_size: int | None = None,
+              report: bool = False):
     """The one adapter: a Stage becomes an actor pool (stateful or GPU stages) or tasks, with its declared
     resources and batch size. `concurrency`: actors (int, or (min, max) to autoscale) or concurrent tasks.
-    Ray's own retry rules apply (tasks: 3 retries after a lost worker; actors: restarted)."""
+    `report`: the rows' outcomes go to the control actor (progress). Tasks get Ray's retries after a lost worker;
+    a lost actor is not restarted by Ray (its constructor arguments live in the object store, where a restart
+    can fail: ray-project/ray#53727): the execution fails and the driver runs it again (`ray.restarts`)."""
     res = stage.resources()
     kw: dict[str, Any] = dict(batch_size=batch_size or stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus,
                               zero_copy_batch=True)
@@ -180,8 +225,13 @@ def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = Fal
         kw["memory"] = res.memory
     if stage.stateful:
         lo, hi = pool(concurrency or 1)
-        return ds.map_batches(StageActor, fn_constructor_kwargs={"stage": stage, "control": control, "gate": gate},
-                              compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi), **kw)
+        # max_restarts=0 has no named parameter in map_batches (Ray 2.60), and passing it through
+        # **ray_remote_args is deprecated there; map_batches_internal (DeveloperAPI) takes it as is
+        return ds.map_batches_internal(StageActor, fn_constructor_kwargs={"stage": stage, "control": control,
+                                                                          "gate": gate, "report": report},
+                                       compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi,
+                                                                            initial_size=hi),
+                                       max_restarts=0, **kw)
     compute = ray_data().TaskPoolStrategy(size=concurrency) if concurrency else None
     return ds.map_batches(_stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate},
                           compute=compute, **kw)
@@ -397,7 +447,7 @@ def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool,
                           batch_size=1)  # one bundle: about stage.batch_size rows, whole groups
                 for branch, ds in todo.items()]
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
-    ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"])
+    ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"], control=control, report=True)
     return ds.map_batches(_write_task, fn_kwargs={"writer": stages["writer"]}, batch_size=rows_per_write(job),
                           batch_format="pyarrow", num_cpus=job.ray.write_cpus)
 

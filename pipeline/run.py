@@ -123,13 +123,15 @@ class Summary:
                          f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
                          + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else ""))
         if done.get("failed") and not self.dry_run:
-            lines.append(f"  {done['failed']} samples failed before and were not retried (--retry-failed retries "
-                         "them)")
+            lines.append(f"  {done['failed']} samples failed in earlier runs and were not retried: "
+                         f"`python -m pipeline status {self.store_dir} --failed` lists them, rerun with "
+                         "--retry-failed to retry them")
         lines += [f"  note: {n}" for n in self.notes]
         if self.dry_run:
             return "\n".join(lines)
-        lines.append(f"  this run: {self.finished} of {self.todo} finished; "
-                     + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
+        lines.append(f"  this run: {self.finished} of {self.todo} finished"
+                     + "".join(f"; {k} {v}" if i == 0 else f", {k} {v}"
+                               for i, (k, v) in enumerate(sorted(self.counts.items()))))
         lines.append(f"  wall {self.wall_s:.1f}s, {self.finished / max(self.wall_s, 1e-9):.2f} samples/s")
         lines += self.ratio_lines()
         for k in self.stage_s:
@@ -138,6 +140,9 @@ class Summary:
                          f"{1.0 / max(per, 1e-9):8.1f} samples/s/worker")
         for (stage, reason), n in self.reasons.most_common(20):
             lines.append(f"  {n:5d} x {stage}: {reason}")
+        if self.counts.get("failed"):
+            lines.append(f"  {self.counts['failed']} samples failed this run: `python -m pipeline status "
+                         f"{self.store_dir} --failed` lists them, rerun with --retry-failed to retry them")
         if self.shards:
             sizes = [s["bytes"] for s in self.shards]
             lines.append(f"  shards: {len(sizes)} in {self.commits} commits this run, {sum(sizes) / 1e6:.2f} MB, "
@@ -272,6 +277,16 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
         summary.notes += version_notes(root, tok, pre, name)
         summary.wall_s = time.perf_counter() - t0
         return summary
+    from pipeline.noop import sources_fingerprint, unchanged_since
+
+    sources_fp = sources_fingerprint(job)  # before anything reads the sources: what this run will have seen
+    last = None if retry_failed else unchanged_since(store.storage, sources_fp)
+    if last is not None:  # nothing to do: no lock, no Ray, no tokenizer, no QA
+        summary.resume = {src: {**c, "todo": 0} for src, c in (last.get("sources") or {}).items()}
+        summary.notes.append(f"nothing to do: the sources and the store are as run {last['run']} left them "
+                             "(checked without starting Ray or the tokenizer)")
+        summary.wall_s = time.perf_counter() - t0
+        return summary
     root.makedirs()
     summary.notes += version_notes(root, tok, pre, name)
     run_id = summary.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -303,7 +318,9 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
             cut = True  # possibly inside a commit: the in-memory state may lag what is stored
         sig.stream_ended()
         summary.interrupted = sig.signum
-        _finish(store, run_id, summary, ray, reload=cut)
+        complete = not cut and not summary.interrupted
+        _finish(store, run_id, summary, ray, reload=cut, sources_fp=sources_fp if complete else None,
+                retry_failed=retry_failed)
         if not write_root_card(root, name):
             summary.notes.append(f"{root.uri('README.md')} is not ours: left as it is (load_dataset(OUT) needs "
                                  "data_files=...; each version folder has its own card)")
@@ -331,11 +348,12 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
             summary.resume = ray.get(control.get_counts.remote())
             return
         try:
-            for rec in ray_job.records(ds):
-                maybe_fault("record_received")
-                t = time.perf_counter()
-                commit = store.commit(rec, run_id)
-                summary.add_record(rec, commit, time.perf_counter() - t)
+            with _progress(job, ray, control, ds):
+                for rec in ray_job.records(ds):
+                    maybe_fault("record_received")
+                    t = time.perf_counter()
+                    commit = store.commit(rec, run_id)
+                    summary.add_record(rec, commit, time.perf_counter() - t)
             if attempt == 0 or not summary.resume:
                 summary.resume = ray.get(control.get_counts.remote())
             if ds is not None:
@@ -355,6 +373,19 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
             summary.notes.append(f"the execution failed ({type(cause).__name__}: {str(cause)[:200]}); "
                                  f"started again ({attempt + 1}/{job.ray.restarts})")
             _compact_ledger(ray, store)
+
+
+def _progress(job, ray, control, ds):
+    """The driver's bar (or plain lines) over the rows leaving the tokenizer, once the plan knows the total."""
+    import contextlib
+
+    from pipeline.progress import Progress
+
+    if ds is None:
+        return contextlib.nullcontext()
+    total = sum(c.get("todo", 0) for c in ray.get(control.get_counts.remote()).values())
+    return Progress(lambda: ray.get(control.get_progress.remote(), timeout=5), total=total, bar=job.progress.bar,
+                    every_s=job.progress.every_s)
 
 
 def infrastructure(exc: BaseException) -> bool:
@@ -436,7 +467,20 @@ def _compact_ledger(ray, store: Store) -> None:
         remote_compact(ray, store.storage, files)
 
 
-def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = False) -> None:
+def end_state(summary: Summary, retry_failed: bool) -> dict:
+    """Per source after this run: rows, duplicates and outcomes (what a no-op rerun reports as already done)."""
+    out = {}
+    for src, c in summary.resume.items():
+        out[src] = {"rows": c.get("rows", 0), "duplicate": c.get("duplicate", 0), "ok": c.get("ok", 0),
+                    "skipped": c.get("skipped", 0), "failed": 0 if retry_failed else c.get("failed", 0)}
+    for (src, status, _kind), n in summary.by_source.items():
+        c = out.setdefault(src, {"rows": 0, "duplicate": 0, "ok": 0, "skipped": 0, "failed": 0})
+        c[status] = c.get(status, 0) + n
+    return out
+
+
+def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = False, sources_fp: str | None = None,
+            retry_failed: bool = False) -> None:
     """Folds this run's commits into the checkpoint, the ledger into a level, and updates the card. `reload`:
     the stream was cut by the grace timer, perhaps between a commit record and the store's in-memory update;
     the checkpoint is then built from what is stored (rolling that commit forward), not from memory."""
@@ -450,6 +494,11 @@ def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = Fal
     store.write_card()
     record = {"run": run_id, "time": time.time(), "interrupted": summary.interrupted, "counts": dict(summary.counts),
               "resume": summary.resume, "commits": summary.commits, "notes": summary.notes,
-              "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)]}
+              "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)],
+              "sources": end_state(summary, retry_failed)}
+    if sources_fp is not None:  # a complete run: a plain rerun with the same fingerprint has nothing to do
+        from pipeline.noop import store_fingerprint
+
+        record["fingerprint"] = {"sources": sources_fp, "store": store_fingerprint(store.storage)}
     store.storage.write_bytes(f"runs/{run_id}.json", json.dumps(record, indent=1, default=str).encode())
     store.drop_staging()  # all of it: ours, and any a killed run's orphaned workers wrote since we started
