@@ -13,7 +13,7 @@ JOB_ARGS = $(if $(OUT),--out $(OUT)) $(if $(CSV),--set sources.0.path=$(CSV)) $(
 export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: install demo images webvid panda70m objaverse run dry-run submit status verify compact test test-reliability \
+.PHONY: install demo images webvid panda70m objaverse run dry-run submit status verify compact lint test test-reliability \
         bench-tokenizer bench-pipeline bench-3d bench-scale bench-reader train-tiny clean
 
 # Without a GPU, pin the CPU build of torch so pip does not pull a multi-GB CUDA build.
@@ -46,7 +46,11 @@ submit: install
 status verify compact: install
 	$(PY) -m pipeline $@ $(or $(OUT),out)
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q
 
 test-reliability: install

@@ -15,7 +15,23 @@ from .sparse import (
 from .tokenizer import Tokenizer, tokenizer_identity
 
 __all__ = [
-    "AToken", "ATokenConfig", "Decoder", "EncodeOutput", "Encoder", "FSQ", "SparseBatch", "Tokenizer",
-    "available_configs", "image_to_tokens", "load_state_dict", "load_weights", "read_state_dict", "save_weights",
-    "tokenizer_identity", "tokens_to_image", "tokens_to_video", "video_to_tokens", "voxels_to_tokens",
+    "AToken",
+    "ATokenConfig",
+    "Decoder",
+    "EncodeOutput",
+    "Encoder",
+    "FSQ",
+    "SparseBatch",
+    "Tokenizer",
+    "available_configs",
+    "image_to_tokens",
+    "load_state_dict",
+    "load_weights",
+    "read_state_dict",
+    "save_weights",
+    "tokenizer_identity",
+    "tokens_to_image",
+    "tokens_to_video",
+    "video_to_tokens",
+    "voxels_to_tokens",
 ]

@@ -28,8 +28,11 @@ class Acceleration:
 
     def describe(self) -> str:
         times = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(self.timings_ms.items(), key=lambda kv: kv[1]))
-        comp = f"compiled in {self.compile_s:.1f} s" if self.compile_s is not None else (
-            "compiled" if self.compiled else "eager")
+        comp = (
+            f"compiled in {self.compile_s:.1f} s"
+            if self.compile_s is not None
+            else ("compiled" if self.compiled else "eager")
+        )
         return f"attention {self.attention}" + (f" (timed: {times})" if times else "") + f"; encoder {comp}"
 
     def context(self):
@@ -77,8 +80,9 @@ def time_attention(device, dtype, heads: int, head_dim: int, tokens: int = 16384
     return out
 
 
-def accelerate(model, device: torch.device, dtype: torch.dtype, attention_kernel: str = "auto",
-               compile: bool | None = None) -> Acceleration:
+def accelerate(
+    model, device: torch.device, dtype: torch.dtype, attention_kernel: str = "auto", compile: bool | None = None
+) -> Acceleration:
     """Set up `model` (an AToken) for speed on `device`: pick the attention kernel (timed when "auto") and compile
     the encoder blocks (default: on CUDA). Returns what was chosen; the caller runs encode inside `.context()`."""
     if attention_kernel not in ATTENTION:

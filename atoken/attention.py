@@ -80,7 +80,10 @@ def varlen_attention(q, k, v, sq: Segments, sk: Segments, scale: float | None = 
     if any(lq > 0 and lk == 0 for lq, lk in zip(sq.lens, sk.lens)):
         raise ValueError("varlen_attention: a sample with queries has no keys")
     use_flash = backend == "flash" or (
-        backend == "auto" and flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        backend == "auto"
+        and flash_attn_varlen_func is not None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
     )
     if use_flash:
         return flash_attn_varlen_func(q, k, v, sq.cu, sk.cu, sq.max_len, sk.max_len, softmax_scale=scale)

@@ -15,8 +15,11 @@ def missing_checkpoint(path: str | Path) -> str:
     from .download import FILES
 
     name = Path(path).name
-    how = (f"`make checkpoints` (or `python -m atoken.download {name}`) downloads it" if name in FILES
-           else "pass an existing .pt or .safetensors file")
+    how = (
+        f"`make checkpoints` (or `python -m atoken.download {name}`) downloads it"
+        if name in FILES
+        else "pass an existing .pt or .safetensors file"
+    )
     return f"checkpoint not found: {path}; {how}"  # training-only loss modules saved in the official GS checkpoint
 
 
@@ -45,8 +48,11 @@ def check_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], strict: bool
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    bad_shape = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                 for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    bad_shape = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    ]
     problems = []
     if strict and missing:
         problems.append(f"missing keys ({len(missing)}): {missing}")

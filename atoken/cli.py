@@ -18,8 +18,9 @@ from .video_io import VIDEO_SUFFIXES, VideoError, load_video
 
 VIDEO_EXT = VIDEO_SUFFIXES
 MESH_EXT = {".glb", ".gltf", ".obj", ".ply", ".stl", ".off"}
-MESH_POINTER = ("3D meshes are rendered and voxelised by the pipeline: "
-                "python -m pipeline.mesh.cli <encode|reconstruct> FILE")
+MESH_POINTER = (
+    "3D meshes are rendered and voxelised by the pipeline: python -m pipeline.mesh.cli <encode|reconstruct> FILE"
+)
 
 
 def load_image(path: Path, max_side: int) -> np.ndarray:
@@ -60,12 +61,22 @@ def write_video(frames: np.ndarray, path: Path, fps: float):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atoken", description="AToken tokenizer: encode or reconstruct an image or video.")
+    p = argparse.ArgumentParser(
+        prog="python -m atoken", description="AToken tokenizer: encode or reconstruct an image or video."
+    )
     p.add_argument("command", choices=["encode", "reconstruct"])
     p.add_argument("file", type=Path)
-    p.add_argument("--config", default="tiny-c", help="config name (tiny-c, tiny-d, tiny, tiny-fsq, mini, atoken-soc, atoken-sod, ...) or YAML path")
-    p.add_argument("--checkpoint", default=None, help=".pt or .safetensors (default: shipped weights of the config, else random)")
-    p.add_argument("--out", type=Path, default=None, help="output file (encode: .npz; reconstruct: .png, or .mp4/.png for video)")
+    p.add_argument(
+        "--config",
+        default="tiny-c",
+        help="config name (tiny-c, tiny-d, tiny, tiny-fsq, mini, atoken-soc, atoken-sod, ...) or YAML path",
+    )
+    p.add_argument(
+        "--checkpoint", default=None, help=".pt or .safetensors (default: shipped weights of the config, else random)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output file (encode: .npz; reconstruct: .png, or .mp4/.png for video)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--max-frames", type=int, default=16, help="video: use the first N frames (0 = all)")
     p.add_argument("--max-side", type=int, default=512, help="downscale so the longer side is at most this (0 = never)")
@@ -123,7 +134,9 @@ def _run(args) -> int:
     ident = tok.identity()
     print(f"tokenizer: {ident['id']} ({'discrete' if tok.model.discrete else 'continuous'}, {tok.device}, {tok.dtype})")
 
-    enc, rec = tok.reconstruct([(feats, coords)]) if args.command == "reconstruct" else (tok.encode([(feats, coords)]), None)
+    enc, rec = (
+        tok.reconstruct([(feats, coords)]) if args.command == "reconstruct" else (tok.encode([(feats, coords)]), None)
+    )
     enc = enc[0]
     for k, v in enc.items():
         print(f"  {k}: {'None' if v is None else f'{tuple(v.shape)} {v.dtype}'}")

@@ -24,7 +24,6 @@ ALIASES = {
 }
 
 
-
 @dataclass
 class ATokenConfig:
     """Field names are the official `arch_cfg` keys; the last block holds values hard-coded in the official model."""

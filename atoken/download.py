@@ -9,6 +9,7 @@ ignores the range restarts it. A file is kept only when its size equals the size
 sha256 goes to `SHA256SUMS` beside it. The weights' licence (Apple ML Research Model Terms of Use) is saved as
 `MODEL-LICENSE` next to them. `ATOKEN_CHECKPOINT_URL` / `--base-url` point at a mirror.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -62,7 +62,9 @@ class FSQ(nn.Module):
             raise ValueError(f"FSQ: expected {self.num_codebooks} indices per token, got {indices.shape[-1]}")
         idx = indices.long()
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.codebook_size):
-            raise ValueError(f"FSQ: indices must be in [0, {self.codebook_size}), got [{int(idx.min())}, {int(idx.max())}]")
+            raise ValueError(
+                f"FSQ: indices must be in [0, {self.codebook_size}), got [{int(idx.min())}, {int(idx.max())}]"
+            )
         digits = (idx[..., None] // self.basis) % self.levels.long()
         half = self.levels // 2
         codes = (digits.float() - half) / half

@@ -29,12 +29,13 @@ CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "3d_decode_gs.yaml"
 
 @dataclass
 class GSRepresentationConfig:
-    lr: dict = field(default_factory=lambda: {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0,
-                                               "_scaling": 1.0, "_rotation": 0.1})
+    lr: dict = field(
+        default_factory=lambda: {"_xyz": 1.0, "_features_dc": 1.0, "_opacity": 1.0, "_scaling": 1.0, "_rotation": 0.1}
+    )
     perturb_offset: bool = True
-    voxel_size: float = 1.5           # offsets reach +-voxel_size/2 voxels
+    voxel_size: float = 1.5  # offsets reach +-voxel_size/2 voxels
     num_gaussians: int = 32
-    filter_2d_kernel_size: float = 0.1   # YAML "2d_filter_kernel_size" (used by the renderer)
+    filter_2d_kernel_size: float = 0.1  # YAML "2d_filter_kernel_size" (used by the renderer)
     filter_3d_kernel_size: float = 9e-4  # YAML "3d_filter_kernel_size": minimum scale
     scaling_bias: float = 4e-3
     opacity_bias: float = 0.1
@@ -46,6 +47,7 @@ class GSRepresentationConfig:
 @dataclass
 class GSDecoderConfig:
     """The `model` section of configs/3d_decode_gs.yaml, with the official defaults for keys it does not set."""
+
     resolution: int = 64
     model_channels: int = 768
     latent_channels: int = 768
@@ -63,13 +65,21 @@ class GSDecoderConfig:
     representation: GSRepresentationConfig = field(default_factory=GSRepresentationConfig)
 
     def __post_init__(self):
-        unsupported = {"attn_mode": "swin", "pe_mode": "ape", "qk_rms_norm": False, "use_bias": False, "use_rms_norm": True}
+        unsupported = {
+            "attn_mode": "swin",
+            "pe_mode": "ape",
+            "qk_rms_norm": False,
+            "use_bias": False,
+            "use_rms_norm": True,
+        }
         for k, v in unsupported.items():
             if getattr(self, k) != v:
                 raise ValueError(f"GSDecoderConfig: {k}={getattr(self, k)!r} not supported (only {v!r})")
         if self.model_channels != self.num_heads * self.num_head_channels:
-            raise ValueError(f"model_channels {self.model_channels} != num_heads {self.num_heads} x "
-                             f"num_head_channels {self.num_head_channels}")
+            raise ValueError(
+                f"model_channels {self.model_channels} != num_heads {self.num_heads} x "
+                f"num_head_channels {self.num_head_channels}"
+            )
         if self.model_channels % 6:
             raise ValueError("model_channels must be divisible by 6 (sin/cos APE over 3 axes)")
         if self.representation.scaling_activation != "softplus":
@@ -142,6 +152,7 @@ def sincos_embedding(xyz: torch.Tensor, channels: int) -> torch.Tensor:
 class WindowLayout:
     """Tokens grouped by swin window: `order` sorts tokens window by window; each group holds windows of similar
     size as a padded index [w, L] into the sorted tokens with a validity mask."""
+
     order: torch.Tensor
     groups: list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -162,7 +173,7 @@ def window_layout(coords: torch.Tensor, window: int, shift: int, max_scores: int
     while i < len(lens_l):
         L = lens_l[i]
         n = max(1, min(len(lens_l) - i, max_scores // (L * L)))
-        sel = by_len[i:i + n]
+        sel = by_len[i : i + n]
         ar = torch.arange(L, device=c.device)
         valid = ar[None, :] < lens[sel][:, None]
         idx = torch.where(valid, starts[sel][:, None] + ar[None, :], starts[sel][:, None])
@@ -229,8 +240,9 @@ class GaussianDecoder(nn.Module):
         self.register_buffer("offset_perturbation", offset_perturbation(rep.num_gaussians, rep.voxel_size))
 
     @classmethod
-    def from_files(cls, config: str | Path = CONFIG_PATH, checkpoint: str | Path | None = None,
-                   device="cpu", dtype=torch.float32) -> "GaussianDecoder":
+    def from_files(
+        cls, config: str | Path = CONFIG_PATH, checkpoint: str | Path | None = None, device="cpu", dtype=torch.float32
+    ) -> "GaussianDecoder":
         model = cls(GSDecoderConfig.from_yaml(config))
         if checkpoint is not None:
             load_gs_weights(model, checkpoint)
@@ -248,8 +260,10 @@ class GaussianDecoder(nn.Module):
         cfg = self.cfg
         coords = self._xyz_coords(coords)
         if feats.ndim != 2 or feats.shape[1] != cfg.latent_channels or feats.shape[0] != coords.shape[0]:
-            raise ValueError(f"feats must be [N, {cfg.latent_channels}] matching coords [N, .], got "
-                             f"{tuple(feats.shape)} and {tuple(coords.shape)}")
+            raise ValueError(
+                f"feats must be [N, {cfg.latent_channels}] matching coords [N, .], got "
+                f"{tuple(feats.shape)} and {tuple(coords.shape)}"
+            )
         if len(coords) == 0:
             raise ValueError("GS decoder: no voxels")
         b = coords[:, 0]
@@ -303,4 +317,5 @@ class GaussianDecoder(nn.Module):
 def load_gs_weights(model: GaussianDecoder, path: str | Path):
     """Strict load of `3d_decode_gs.pt` / `.safetensors`, dropping the training-only `lpips_loss.*` keys."""
     from .checkpoint import load_weights
+
     return load_weights(model, path, strict=True, drop_prefixes=("lpips_loss.",))

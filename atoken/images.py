@@ -4,6 +4,7 @@ Rules: EXIF orientation applied; ICC profiles converted to sRGB; 16-bit scaled b
 palette, grayscale -> RGB 8-bit; alpha composited on a `background` gray. HEIC/HEIF needs the optional
 `pillow-heif` package (`pip install atoken-cache[heif]`); without it a HEIC file fails with a message saying so.
 """
+
 from __future__ import annotations
 
 import io
@@ -11,8 +12,24 @@ import io
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm", ".pnm",
-                  ".gif", ".avif", ".heic", ".heif"}
+IMAGE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".png",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".pgm",
+    ".ppm",
+    ".pbm",
+    ".pnm",
+    ".gif",
+    ".avif",
+    ".heic",
+    ".heif",
+}
 HEIF_MISSING = "HEIC/HEIF needs the optional package pillow-heif: pip install 'atoken-cache[heif]' (or pillow-heif)"
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
 
@@ -78,8 +95,13 @@ def decoded_bytes(im: Image.Image) -> int:
     return im.size[0] * im.size[1] * len(im.getbands()) * per
 
 
-def load_rgb(path: str, background: int = 255, icc_to_srgb: bool = True,
-             max_pixels: int = 100_000_000, max_bytes: int | None = None) -> np.ndarray:
+def load_rgb(
+    path: str,
+    background: int = 255,
+    icc_to_srgb: bool = True,
+    max_pixels: int = 100_000_000,
+    max_bytes: int | None = None,
+) -> np.ndarray:
     """An image file -> uint8 [H, W, 3] by the rules above; ImageError with a readable reason for bad input.
     `max_bytes`: refuse, before decoding, an image whose decoded samples would take more."""
     heif = heif_available()
@@ -94,8 +116,10 @@ def load_rgb(path: str, background: int = 255, icc_to_srgb: bool = True,
                 raise ImageError(f"image too large: {w}x{h} > max_pixels={max_pixels}")
             need = decoded_bytes(im)
             if max_bytes is not None and need > max_bytes:
-                raise ImageError(f"image too large to decode: {w}x{h} {im.mode} needs {need / 2**20:.0f} MiB "
-                                 f"> max_image_bytes={max_bytes / 2**20:.0f} MiB")
+                raise ImageError(
+                    f"image too large to decode: {w}x{h} {im.mode} needs {need / 2**20:.0f} MiB "
+                    f"> max_image_bytes={max_bytes / 2**20:.0f} MiB"
+                )
             im.load()  # truncated or corrupt data fails here, not later
             im = ImageOps.exif_transpose(im)
             return to_rgb8(im, background, icc_to_srgb)

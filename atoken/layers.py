@@ -57,7 +57,9 @@ def make_norm(dim: int, rms: bool, bias: bool = True) -> nn.Module:
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden, bias=bias), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim, bias=bias))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden, bias=bias), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim, bias=bias)
+        )
 
     def forward(self, x):
         return self.mlp(x)
@@ -104,8 +106,9 @@ class KVCache:
         self.next_coords, self.next_kv = None, {}
 
 
-def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = None,
-                  backend: str = "auto") -> AttnContext:
+def build_context(
+    coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = None, backend: str = "auto"
+) -> AttnContext:
     """coords [n, 5] of the tile (b, t, x, y, z), b = global sample id, rows grouped by sample in b order."""
     b = coords[:, 0].long()
     present, lens = torch.unique_consecutive(b, return_counts=True)
@@ -118,8 +121,12 @@ def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = No
         all_coords, merge_idx = coords, None
     else:
         cat = torch.cat([cache.coords, coords])
-        is_cur = torch.cat([torch.zeros(len(cache.coords), dtype=torch.long, device=coords.device),
-                            torch.ones(len(coords), dtype=torch.long, device=coords.device)])
+        is_cur = torch.cat(
+            [
+                torch.zeros(len(cache.coords), dtype=torch.long, device=coords.device),
+                torch.ones(len(coords), dtype=torch.long, device=coords.device),
+            ]
+        )
         keep = torch.isin(cat[:, 0].long(), present)
         key = cat[:, 0].long() * 2 + is_cur
         key = torch.where(keep, key, torch.full_like(key, -1))
@@ -134,7 +141,9 @@ def build_context(coords: torch.Tensor, rope: Rope4D, cache: KVCache | None = No
     store_idx = None
     if cache.size > 0:
         t = all_coords[:, 1].long()
-        tmax = torch.zeros(int(kb.max()) + 1, dtype=torch.long, device=coords.device).scatter_reduce(0, kb, t, "amax", include_self=False)
+        tmax = torch.zeros(int(kb.max()) + 1, dtype=torch.long, device=coords.device).scatter_reduce(
+            0, kb, t, "amax", include_self=False
+        )
         first = tmax[kb] - cache.size + 1
         store_idx = torch.nonzero(t >= first).squeeze(1)
         nxt = all_coords[store_idx].clone()

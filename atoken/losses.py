@@ -8,6 +8,7 @@
 - LPIPS only when the `lpips` package AND its backbone weights are already on disk (never downloads).
 - PSNR / SSIM on [-1, 1] images (reported on the [0, 1] scale, i.e. the usual 8-bit PSNR).
 """
+
 from __future__ import annotations
 
 import math
@@ -96,5 +97,3 @@ def lpips_if_available(device, log=print):
 
 
 # ----------------------------------------------------------------------------- metrics
-
-

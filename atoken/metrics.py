@@ -4,6 +4,7 @@
 value per image (training and evaluation); `psnr` / `ssim` take two images or videos [..., H, W, 3] in [0, 1] and
 return one float (reports, the pipeline's QA stage, the CLI).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,11 +38,11 @@ def ssim_per_image(rec: torch.Tensor, target: torch.Tensor, win: int = 11, sigma
         return F.conv2d(x, k, groups=c)
 
     mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = 0.01 ** 2, 0.03 ** 2
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
 
 
@@ -50,10 +51,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor, max_val: float = 1.0) -> float:
     if a.shape != b.shape:
         raise ValueError(f"psnr: shape mismatch {tuple(a.shape)} vs {tuple(b.shape)}")
     mse = torch.mean((a.double() - b.double()) ** 2).item()
-    return float("inf") if mse == 0 else 10 * math.log10(max_val ** 2 / mse)
+    return float("inf") if mse == 0 else 10 * math.log10(max_val**2 / mse)
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM of two images or videos [..., H, W, 3] with values in [0, 1]."""
-    to_batch = lambda x: x.float().reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
+
+    def to_batch(x):
+        return x.float().reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
+
     return ssim_per_image(to_batch(a), to_batch(b)).mean().item()

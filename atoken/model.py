@@ -47,7 +47,9 @@ class Encoder(nn.Module):
         bias, rms = cfg.encoder_use_bias, cfg.encoder_use_rms_norm
         self.pos_embedder = LearnedPositionEmbedder(D, cfg.pos_table_size)
         self.input_layer = nn.Linear(cfg.in_channels, D, bias=bias)
-        self.blocks = nn.ModuleList(TransformerBlock(D, H, M, bias, rms, cfg.encoder_qk_rms_norm) for _ in range(cfg.encoder_num_blocks))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(D, H, M, bias, rms, cfg.encoder_qk_rms_norm) for _ in range(cfg.encoder_num_blocks)
+        )
         self.post_layernorm = make_norm(D, rms)
         self.head = AttentionPoolingHead(D, H, M)
         self.attention_backend = "auto"  # varlen_attention backend (atoken.accel picks it per device)
@@ -71,7 +73,9 @@ class Decoder(nn.Module):
         bias, rms = cfg.decoder_use_bias, cfg.decoder_use_rms_norm
         self.pos_embedder = LearnedPositionEmbedder(D, cfg.pos_table_size)
         self.input_layer = nn.Linear(cfg.latent_channels, D, bias=False)
-        self.blocks = nn.ModuleList(TransformerBlock(D, H, M, bias, rms, cfg.decoder_qk_rms_norm) for _ in range(cfg.decoder_num_blocks))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(D, H, M, bias, rms, cfg.decoder_qk_rms_norm) for _ in range(cfg.decoder_num_blocks)
+        )
         self.out_norm = make_norm(D, rms)
         self.out_layer = nn.Linear(D, cfg.out_channels, bias=False)  # unbounded pixel patch (no tanh)
 
@@ -111,7 +115,9 @@ class AToken(nn.Module):
         self.encoder = Encoder(cfg)
         self.proj = nn.Linear(cfg.encoder_model_channels, 2 * cfg.latent_channels, bias=False)  # [mean | logvar]
         self.quantizer = (
-            FSQ(cfg.quantizer_feature_dim, cfg.quantizer_num_codebooks, cfg.quantizer_codebook_size) if cfg.use_quantizer else None
+            FSQ(cfg.quantizer_feature_dim, cfg.quantizer_num_codebooks, cfg.quantizer_codebook_size)
+            if cfg.use_quantizer
+            else None
         )
         self.decoder = Decoder(cfg) if cfg.use_decoder else None
 
@@ -153,7 +159,9 @@ class AToken(nn.Module):
             raise ValueError(f"config {self.cfg.name!r} has no quantizer (use_quantizer: False)")
         return self.quantizer.indices_to_codes(indices)
 
-    def decode(self, latent: torch.Tensor, coords: torch.Tensor, kv_cache_size: int | None = None, taps: dict | None = None):
+    def decode(
+        self, latent: torch.Tensor, coords: torch.Tensor, kv_cache_size: int | None = None, taps: dict | None = None
+    ):
         """latent [N, 48], coords [N, 5] -> feats [N, out_channels]. kv_cache_size in raw frames (default: config)."""
         if self.decoder is None:
             raise ValueError("this model was built with use_decoder: False")

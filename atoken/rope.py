@@ -23,7 +23,9 @@ class Rope4D(nn.Module):
         angles = (pos.float()[:, :, None] * self.freqs.to(pos.device)[None, None, :]).reshape(pos.shape[0], -1)
         return torch.stack([angles.cos(), angles.sin()])
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None, rot: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: torch.Tensor | None = None, rot: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [N, H, D]; rotate by coords pos [N, 4] (or precomputed rot); fp32 inside, returns x.dtype.
         Real arithmetic on (real, imag) channel pairs, so torch.compile can fuse it."""
         if rot is None:

@@ -96,7 +96,9 @@ def patch_view(clip, patch=PATCH):
     return clip[: T // patch[0] * patch[0] if T >= patch[0] else T, top : top + h, left : left + w]
 
 
-def clips_to_batch(clips: torch.Tensor, patch=PATCH, dtype: torch.dtype = torch.float32, first: int = 0) -> "SparseBatch":
+def clips_to_batch(
+    clips: torch.Tensor, patch=PATCH, dtype: torch.dtype = torch.float32, first: int = 0
+) -> "SparseBatch":
     """B same-shape uint8 clips [B, T, H, W, 3] -> one SparseBatch of samples first..first+B-1, made where the clips
     are (the GPU, in the pipeline). The batched form of video_to_tokens: the same tokens in the same order, with no
     per-sample host work or sync. Uint8 pixels are finite and the coordinates are valid by construction."""
@@ -113,8 +115,9 @@ def clips_to_batch(clips: torch.Tensor, patch=PATCH, dtype: torch.dtype = torch.
     n = nt * nh * nw
     feats = x.reshape(B, nt, pt, nh, ph, nw, pw, 3).permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(B * n, -1).to(dtype)
     dev = clips.device
-    grid = torch.meshgrid(torch.arange(nt, device=dev), torch.arange(nh, device=dev), torch.arange(nw, device=dev),
-                          indexing="ij")
+    grid = torch.meshgrid(
+        torch.arange(nt, device=dev), torch.arange(nh, device=dev), torch.arange(nw, device=dev), indexing="ij"
+    )
     one = torch.stack([g.reshape(-1) for g in grid] + [torch.zeros(n, dtype=torch.long, device=dev)], dim=1)
     b = torch.arange(first, first + B, device=dev).repeat_interleave(n)[:, None]
     return SparseBatch(feats, torch.cat([b, one.repeat(B, 1)], dim=1).int())
@@ -159,7 +162,9 @@ def tokens_to_video(feats, coords4, patch=PATCH) -> torch.Tensor:
     The temporal patch size is inferred from C (3072 -> 4 frames, 768 -> 1 frame)."""
     f, c = _as_tensor(feats, "feats").float(), _as_tensor(coords4, "coords").long()
     if f.ndim != 2 or c.ndim != 2 or c.shape != (f.shape[0], 4) or f.shape[0] == 0:
-        raise ValueError(f"tokens_to_video: expected feats [n, C] and coords [n, 4], got {tuple(f.shape)}, {tuple(c.shape)}")
+        raise ValueError(
+            f"tokens_to_video: expected feats [n, C] and coords [n, 4], got {tuple(f.shape)}, {tuple(c.shape)}"
+        )
     _, ph, pw = patch
     if f.shape[1] % (ph * pw * 3):
         raise ValueError(f"tokens_to_video: feature width {f.shape[1]} is not a multiple of {ph * pw * 3}")

@@ -27,11 +27,12 @@ SH_C0 = 0.28209479177387814  # degree-0 spherical harmonic
 @dataclass
 class Gaussians:
     """One asset's Gaussians in world space (the GS decoder's output)."""
-    xyz: torch.Tensor       # [G, 3] centres
+
+    xyz: torch.Tensor  # [G, 3] centres
     color_dc: torch.Tensor  # [G, 3] SH degree-0 coefficients (colour = 0.5 + SH_C0 * dc, clamped >= 0)
-    scale: torch.Tensor     # [G, 3] standard deviations along the local axes (activated)
+    scale: torch.Tensor  # [G, 3] standard deviations along the local axes (activated)
     rotation: torch.Tensor  # [G, 4] unit quaternions (w, x, y, z)
-    opacity: torch.Tensor   # [G, 1] in (0, 1)
+    opacity: torch.Tensor  # [G, 1] in (0, 1)
 
     def __len__(self):
         return self.xyz.shape[0]
@@ -41,24 +42,25 @@ class Gaussians:
         return (0.5 + SH_C0 * self.color_dc).clamp_min(0.0)
 
     def to(self, *args, **kwargs) -> "Gaussians":
-        return Gaussians(*(t.to(*args, **kwargs) for t in
-                           (self.xyz, self.color_dc, self.scale, self.rotation, self.opacity)))
+        return Gaussians(
+            *(t.to(*args, **kwargs) for t in (self.xyz, self.color_dc, self.scale, self.rotation, self.opacity))
+        )
 
 
 @dataclass
 class Camera:
-    w2c: torch.Tensor         # [4, 4] OpenCV world->camera (x right, y down, z forward)
+    w2c: torch.Tensor  # [4, 4] OpenCV world->camera (x right, y down, z forward)
     intrinsics: torch.Tensor  # [3, 3] normalized (image spans [0, 1] x [0, 1])
 
 
 @dataclass
 class RenderConfig:
-    resolution: int = 512      # square image, H = W
-    near: float = 0.2          # Gaussians closer than this (camera z) are culled, as in the 3DGS rasterizer
-    kernel_size: float = 0.1   # 2D filter variance in px^2
+    resolution: int = 512  # square image, H = W
+    near: float = 0.2  # Gaussians closer than this (camera z) are culled, as in the 3DGS rasterizer
+    kernel_size: float = 0.1  # 2D filter variance in px^2
     mip_compensation: bool = True  # scale opacity by sqrt(det(cov2d) / det(cov2d + filter))
-    tile: int = 16             # tile edge in pixels
-    first_chunk: int = 128     # Gaussians per tile composited at once: the first chunk, doubling up to `chunk`
+    tile: int = 16  # tile edge in pixels
+    first_chunk: int = 128  # Gaussians per tile composited at once: the first chunk, doubling up to `chunk`
     chunk: int = 2048
 
 
@@ -92,8 +94,11 @@ def orbit_cameras(n: int, radius: float = 2.0, fov_deg: float = 40.0, pitch_deg:
     cams = []
     for i in range(n):
         yaw = 2 * math.pi * i / n
-        eye = (radius * math.sin(yaw) * math.cos(pitch), radius * math.cos(yaw) * math.cos(pitch),
-               radius * math.sin(pitch))
+        eye = (
+            radius * math.sin(yaw) * math.cos(pitch),
+            radius * math.cos(yaw) * math.cos(pitch),
+            radius * math.sin(pitch),
+        )
         cams.append(Camera(look_at(eye), intr.clone()))
     return cams
 
@@ -101,11 +106,20 @@ def orbit_cameras(n: int, radius: float = 2.0, fov_deg: float = 40.0, pitch_deg:
 def quat_to_rotmat(q: torch.Tensor) -> torch.Tensor:
     """[G, 4] (w, x, y, z) -> [G, 3, 3]; normalizes first."""
     w, x, y, z = F.normalize(q, dim=-1).unbind(-1)
-    return torch.stack([
-        1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y),
-        2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x),
-        2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y),
-    ], dim=-1).reshape(-1, 3, 3)
+    return torch.stack(
+        [
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - w * z),
+            2 * (x * z + w * y),
+            2 * (x * y + w * z),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - w * x),
+            2 * (x * z - w * y),
+            2 * (y * z + w * x),
+            1 - 2 * (x * x + y * y),
+        ],
+        dim=-1,
+    ).reshape(-1, 3, 3)
 
 
 def project(g: Gaussians, cam: Camera, cfg: RenderConfig):
@@ -182,8 +196,11 @@ def render(g: Gaussians, cam: Camera, cfg: RenderConfig | None = None) -> Render
 
     image = torch.zeros(nty * ts, ntx * ts, 3, device=dev)
     trans = torch.ones(nty * ts, ntx * ts, device=dev)
-    py, px = torch.meshgrid(torch.arange(ts, device=dev, dtype=torch.float32),
-                            torch.arange(ts, device=dev, dtype=torch.float32), indexing="ij")
+    py, px = torch.meshgrid(
+        torch.arange(ts, device=dev, dtype=torch.float32),
+        torch.arange(ts, device=dev, dtype=torch.float32),
+        indexing="ij",
+    )
     pix = torch.stack([px.reshape(-1), py.reshape(-1)], dim=-1)  # [P, 2] (x, y) inside a tile
     start = 0
     for t, n in enumerate(counts):
@@ -196,14 +213,14 @@ def render(g: Gaussians, cam: Camera, cfg: RenderConfig | None = None) -> Render
         done = torch.zeros(len(p), dtype=torch.bool, device=dev)
         s, k = start, cfg.first_chunk  # chunks grow, so tiles behind an opaque surface stop early and cheaply
         while s < start + n:
-            ids = gid[s:min(s + k, start + n)]
+            ids = gid[s : min(s + k, start + n)]
             T, C, done = _composite(p, mean[ids], conic[ids], opacity[ids], rgb[ids], T, C, done)
             if bool(done.all()):
                 break
             s, k = s + k, min(2 * k, cfg.chunk)
         start += n
-        image[ty * ts:(ty + 1) * ts, tx * ts:(tx + 1) * ts] = C.reshape(ts, ts, 3)
-        trans[ty * ts:(ty + 1) * ts, tx * ts:(tx + 1) * ts] = T.reshape(ts, ts)
+        image[ty * ts : (ty + 1) * ts, tx * ts : (tx + 1) * ts] = C.reshape(ts, ts, 3)
+        trans[ty * ts : (ty + 1) * ts, tx * ts : (tx + 1) * ts] = T.reshape(ts, ts)
     return RenderOutput(image=image[:H, :W], alpha=1 - trans[:H, :W])
 
 

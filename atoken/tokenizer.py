@@ -66,7 +66,11 @@ def tokenizer_identity(config, checkpoint: str | Path | None = None) -> dict:
         "checkpoint": str(ckpt) if ckpt is not None else None,
         "weights_sha256": weights,
         "discrete": cfg.use_quantizer,
-        "dims": {"latent": cfg.latent_channels, "fsq_groups": cfg.quantizer_num_codebooks, "embed": cfg.encoder_model_channels},
+        "dims": {
+            "latent": cfg.latent_channels,
+            "fsq_groups": cfg.quantizer_num_codebooks,
+            "embed": cfg.encoder_model_channels,
+        },
     }
 
 
@@ -98,8 +102,16 @@ class Tokenizer:
     On CUDA the attention kernel is timed and picked, and the encoder blocks are compiled (`atoken.accel`);
     `attention` / `compile` override that."""
 
-    def __init__(self, model: AToken, device="auto", dtype: torch.dtype | None = None, max_tokens: int = 65536,
-                 identity: dict | None = None, attention: str = "auto", compile: bool | None = None):
+    def __init__(
+        self,
+        model: AToken,
+        device="auto",
+        dtype: torch.dtype | None = None,
+        max_tokens: int = 65536,
+        identity: dict | None = None,
+        attention: str = "auto",
+        compile: bool | None = None,
+    ):
         self.device = pick_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -121,7 +133,9 @@ class Tokenizer:
         return time.perf_counter() - t0
 
     @classmethod
-    def from_files(cls, config="tiny-c", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw) -> "Tokenizer":
+    def from_files(
+        cls, config="tiny-c", checkpoint: str | Path | None = None, device="auto", dtype=None, **kw
+    ) -> "Tokenizer":
         """config: name or YAML path (official layout). checkpoint None: the shipped weights of the config if present,
         else seeded random weights (with a warning)."""
         cfg = resolve_config(config)
@@ -143,12 +157,21 @@ class Tokenizer:
                 h.update(v.detach().float().cpu().numpy().tobytes())
             arch = self.cfg.to_dict()
             arch.pop("name")
-            digest = hashlib.sha256(json.dumps({"arch": arch, "weights": h.hexdigest()}, sort_keys=True).encode()).hexdigest()
+            digest = hashlib.sha256(
+                json.dumps({"arch": arch, "weights": h.hexdigest()}, sort_keys=True).encode()
+            ).hexdigest()
             self._identity = {
-                "id": f"{self.cfg.name}-{digest[:12]}", "config": self.cfg.name, "arch": arch, "checkpoint": None,
-                "weights_sha256": h.hexdigest(), "discrete": self.cfg.use_quantizer,
-                "dims": {"latent": self.cfg.latent_channels, "fsq_groups": self.cfg.quantizer_num_codebooks,
-                         "embed": self.cfg.encoder_model_channels},
+                "id": f"{self.cfg.name}-{digest[:12]}",
+                "config": self.cfg.name,
+                "arch": arch,
+                "checkpoint": None,
+                "weights_sha256": h.hexdigest(),
+                "discrete": self.cfg.use_quantizer,
+                "dims": {
+                    "latent": self.cfg.latent_channels,
+                    "fsq_groups": self.cfg.quantizer_num_codebooks,
+                    "embed": self.cfg.encoder_model_channels,
+                },
             }
         return self._identity
 
@@ -209,8 +232,10 @@ class Tokenizer:
         }
         pooled = enc.pooled.float().half().cpu().numpy()
         bounds = np.cumsum([0] + enc.seqlens)
-        return [{k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]}
-                for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        return [
+            {k: (None if v is None else v[a:b]) for k, v in cols.items()} | {"pooled": pooled[j]}
+            for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
 
     @torch.inference_mode()
     def decode(self, samples: list, kv_cache_size: int | None = None) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ stage-c EMA weights and trains encoder + decoder through the straight-through FS
 Each stage is time-boxed by wall clock as well as by steps, checkpoints atomically (model, EMA, optimizer,
 schedule position, RNG) and always exports fp16 safetensors with the official key names when it stops.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,20 +42,21 @@ NON_YAML_KEYS = ("name", "num_sample_frames_batch_size", "num_sample_frames_stri
 
 # ----------------------------------------------------------------------------- config
 
+
 @dataclass
 class StageConfig:
     steps: int = 1000
-    max_minutes: float = 10.0      # wall-clock box for the stage (training loop only)
-    lr: float = 3e-4               # peak LR (decoder, proj)
-    encoder_lr_mult: float = 0.1   # paper: encoder at 0.1x
+    max_minutes: float = 10.0  # wall-clock box for the stage (training loop only)
+    lr: float = 3e-4  # peak LR (decoder, proj)
+    encoder_lr_mult: float = 0.1  # paper: encoder at 0.1x
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.1      # cosine decays to this x peak
-    kl_weight: float = 1e-8        # continuous stage only (paper 1e-8)
+    min_lr_ratio: float = 0.1  # cosine decays to this x peak
+    kl_weight: float = 1e-8  # continuous stage only (paper 1e-8)
 
 
 @dataclass
 class TrainConfig:
-    name: str = "tiny"                         # weights are <weights_dir>/<name>-c.safetensors and -d
+    name: str = "tiny"  # weights are <weights_dir>/<name>-c.safetensors and -d
     model: dict = field(default_factory=dict)  # flat arch_cfg keys of the continuous model
     data: DataConfig = field(default_factory=DataConfig)
     continuous: StageConfig = field(default_factory=StageConfig)
@@ -66,21 +68,21 @@ class TrainConfig:
     ema_decay: float = 0.999
     l1_weight: float = 1.0
     gram_weight: float = 1.0
-    lpips_weight: float = 0.0                  # used only if LPIPS is available offline
-    sample_posterior: bool = True              # decode mean + std * eps in the continuous stage (paper)
+    lpips_weight: float = 0.0  # used only if LPIPS is available offline
+    sample_posterior: bool = True  # decode mean + std * eps in the continuous stage (paper)
     init_std: float = 0.02
     device: str = "auto"
-    amp: bool = True                           # bf16 autocast on CUDA
-    compile: bool = False                      # torch.compile the transformer MLPs
+    amp: bool = True  # bf16 autocast on CUDA
+    compile: bool = False  # torch.compile the transformer MLPs
     seed: int = 0
     log_every: int = 50
     ckpt_every_minutes: float = 1.0
-    eval_images: int = 64                      # held-out procedural images for the final evaluation
+    eval_images: int = 64  # held-out procedural images for the final evaluation
     eval_batch: int = 16
-    max_weights_mb: float = 6.0                # fp16 size limit per exported model
-    out_dir: str = "runs/tiny"                 # checkpoints
+    max_weights_mb: float = 6.0  # fp16 size limit per exported model
+    out_dir: str = "runs/tiny"  # checkpoints
     weights_dir: str = "atoken/weights"
-    config_dir: str = "atoken/configs"         # where <name>-c.yaml / <name>-d.yaml are written
+    config_dir: str = "atoken/configs"  # where <name>-c.yaml / <name>-d.yaml are written
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -114,9 +116,14 @@ class TrainConfig:
     def arch(self, discrete: bool) -> ATokenConfig:
         d = dict(self.model)
         if discrete:
-            d.update(use_quantizer=True, quantizer_type="fsq", quantizer_codebook_size=4096,
-                     quantizer_feature_dim=d.get("latent_channels", 48), quantizer_num_codebooks=8,
-                     quantizer_chunk_size=1)
+            d.update(
+                use_quantizer=True,
+                quantizer_type="fsq",
+                quantizer_codebook_size=4096,
+                quantizer_feature_dim=d.get("latent_channels", 48),
+                quantizer_num_codebooks=8,
+                quantizer_chunk_size=1,
+            )
         return ATokenConfig.from_dict(d, name=f"{self.name}-{'d' if discrete else 'c'}")
 
 
@@ -125,9 +132,17 @@ def write_model_yaml(cfg: ATokenConfig, path: Path, comment: str):
     arch = {k: v for k, v in cfg.to_dict().items() if k not in NON_YAML_KEYS}
     if not cfg.use_quantizer:
         arch = {k: v for k, v in arch.items() if not k.startswith("quantizer_") and k != "use_quantizer"}
-    doc = {"model": {"class_name": "models.pretrained.autoencoder_kl.AutoencoderKLTrain",
-                     "model_cfg": {"eval_imagenet_zeroshot": True, "disentangle_itc_rec": True, "eval_fid": True,
-                                   "arch_cfg": arch}}}
+    doc = {
+        "model": {
+            "class_name": "models.pretrained.autoencoder_kl.AutoencoderKLTrain",
+            "model_cfg": {
+                "eval_imagenet_zeroshot": True,
+                "disentangle_itc_rec": True,
+                "eval_fid": True,
+                "arch_cfg": arch,
+            },
+        }
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(f"# {comment}\n" + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None))
@@ -135,6 +150,7 @@ def write_model_yaml(cfg: ATokenConfig, path: Path, comment: str):
 
 
 # ----------------------------------------------------------------------------- model helpers
+
 
 def init_weights(model: AToken, std: float):
     """From-scratch init: truncated-normal linears/embeddings, zero biases (norms keep ones/zeros)."""
@@ -170,8 +186,14 @@ def param_groups(model: AToken, stage: StageConfig, weight_decay: float):
     for name, p in model.named_parameters():
         enc = name.startswith("encoder.")
         decay = p.ndim >= 2 and "position_embedding" not in name and not name.endswith(".gamma")
-        g = groups.setdefault((enc, decay), {"params": [], "lr_mult": stage.encoder_lr_mult if enc else 1.0,
-                                              "weight_decay": weight_decay if decay else 0.0})
+        g = groups.setdefault(
+            (enc, decay),
+            {
+                "params": [],
+                "lr_mult": stage.encoder_lr_mult if enc else 1.0,
+                "weight_decay": weight_decay if decay else 0.0,
+            },
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
 
@@ -184,6 +206,7 @@ def lr_factor(step: int, progress: float, stage: StageConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- batches and losses
+
 
 def make_batch(images: torch.Tensor, videos: torch.Tensor | None) -> tuple[SparseBatch, int]:
     """Pack images [ni, S, S, 3] and videos [nv, T, s, s, 3] into one SparseBatch; returns (batch, image rows)."""
@@ -247,6 +270,7 @@ class Objective:
 
 # ----------------------------------------------------------------------------- trainer
 
+
 class Trainer:
     """One stage ("c" continuous or "d" FSQ) of training: model, EMA, optimizer, schedule, checkpoints."""
 
@@ -259,11 +283,18 @@ class Trainer:
         init_weights(self.model, cfg.init_std)
         size = fp16_bytes(self.model)
         if size > cfg.max_weights_mb * 1e6:
-            raise ValueError(f"model {self.arch.name}: fp16 weights {size / 1e6:.2f} MB exceed max_weights_mb "
-                             f"{cfg.max_weights_mb}; reduce widths/blocks")
+            raise ValueError(
+                f"model {self.arch.name}: fp16 weights {size / 1e6:.2f} MB exceed max_weights_mb "
+                f"{cfg.max_weights_mb}; reduce widths/blocks"
+            )
         self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items()}
-        self.opt = torch.optim.AdamW(param_groups(self.model, self.scfg, cfg.weight_decay), lr=self.scfg.lr,
-                                     betas=cfg.betas, eps=1e-8, fused=device.type == "cuda")
+        self.opt = torch.optim.AdamW(
+            param_groups(self.model, self.scfg, cfg.weight_decay),
+            lr=self.scfg.lr,
+            betas=cfg.betas,
+            eps=1e-8,
+            fused=device.type == "cuda",
+        )
         self.step, self.elapsed, self.done = 0, 0.0, False
         self.amp_dtype = torch.bfloat16 if (cfg.amp and device.type == "cuda") else None
         self.objective = Objective(cfg, device, log)
@@ -272,8 +303,10 @@ class Trainer:
                 blk.mlp.compile(dynamic=True)
         self.ckpt_path = Path(cfg.out_dir) / f"ckpt-{stage}.pt"
         self.weights_path = Path(cfg.weights_dir) / f"{cfg.name}-{stage}.safetensors"
-        log(f"[{stage}] model {self.arch.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
-            f"fp16 {size / 1e6:.2f} MB, device {device}, amp {self.amp_dtype}")
+        log(
+            f"[{stage}] model {self.arch.name}: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+            f"fp16 {size / 1e6:.2f} MB, device {device}, amp {self.amp_dtype}"
+        )
 
     # -- state
     def init_from(self, state: dict):
@@ -282,11 +315,23 @@ class Trainer:
         self.ema = {k: v.detach().clone().float().to(self.device) for k, v in self.model.state_dict().items()}
 
     def state(self) -> dict:
-        return {"stage": self.stage, "step": self.step, "elapsed": self.elapsed, "done": self.done,
-                "model": self.model.state_dict(), "ema": self.ema, "opt": self.opt.state_dict(),
-                "arch": self.arch.to_dict(), "train_config": dataclasses.asdict(self.cfg),
-                "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+        return {
+            "stage": self.stage,
+            "step": self.step,
+            "elapsed": self.elapsed,
+            "done": self.done,
+            "model": self.model.state_dict(),
+            "ema": self.ema,
+            "opt": self.opt.state_dict(),
+            "arch": self.arch.to_dict(),
+            "train_config": dataclasses.asdict(self.cfg),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+        }
 
     def save(self):
         self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,12 +362,17 @@ class Trainer:
 
     def export(self):
         export_weights(self.ema, self.weights_path)
-        write_model_yaml(self.arch, Path(self.cfg.config_dir) / f"{self.cfg.name}-{self.stage}.yaml",
-                         f"{self.cfg.name}-{self.stage}: tiny AToken trained by atoken/train.py "
-                         f"({'FSQ, discrete' if self.stage == 'd' else 'continuous'}); weights "
-                         f"{self.weights_path.as_posix()}")
-        self.log(f"[{self.stage}] exported EMA weights -> {self.weights_path} "
-                 f"({self.weights_path.stat().st_size / 1e6:.2f} MB)")
+        write_model_yaml(
+            self.arch,
+            Path(self.cfg.config_dir) / f"{self.cfg.name}-{self.stage}.yaml",
+            f"{self.cfg.name}-{self.stage}: tiny AToken trained by atoken/train.py "
+            f"({'FSQ, discrete' if self.stage == 'd' else 'continuous'}); weights "
+            f"{self.weights_path.as_posix()}",
+        )
+        self.log(
+            f"[{self.stage}] exported EMA weights -> {self.weights_path} "
+            f"({self.weights_path.stat().st_size / 1e6:.2f} MB)"
+        )
 
     # -- loop
     def progress(self) -> float:
@@ -336,7 +386,9 @@ class Trainer:
         kl_w = self.scfg.kl_weight if self.stage == "c" else 0.0
         loss, parts, indices = self.objective(self.model, images, videos, kl_w, self.amp_dtype)
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"[{self.stage}] non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }")
+            raise FloatingPointError(
+                f"[{self.stage}] non-finite loss at step {self.step}: { {k: float(v) for k, v in parts.items()} }"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -372,8 +424,10 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == scfg.steps or self.step == step0 + 1:
                     rate = (self.step - step0) / max(1e-9, self.elapsed - el0)
                     msg = " ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
-                    self.log(f"[{self.stage}] step {self.step}/{scfg.steps} {msg} | {rate:.2f} it/s "
-                             f"{self.elapsed / 60:.2f}/{scfg.max_minutes:g} min")
+                    self.log(
+                        f"[{self.stage}] step {self.step}/{scfg.steps} {msg} | {rate:.2f} it/s "
+                        f"{self.elapsed / 60:.2f}/{scfg.max_minutes:g} min"
+                    )
                 if time.time() - t_last_ckpt > cfg.ckpt_every_minutes * 60:
                     self.save()
                     t_last_ckpt = time.time()
@@ -389,6 +443,7 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- evaluation
+
 
 def load_eval_photos(directory: Path, size: int = 256, log=print) -> list[tuple[str, torch.Tensor]]:
     """Photos in `directory` resized (shorter side) and centre-cropped to size x size, [size, size, 3] in [-1, 1].
@@ -423,7 +478,7 @@ def evaluate(model: AToken, images: torch.Tensor, device, amp_dtype, batch: int 
     model.eval()
     ps, ss = [], []
     for i in range(0, len(images), batch):
-        x = images[i:i + batch].to(device)
+        x = images[i : i + batch].to(device)
         sb, n_rows = make_batch(x, None)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             enc = model.encode(sb)
@@ -441,27 +496,33 @@ def heldout_images(cfg: TrainConfig, device) -> torch.Tensor:
     """Procedural images from a seed never used in training."""
     gen = SceneGenerator(dataclasses.replace(cfg.data, seed=cfg.data.seed + 10_000_019), device, log=lambda *_: None)
     g = gen.generator(0, salt=9)
-    return torch.cat([gen.images(g, min(cfg.eval_batch, cfg.eval_images - i))
-                      for i in range(0, cfg.eval_images, cfg.eval_batch)])
+    return torch.cat(
+        [gen.images(g, min(cfg.eval_batch, cfg.eval_images - i)) for i in range(0, cfg.eval_images, cfg.eval_batch)]
+    )
 
 
 def run_eval(cfg: TrainConfig, stage: str, model: AToken, device, amp_dtype, eval_dir, log=print) -> dict:
     res = {"heldout": evaluate(model, heldout_images(cfg, device), device, amp_dtype, cfg.eval_batch)}
-    log(f"[{stage}] eval held-out procedural ({cfg.eval_images} x {cfg.data.image_size}^2): "
-        f"PSNR {res['heldout']['psnr']:.2f} dB, SSIM {res['heldout']['ssim']:.4f}")
+    log(
+        f"[{stage}] eval held-out procedural ({cfg.eval_images} x {cfg.data.image_size}^2): "
+        f"PSNR {res['heldout']['psnr']:.2f} dB, SSIM {res['heldout']['ssim']:.4f}"
+    )
     if eval_dir:
         photos = load_eval_photos(Path(eval_dir), cfg.data.image_size, log)
         r = evaluate(model, torch.stack([x for _, x in photos]), device, amp_dtype, cfg.eval_batch)
         r["per_image_psnr"] = dict(zip([n for n, _ in photos], r["per_image_psnr"]))
         res["photos"] = r
-        log(f"[{stage}] eval photos in {eval_dir} ({len(photos)} at {cfg.data.image_size}^2): "
-            f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}")
+        log(
+            f"[{stage}] eval photos in {eval_dir} ({len(photos)} at {cfg.data.image_size}^2): "
+            f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.4f}"
+        )
         for name, p in r["per_image_psnr"].items():
             log(f"    {name}: {p:.2f} dB")
     return res
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -483,6 +544,7 @@ def run_stage(cfg: TrainConfig, stage: str, device, resume: bool, stop_flag: dic
             log(f"[d] initialised from the stage-c EMA weights in {c_ckpt}")
         elif c_weights.is_file():  # e.g. on a fresh machine: the exported fp16 EMA weights
             from .checkpoint import read_state_dict
+
             tr.init_from({k: v.float() for k, v in read_state_dict(c_weights).items()})
             log(f"[d] initialised from the exported stage-c weights {c_weights}")
         else:
@@ -527,11 +589,21 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     cfg = TrainConfig.from_yaml(args.config)
-    over = {k: v for k, v in {"device": args.device, "batch_size": args.batch_size, "out_dir": args.out_dir,
-                              "weights_dir": args.weights_dir, "config_dir": args.config_dir}.items() if v is not None}
+    over = {
+        k: v
+        for k, v in {
+            "device": args.device,
+            "batch_size": args.batch_size,
+            "out_dir": args.out_dir,
+            "weights_dir": args.weights_dir,
+            "config_dir": args.config_dir,
+        }.items()
+        if v is not None
+    }
     if args.pool_size is not None:
-        over["data"] = dataclasses.replace(cfg.data, pool_size=args.pool_size,
-                                           refresh=math.gcd(args.pool_size, cfg.data.refresh))
+        over["data"] = dataclasses.replace(
+            cfg.data, pool_size=args.pool_size, refresh=math.gcd(args.pool_size, cfg.data.refresh)
+        )
     cfg = dataclasses.replace(cfg, **over)
     for st in (cfg.continuous, cfg.fsq):
         if args.max_steps is not None:
@@ -546,8 +618,10 @@ def main(argv=None):
     try:  # needed to write the weights: fail now, not after the training
         import safetensors.torch  # noqa: F401
     except ImportError:
-        ap.error("the `safetensors` package is required (pip install safetensors; for the offline GPU machine add "
-                 "it to the bundle: ../shared/tools/device-bundle.sh --no-video safetensors==0.8.0)")
+        ap.error(
+            "the `safetensors` package is required (pip install safetensors; for the offline GPU machine add "
+            "it to the bundle: ../shared/tools/device-bundle.sh --no-video safetensors==0.8.0)"
+        )
     if args.eval_dir and not Path(args.eval_dir).is_dir():
         ap.error(f"--eval-dir {args.eval_dir} is not a directory")
     device = pick_device(cfg.device)

@@ -10,6 +10,7 @@ they are not in the project's test set. The test set (../shared/data) is never t
 Samples are float tensors in [-1, 1], images [n, H, W, 3], videos [n, T, H, W, 3].
 `to_tokens` packs them into the token layout of atoken/sparse.py (feature order (pt, ph, pw, c)).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,22 +26,23 @@ PATCH = (4, 16, 16)
 
 @dataclass
 class DataConfig:
-    image_size: int = 256         # square training images
-    video_size: int = 128         # square training video frames
-    video_frames: int = 16        # frames per clip (multiple of 4); 16 x 128^2 = 256 tokens, like a 256^2 image
-    video_ratio: float = 0.2      # fraction of samples per batch that are videos
-    min_shapes: int = 20          # dead-leaves shapes per scene
+    image_size: int = 256  # square training images
+    video_size: int = 128  # square training video frames
+    video_frames: int = 16  # frames per clip (multiple of 4); 16 x 128^2 = 256 tokens, like a 256^2 image
+    video_ratio: float = 0.2  # fraction of samples per batch that are videos
+    min_shapes: int = 20  # dead-leaves shapes per scene
     max_shapes: int = 80
-    text_prob: float = 0.3        # chance that a scene gets a line of text
-    package_photos: bool = True   # use scikit-learn's bundled sample photos if installed
-    photo_ratio: float = 0.1      # fraction of images that are crops of those photos
-    pool_size: int = 2048         # procedural images kept on the device (uint8)
-    refresh: int = 64             # pool images regenerated at once (one chunk) ...
-    refresh_every: int = 1        # ... every this many steps (bigger chunks amortise kernel launches on GPU)
+    text_prob: float = 0.3  # chance that a scene gets a line of text
+    package_photos: bool = True  # use scikit-learn's bundled sample photos if installed
+    photo_ratio: float = 0.1  # fraction of images that are crops of those photos
+    pool_size: int = 2048  # procedural images kept on the device (uint8)
+    refresh: int = 64  # pool images regenerated at once (one chunk) ...
+    refresh_every: int = 1  # ... every this many steps (bigger chunks amortise kernel launches on GPU)
     seed: int = 0
 
 
 # ----------------------------------------------------------------------------- helpers
+
 
 def _rand(gen, *shape, lo=0.0, hi=1.0):
     return torch.rand(*shape, generator=gen, device=gen.device) * (hi - lo) + lo
@@ -58,7 +60,7 @@ def pink_noise(gen, n, c, h, w):
     white = torch.randn(n, c, h, w, generator=gen, device=gen.device)
     fy = torch.fft.fftfreq(h, device=gen.device).abs()[:, None]
     fx = torch.fft.rfftfreq(w, device=gen.device)[None, :]
-    f = torch.sqrt(fy ** 2 + fx ** 2).clamp_min(1.0 / max(h, w))
+    f = torch.sqrt(fy**2 + fx**2).clamp_min(1.0 / max(h, w))
     alpha = _rand(gen, n, c, 1, 1, lo=1.8, hi=3.2)
     spec = torch.fft.rfft2(white) * f.pow(-alpha / 2)
     out = torch.fft.irfft2(spec, s=(h, w))
@@ -116,11 +118,14 @@ def package_photos() -> list[torch.Tensor]:
         from sklearn.datasets import load_sample_images
     except ImportError:
         return []
-    return [torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255.0
-            for im in load_sample_images().images]
+    return [
+        torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255.0
+        for im in load_sample_images().images
+    ]
 
 
 # ----------------------------------------------------------------------------- scenes
+
 
 class SceneGenerator:
     """Seeded procedural images and videos on one device."""
@@ -136,7 +141,7 @@ class SceneGenerator:
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A fresh generator for one batch: the data stream is a pure function of (seed, step)."""
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + salt) % (2 ** 63))
+        g.manual_seed((self.cfg.seed * 1_000_003 + step * 7919 + salt) % (2**63))
         return g
 
     def scenes(self, gen, n: int, h: int, w: int) -> torch.Tensor:
@@ -158,10 +163,11 @@ class SceneGenerator:
             v_ = -dx * torch.sin(th) + dy * torch.cos(th)
             aspect = _rand(gen, n, 1, 1, lo=0.3, hi=1.0)
             kind = torch.randint(0, 3, (n, 1, 1), generator=gen, device=dev)
-            d_ell = (torch.sqrt(u_ ** 2 + (v_ / aspect) ** 2) - r) * aspect
+            d_ell = (torch.sqrt(u_**2 + (v_ / aspect) ** 2) - r) * aspect
             d_rect = torch.maximum(u_.abs() - r, v_.abs() - r * aspect)
-            d_line = torch.where(u_.abs() <= r, v_.abs(), torch.sqrt((u_.abs() - r) ** 2 + v_ ** 2)) \
-                - _rand(gen, n, 1, 1, lo=0.5, hi=2.5)
+            d_line = torch.where(u_.abs() <= r, v_.abs(), torch.sqrt((u_.abs() - r) ** 2 + v_**2)) - _rand(
+                gen, n, 1, 1, lo=0.5, hi=2.5
+            )
             d = torch.where(kind == 0, d_ell, torch.where(kind == 1, d_rect, d_line))
             soft = _rand(gen, n, 1, 1, lo=0.3, hi=1.2) * torch.where(_rand(gen, n, 1, 1) < 0.1, 4.0, 1.0)
             alpha = torch.sigmoid(-d / soft)[:, None]  # [n, 1, h, w]
@@ -173,8 +179,11 @@ class SceneGenerator:
             grating = torch.sin(freq * v_ + _rand(gen, n, 1, 1, hi=6.3))[:, None]
             gamp = _rand(gen, n, 1, 1, 1, hi=0.3) * (_rand(gen, n, 1, 1, 1) < 0.3)
             tamp = _rand(gen, n, 1, 1, 1, hi=0.8) * (_rand(gen, n, 1, 1, 1) < 0.5)
-            fill = fill + gamp * grating * torch.randn(n, 3, 1, 1, generator=gen, device=dev) \
+            fill = (
+                fill
+                + gamp * grating * torch.randn(n, 3, 1, 1, generator=gen, device=dev)
                 + tamp * (tex.roll(int(torch.randint(1, 1000, (1,), generator=gen, device=dev)), 0) - 0.5)
+            )
             img = img * (1 - alpha) + fill.clamp(0, 1) * alpha
         img = self._text(gen, img)
         # global jitter: blur some, saturation, contrast/gamma, sensor-like noise
@@ -207,8 +216,13 @@ class SceneGenerator:
             s = int(min(ph, pw) * float(_rand(gen, 1, lo=0.25, hi=1.0)))
             y = int(torch.randint(0, ph - s + 1, (1,), generator=gen, device=self.device))
             x = int(torch.randint(0, pw - s + 1, (1,), generator=gen, device=self.device))
-            crop = F.interpolate(p[None, :, y:y + s, x:x + s], size=(size, size), mode="bilinear",
-                                 antialias=True, align_corners=False)[0]
+            crop = F.interpolate(
+                p[None, :, y : y + s, x : x + s],
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
+            )[0]
             if float(_rand(gen, 1)) < 0.5:
                 crop = crop.flip(-1)
             crop = crop * _rand(gen, 3, 1, 1, lo=0.8, hi=1.2) + _rand(gen, 1, 1, 1, lo=-0.1, hi=0.1)
@@ -239,11 +253,13 @@ class SceneGenerator:
         shift = (shift0 + vel * tt[:, None]).clamp(-0.33, 0.33)  # [n, 2, T]
         rot = torch.randn(n, 1, generator=gen, device=dev) * 0.1 * tt
         cos, sin = torch.cos(rot) * zoom, torch.sin(rot) * zoom
-        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], -1),
-                             torch.stack([sin, cos, shift[:, 1]], -1)], -2)  # [n, T, 2, 3]
+        theta = torch.stack(
+            [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], -2
+        )  # [n, T, 2, 3]
         grid = F.affine_grid(theta.reshape(n * t, 2, 3), (n * t, 3, s, s), align_corners=False)
-        frames = F.grid_sample(src.repeat_interleave(t, 0), grid, mode="bilinear", padding_mode="reflection",
-                               align_corners=False).reshape(n, t, 3, s, s)
+        frames = F.grid_sample(
+            src.repeat_interleave(t, 0), grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        ).reshape(n, t, 3, s, s)
         # one moving disc per clip (70% of clips)
         yy, xx = _grid(s, s, dev)
         c = _rand(gen, n, 2, 1, hi=s) + torch.randn(n, 2, 1, generator=gen, device=dev) * s * 0.3 * tt[:, None]
@@ -318,6 +334,7 @@ def _dihedral_batch(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- tokens
+
 
 def to_tokens(x: torch.Tensor, b0: int = 0):
     """Patchify [n, T, H, W, 3] (T padded with zeros to a multiple of 4; H, W multiples of 16) into

@@ -4,18 +4,35 @@ decord reads most files; where it cannot open one (no container duration, Ogg, .
 errors carry C++ source locations, assertion text and stack traces: `clean_decoder_error` keeps a readable
 reason first and the decoder's own words, shortened, after it.
 """
+
 from __future__ import annotations
 
 import re
 
 import numpy as np
 
-VIDEO_SUFFIXES = {".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v", ".ts", ".mts", ".m2ts", ".flv", ".ogv", ".mpg",
-                  ".mpeg", ".3gp"}
+VIDEO_SUFFIXES = {
+    ".mp4",
+    ".webm",
+    ".mov",
+    ".avi",
+    ".mkv",
+    ".m4v",
+    ".ts",
+    ".mts",
+    ".m2ts",
+    ".flv",
+    ".ogv",
+    ".mpg",
+    ".mpeg",
+    ".3gp",
+}
 _NOISE = re.compile(r"\[\d\d:\d\d:\d\d\] \S+?:\d+: ")
 _MEANINGS = (  # raw decoder texts -> what they mean to a user
-    (re.compile(r"buffer source|avfilter|Error parsing|Invalid data|invalid NAL|decode_slice|corrupt", re.I),
-     "corrupt or truncated video stream"),
+    (
+        re.compile(r"buffer source|avfilter|Error parsing|Invalid data|invalid NAL|decode_slice|corrupt", re.I),
+        "corrupt or truncated video stream",
+    ),
     (re.compile(r"seek", re.I), "video stream cannot be read or seeked (corrupt or truncated)"),
     (re.compile(r"broken metadata|measure duration|frame-count", re.I), "container metadata is broken"),
     (re.compile(r"No such file|cannot find|not found", re.I), "file not found"),

@@ -24,8 +24,10 @@ PATCH = 16
 
 
 def _cam_tensors(w2c, K, device):
-    return (torch.as_tensor(w2c, device=device, dtype=torch.float32),
-            torch.as_tensor(K, device=device, dtype=torch.float32))
+    return (
+        torch.as_tensor(w2c, device=device, dtype=torch.float32),
+        torch.as_tensor(K, device=device, dtype=torch.float32),
+    )
 
 
 def unproject_depth(depth: torch.Tensor, mask: torch.Tensor, w2c, K) -> torch.Tensor:
@@ -59,8 +61,13 @@ def voxel_centers(coords: torch.Tensor, grid: int = GRID) -> torch.Tensor:
 def patch_features(rgb: torch.Tensor) -> torch.Tensor:
     """[B, H, W, 3] in [0, 1] -> [B, 16, 16, 768] patch map (channel order p1, p2, c) of the 256-px view."""
     if rgb.shape[1:3] != (FEATURE_RES, FEATURE_RES):
-        x = F.interpolate(rgb.permute(0, 3, 1, 2), size=(FEATURE_RES, FEATURE_RES), mode="bicubic",
-                          antialias=True, align_corners=False)
+        x = F.interpolate(
+            rgb.permute(0, 3, 1, 2),
+            size=(FEATURE_RES, FEATURE_RES),
+            mode="bicubic",
+            antialias=True,
+            align_corners=False,
+        )
         rgb = x.clamp(0, 1).permute(0, 2, 3, 1)
     B, n = rgb.shape[0], FEATURE_RES // PATCH
     x = rgb.reshape(B, n, PATCH, n, PATCH, 3).permute(0, 1, 3, 2, 4, 5)  # b, row, col, p1, p2, c
@@ -85,9 +92,17 @@ def _patch_index(u: torch.Tensor, v: torch.Tensor, n: int = FEATURE_RES // PATCH
     return row.clamp(0, n - 1), col.clamp(0, n - 1), valid
 
 
-def voxel_features(rgb: torch.Tensor, coords: torch.Tensor, w2c, K, mode: str = "nearest",
-                   depth: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                   visibility_tol: float = 2.0, grid: int = GRID) -> torch.Tensor:
+def voxel_features(
+    rgb: torch.Tensor,
+    coords: torch.Tensor,
+    w2c,
+    K,
+    mode: str = "nearest",
+    depth: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    visibility_tol: float = 2.0,
+    grid: int = GRID,
+) -> torch.Tensor:
     """Features float32 [M, 768] in [0, 1] for voxel `coords` [M, 3]."""
     dev = rgb.device
     w2c, K = _cam_tensors(w2c, K, dev)

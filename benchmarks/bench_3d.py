@@ -93,8 +93,12 @@ def main():
     args = ap.parse_args()
 
     backends = args.backends.split(",") if args.backends != "auto" else (["cuda"] if cuda_available() else []) + ["cpu"]
-    env = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(),
-           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_assets(Path(tmp), Path(args.mesh_dir))
@@ -114,20 +118,33 @@ def main():
                 if backend == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 r = bench_one(renderer, mesh, views, args.feature_mode, repeats)
-                r.update(asset=name, faces=mesh.num_faces, size=size_class(mesh.num_faces), backend=backend,
-                         views=views, resolution=args.resolution, feature_mode=args.feature_mode, load_ms=load_ms)
+                r.update(
+                    asset=name,
+                    faces=mesh.num_faces,
+                    size=size_class(mesh.num_faces),
+                    backend=backend,
+                    views=views,
+                    resolution=args.resolution,
+                    feature_mode=args.feature_mode,
+                    load_ms=load_ms,
+                )
                 if backend == "cuda":
                     r["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
                 results.append(r)
-                print(f"{backend:4s} {name:28s} {r['faces']:>9,d} tris {r['size']:6s} {views:4d} views  "
-                      f"{r['ms_per_object']:9.1f} ms  {r['objects_per_s']:7.2f} obj/s  M={r['num_voxels']:6d}  "
-                      f"load {load_ms:7.1f} ms", flush=True)
+                print(
+                    f"{backend:4s} {name:28s} {r['faces']:>9,d} tris {r['size']:6s} {views:4d} views  "
+                    f"{r['ms_per_object']:9.1f} ms  {r['objects_per_s']:7.2f} obj/s  M={r['num_voxels']:6d}  "
+                    f"load {load_ms:7.1f} ms",
+                    flush=True,
+                )
 
     print("\n| backend | asset | triangles | size | views | ms/object | objects/s | voxels | load ms |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['backend']} | {r['asset']} | {r['faces']:,} | {r['size']} | {r['views']} | "
-              f"{r['ms_per_object']:.1f} | {r['objects_per_s']:.2f} | {r['num_voxels']} | {r['load_ms']:.1f} |")
+        print(
+            f"| {r['backend']} | {r['asset']} | {r['faces']:,} | {r['size']} | {r['views']} | "
+            f"{r['ms_per_object']:.1f} | {r['objects_per_s']:.2f} | {r['num_voxels']} | {r['load_ms']:.1f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "args": vars(args), "results": results}, indent=1))

@@ -19,6 +19,7 @@ Optionally (`--baseline-clips N`) a plain sequential loop on the first workload.
   python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
   python benchmarks/bench_pipeline.py --workloads video4096 --samples 2000 --baseline-clips 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.job import JobConfig, validate_job  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-VIDEOS = ("Big_Buck_Bunny_180_10s.webm", "bbb_480p_vp9_opus_1second.webm", "chaplin.mp4", "stub_mp4v.mp4",
-          "max-heromode.mp4")
+VIDEOS = (
+    "Big_Buck_Bunny_180_10s.webm",
+    "bbb_480p_vp9_opus_1second.webm",
+    "chaplin.mp4",
+    "stub_mp4v.mp4",
+    "max-heromode.mp4",
+)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tiff", ".tif", ".webp", ".bmp", ".pgm")
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 
@@ -47,16 +53,21 @@ MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 @dataclass(frozen=True)
 class Workload:
     name: str
-    kind: str   # videos | images | meshes: which input folder
-    area: int   # bucket area (pixels)
+    kind: str  # videos | images | meshes: which input folder
+    area: int  # bucket area (pixels)
     samples: int
     batch_rows: int  # rows per tokenizer call: about 16-64k tokens, so that forward passes are dense
 
 
-WORKLOADS = {w.name: w for w in (Workload("video4096", "videos", 512 * 512, 2000, 16),
-                                 Workload("video1024", "videos", 256 * 256, 3000, 32),
-                                 Workload("image256", "images", 256 * 256, 12000, 128),
-                                 Workload("mesh", "meshes", 256 * 256, 400, 16))}
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload("video4096", "videos", 512 * 512, 2000, 16),
+        Workload("video1024", "videos", 256 * 256, 3000, 32),
+        Workload("image256", "images", 256 * 256, 12000, 128),
+        Workload("mesh", "meshes", 256 * 256, 400, 16),
+    )
+}
 
 
 class GpuSampler(threading.Thread):
@@ -71,8 +82,11 @@ class GpuSampler(threading.Thread):
     def run(self):
         if not shutil.which("nvidia-smi"):
             return
-        self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
-                                      f"-lms={self.period_ms}"], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", f"-lms={self.period_ms}"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for line in self.proc.stdout:
             try:
                 self.samples.append((time.time(), float(line.split(",")[0])))
@@ -92,8 +106,11 @@ class GpuSampler(threading.Thread):
 def make_inputs(src: Path, names: list[str] | None, n: int, dest: Path, suffixes: tuple[str, ...] = ()) -> Path:
     """n inputs as hard links (or copies) of the real files (`names`, or every file with one of `suffixes`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    files = ([src / f for f in names if (src / f).exists()] if names else
-             sorted(f for f in src.iterdir() if f.suffix.lower() in suffixes))
+    files = (
+        [src / f for f in names if (src / f).exists()]
+        if names
+        else sorted(f for f in src.iterdir() if f.suffix.lower() in suffixes)
+    )
     if not files:
         raise SystemExit(f"no input files found in {src}")
     for i in range(n):
@@ -113,15 +130,33 @@ def job_for(w: "Workload", inputs: Path, out: Path, args) -> JobConfig:
         ray["prepare_actors"] = args.prepare_actors
     # upscale: every clip fills its bucket (the workload's token count), as in the figures before the
     # no-upscaling default; at native sizes the small test videos give fewer tokens and are not comparable
-    return validate_job({
-        "name": "bench", "out": str(out), "sources": [{"type": "folder", "path": str(inputs), "name": "bench"}],
-        "decode": {"fps": args.fps, "max_frames": args.frames, "timeout_s": args.decode_timeout, "upscale": True,
-                   "buckets": {"area": w.area, "min_side": 128, "max_side": 1024}},
-        "mesh": {"views": args.views},
-        "tokenize": {"config": args.config, "device": args.device, "batch_tokens": args.batch_tokens,
-                     "batch_rows": args.batch_rows or w.batch_rows, "actors_per_gpu": args.actors_per_gpu,
-                     "attention": args.attention, "compile": args.compile},
-        "write": {"rows_per_write": args.rows_per_write}, "qa": {"samples": 0}, "ray": ray})
+    return validate_job(
+        {
+            "name": "bench",
+            "out": str(out),
+            "sources": [{"type": "folder", "path": str(inputs), "name": "bench"}],
+            "decode": {
+                "fps": args.fps,
+                "max_frames": args.frames,
+                "timeout_s": args.decode_timeout,
+                "upscale": True,
+                "buckets": {"area": w.area, "min_side": 128, "max_side": 1024},
+            },
+            "mesh": {"views": args.views},
+            "tokenize": {
+                "config": args.config,
+                "device": args.device,
+                "batch_tokens": args.batch_tokens,
+                "batch_rows": args.batch_rows or w.batch_rows,
+                "actors_per_gpu": args.actors_per_gpu,
+                "attention": args.attention,
+                "compile": args.compile,
+            },
+            "write": {"rows_per_write": args.rows_per_write},
+            "qa": {"samples": 0},
+            "ray": ray,
+        }
+    )
 
 
 def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
@@ -175,9 +210,16 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
 
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
     gpu = torch.cuda.is_available()
-    prepare = Prepare(job.fetch, job.decode, job.mesh, job.storage, branch="3d" if w.kind == "meshes" else "media",
-                      gpus=0.1 if gpu and w.kind == "meshes" else 0.0, batch_size=8)
-    prepared = [r for i in range(0, len(rows), 8) for r in prepare(rows[i:i + 8]) if r["status"] == "ok"]
+    prepare = Prepare(
+        job.fetch,
+        job.decode,
+        job.mesh,
+        job.storage,
+        branch="3d" if w.kind == "meshes" else "media",
+        gpus=0.1 if gpu and w.kind == "meshes" else 0.0,
+        batch_size=8,
+    )
+    prepared = [r for i in range(0, len(rows), 8) for r in prepare(rows[i : i + 8]) if r["status"] == "ok"]
     prepare.teardown()
     stage = Tokenize(job.tokenize, "encoder-alone", gpus=1.0 if gpu else 0.0)
     t0 = time.perf_counter()
@@ -197,6 +239,7 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
         def run():
             for b in batches:
                 tk.encode_batch(b, logvar)  # host arrays out: synchronised
+
     n_rows = len(prepared)
     del prepared
     run()  # warm-up (kernels, allocator)
@@ -205,10 +248,19 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
         run()
     sec = (time.perf_counter() - t0) / repeats
     acc = stage.model.tokenizer.accel
-    out = {"rows": n_rows, "tokens": tokens, "tokens_per_row": tokens / max(n_rows, 1),
-           "s_per_pass": sec, "tokens_per_s": tokens / sec, "rows_per_s": n_rows / sec,
-           "attention": acc.attention, "compiled": acc.compiled, "compile_s": acc.compile_s,
-           "attention_timings_ms": acc.timings_ms, "setup_s": setup_s}
+    out = {
+        "rows": n_rows,
+        "tokens": tokens,
+        "tokens_per_row": tokens / max(n_rows, 1),
+        "s_per_pass": sec,
+        "tokens_per_s": tokens / sec,
+        "rows_per_s": n_rows / sec,
+        "attention": acc.attention,
+        "compiled": acc.compiled,
+        "compile_s": acc.compile_s,
+        "attention_timings_ms": acc.timings_ms,
+        "setup_s": setup_s,
+    }
     del run, stage
     if gpu:
         torch.cuda.empty_cache()
@@ -242,8 +294,12 @@ def capacities(summary, job: JobConfig, w: Workload) -> dict:
     for k, s in summary.stage_s.items():
         per = s / max(summary.stage_n[k], 1)
         n = workers.get(k)
-        out[k] = {"rows": summary.stage_n[k], "s_per_row_per_worker": per, "workers": n,
-                  "rows_per_s_capacity": (n / per) if n and per else None}
+        out[k] = {
+            "rows": summary.stage_n[k],
+            "s_per_row_per_worker": per,
+            "workers": n,
+            "rows_per_s_capacity": (n / per) if n and per else None,
+        }
     return out
 
 
@@ -265,35 +321,56 @@ def run_workload(w: Workload, args, sampler: "GpuSampler") -> dict:
     steady, s0, s1 = summary.steady_rate() or (summary.todo / summary.wall_s, t0, t1)
     rows, tokens = shard_tokens(summary.store_dir)
     per_row = tokens / max(rows, 1)
-    pipe = {"rows": summary.todo, "ok": summary.counts.get("ok", 0), "wall_s": summary.wall_s,
-            "rows_per_s": summary.todo / summary.wall_s, "steady_rows_per_s": steady,
-            "tokens_per_row": per_row, "steady_tokens_per_s": steady * per_row,
-            "gpu_busy": sampler.busy(s0, s1, trim=0.0), "gpu_busy_whole_run": sampler.busy(t0, t1, trim=0.0),
-            "commits": summary.commits, "written_MB": sum(s["bytes"] for s in summary.shards) / 1e6,
-            "stages": capacities(summary, job, w)}
+    pipe = {
+        "rows": summary.todo,
+        "ok": summary.counts.get("ok", 0),
+        "wall_s": summary.wall_s,
+        "rows_per_s": summary.todo / summary.wall_s,
+        "steady_rows_per_s": steady,
+        "tokens_per_row": per_row,
+        "steady_tokens_per_s": steady * per_row,
+        "gpu_busy": sampler.busy(s0, s1, trim=0.0),
+        "gpu_busy_whole_run": sampler.busy(t0, t1, trim=0.0),
+        "commits": summary.commits,
+        "written_MB": sum(s["bytes"] for s in summary.shards) / 1e6,
+        "stages": capacities(summary, job, w),
+    }
     import ray
+
     ray.shutdown()
     enc = encoder_alone(job, w, args.encoder_rows, args.encoder_repeats)
-    return {"workload": w.name, "inputs": n, "pipeline": pipe, "encoder": enc,
-            "efficiency": pipe["steady_tokens_per_s"] / enc["tokens_per_s"] if enc["tokens_per_s"] else None,
-            "job": job.model_dump(mode="json")}
+    return {
+        "workload": w.name,
+        "inputs": n,
+        "pipeline": pipe,
+        "encoder": enc,
+        "efficiency": pipe["steady_tokens_per_s"] / enc["tokens_per_s"] if enc["tokens_per_s"] else None,
+        "job": job.model_dump(mode="json"),
+    }
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'workload':10s} {'tok/row':>8s} {'encoder tok/s':>14s} {'pipeline tok/s':>15s} {'efficiency':>10s} "
-          f"{'rows/s':>8s} {'GPU busy':>8s}  stage capacity (rows/s)")
+    print(
+        f"\n{'workload':10s} {'tok/row':>8s} {'encoder tok/s':>14s} {'pipeline tok/s':>15s} {'efficiency':>10s} "
+        f"{'rows/s':>8s} {'GPU busy':>8s}  stage capacity (rows/s)"
+    )
     for r in results:
         p, e = r["pipeline"], r["encoder"]
         busy = "n/a" if p["gpu_busy"] is None else f"{p['gpu_busy'] * 100:.0f} %"
-        caps = ", ".join(f"{k} {v['rows_per_s_capacity']:.0f}" for k, v in p["stages"].items()
-                         if v["rows_per_s_capacity"])
-        print(f"{r['workload']:10s} {p['tokens_per_row']:8.0f} {e['tokens_per_s']:14,.0f} "
-              f"{p['steady_tokens_per_s']:15,.0f} {r['efficiency']:10.1%} {p['steady_rows_per_s']:8.1f} {busy:>8s}  "
-              f"{caps}")
+        caps = ", ".join(
+            f"{k} {v['rows_per_s_capacity']:.0f}" for k, v in p["stages"].items() if v["rows_per_s_capacity"]
+        )
+        print(
+            f"{r['workload']:10s} {p['tokens_per_row']:8.0f} {e['tokens_per_s']:14,.0f} "
+            f"{p['steady_tokens_per_s']:15,.0f} {r['efficiency']:10.1%} {p['steady_rows_per_s']:8.1f} {busy:>8s}  "
+            f"{caps}"
+        )
     if results:
         e = results[0]["encoder"]
-        print(f"encoder: attention {e['attention']}, compiled={e['compiled']}"
-              + (f" (compile {e['compile_s']:.1f} s per process)" if e["compile_s"] else ""))
+        print(
+            f"encoder: attention {e['attention']}, compiled={e['compiled']}"
+            + (f" (compile {e['compile_s']:.1f} s per process)" if e["compile_s"] else "")
+        )
 
 
 def main(argv=None) -> int:
@@ -319,8 +396,12 @@ def main(argv=None) -> int:
     p.add_argument("--prepare-actors", type=int, default=None, help="fetch+decode actors (default: autoscaled)")
     p.add_argument("--rows-per-write", type=int, default=128)
     p.add_argument("--prepare-batch-rows", type=int, default=8)
-    p.add_argument("--decode-timeout", type=float, default=120.0,
-                   help="per-clip wall-clock limit; 0 decodes in the Ray worker itself (no forked child)")
+    p.add_argument(
+        "--decode-timeout",
+        type=float,
+        default=120.0,
+        help="per-clip wall-clock limit; 0 decodes in the Ray worker itself (no forked child)",
+    )
     p.add_argument("--work", default="/tmp/bench-pipeline")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -331,8 +412,13 @@ def main(argv=None) -> int:
         p.error(f"unknown workloads {bad}; choose from {', '.join(WORKLOADS)}")
 
     import torch
-    machine = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "cpus": os.cpu_count(),
-               "python": platform.python_version(), "torch": torch.__version__}
+
+    machine = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     result = {"machine": machine, "settings": vars(args), "workloads": []}
     sampler = GpuSampler()
     sampler.start()
@@ -350,8 +436,10 @@ def main(argv=None) -> int:
         loop = sequential_loop(loop_job, work / "inputs", args.baseline_clips)
         steady = result["workloads"][0]["pipeline"]["steady_rows_per_s"]
         result["sequential_loop"] = loop | {"steady_speedup": steady / loop["clips_per_s"]}
-        print(f"sequential loop ({w.name}): {loop['clips_per_s']:.2f} rows/s; the pipeline's steady state is "
-              f"{steady / loop['clips_per_s']:.1f}x that")
+        print(
+            f"sequential loop ({w.name}): {loop['clips_per_s']:.2f} rows/s; the pipeline's steady state is "
+            f"{steady / loop['clips_per_s']:.1f}x that"
+        )
     write_json(args.out, result)
     return 0
 

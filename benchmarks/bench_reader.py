@@ -7,6 +7,7 @@ committed like a run's.
 
     python benchmarks/bench_reader.py --out benchmarks/results/reader.json [--gb 1.0] [--seconds 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,13 +98,14 @@ def timed(batches, seconds: float) -> dict:
 def bench_datasets(storage: Storage, fmt: str, seconds: float, batch: int, cache: Path) -> dict:
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=storage.path("data") + "/*/*.parquet", split="train",
-                               cache_dir=str(cache))  # its Arrow copy (~4 GB) stays out of ~/.cache
+    ds = datasets.load_dataset(
+        "parquet", data_files=storage.path("data") + "/*/*.parquet", split="train", cache_dir=str(cache)
+    )  # its Arrow copy (~4 GB) stays out of ~/.cache
     ds = ds.with_format(fmt)
     rows = tokens = 0
     t0 = time.perf_counter()
     for i in range(0, len(ds), batch):
-        b = ds[i:i + batch]
+        b = ds[i : i + batch]
         nt = b["num_tokens"]
         if fmt == "arrow":  # touch the token values too, as a trainer would (zero-copy views)
             pc.list_flatten(pc.list_flatten(b.column("latent"))).to_numpy()
@@ -114,8 +116,14 @@ def bench_datasets(storage: Storage, fmt: str, seconds: float, batch: int, cache
         if time.perf_counter() - t0 > seconds:
             break
     dt = time.perf_counter() - t0
-    return {"rows_per_s": rows / dt, "tokens_per_s": tokens / dt, "rows": rows, "tokens": tokens, "s": dt,
-            "batch_rows": batch}
+    return {
+        "rows_per_s": rows / dt,
+        "tokens_per_s": tokens / dt,
+        "rows": rows,
+        "tokens": tokens,
+        "s": dt,
+        "batch_rows": batch,
+    }
 
 
 def main() -> int:
@@ -132,11 +140,22 @@ def main() -> int:
     storage = build_repeated(demo_version(work / "demo"), work / "repeated", int(args.gb * 1e9))
     store = Store(storage)
     store.load()
-    res = {"machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0], "platform": platform.platform(),
-                       "python": platform.python_version(), "torch": torch.__version__},
-           "store": {"bytes": sum(s.bytes for s in store.shards.values()), "shards": len(store.shards),
-                     "row_groups": sum(s.row_groups for s in store.shards.values()), "counts": store.counts()},
-           "max_tokens": args.max_tokens}
+    res = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0],
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "store": {
+            "bytes": sum(s.bytes for s in store.shards.values()),
+            "shards": len(store.shards),
+            "row_groups": sum(s.row_groups for s in store.shards.values()),
+            "counts": store.counts(),
+        },
+        "max_tokens": args.max_tokens,
+    }
     print(json.dumps(res["store"]), flush=True)
 
     def make(**kw):
@@ -162,8 +181,10 @@ def main() -> int:
     res["speedup_vs_datasets_torch"] = res["reader"]["tokens_per_s"] / res["datasets_torch"]["tokens_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"reader {res['reader']['tokens_per_s'] / 1e6:.2f} M tokens/s, "
-          f"{res['speedup_vs_datasets_torch']:.0f}x datasets(torch); wrote {args.out}")
+    print(
+        f"reader {res['reader']['tokens_per_s'] / 1e6:.2f} M tokens/s, "
+        f"{res['speedup_vs_datasets_torch']:.0f}x datasets(torch); wrote {args.out}"
+    )
     return 0
 
 

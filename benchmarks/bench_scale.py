@@ -10,6 +10,7 @@
 
     python benchmarks/bench_scale.py --rows 100000,1000000,10000000 --writers 1,2,4,8 --out benchmarks/results/scale.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,13 +39,20 @@ def write_webvid_csv(path: Path, n: int, chunk: int = 1_000_000) -> None:
         for s in range(0, n, chunk):
             vid = np.arange(s, min(n, s + chunk)) * 7 + 1_000_000
             ids = pa.array(vid.astype(str))
-            w.write_table(pa.table({
-                "videoid": ids,
-                "contentUrl": pc.binary_join_element_wise("https://ak.picdn.net/shutterstock/videos/", ids,
-                                                          "/preview/stock-footage-synthetic.mp4", ""),
-                "duration": pa.array(np.char.add(np.char.add("PT00H00M", (vid % 50 + 5).astype(str)), "S")),
-                "page_dir": pa.array(np.char.add((vid // 50).astype(str), "_x")),
-                "name": pc.binary_join_element_wise("synthetic caption ", ids, " for a scale test", "")}, schema=schema))
+            w.write_table(
+                pa.table(
+                    {
+                        "videoid": ids,
+                        "contentUrl": pc.binary_join_element_wise(
+                            "https://ak.picdn.net/shutterstock/videos/", ids, "/preview/stock-footage-synthetic.mp4", ""
+                        ),
+                        "duration": pa.array(np.char.add(np.char.add("PT00H00M", (vid % 50 + 5).astype(str)), "S")),
+                        "page_dir": pa.array(np.char.add((vid // 50).astype(str), "_x")),
+                        "name": pc.binary_join_element_wise("synthetic caption ", ids, " for a scale test", ""),
+                    },
+                    schema=schema,
+                )
+            )
 
 
 def seed_store(out: Path, job, done: int) -> str:
@@ -62,13 +70,24 @@ def seed_store(out: Path, job, done: int) -> str:
     store.init({"name": name, "buckets": job.ray.buckets}, tok, pre)
     ids = make_ids("webvid", pa.array((np.arange(done) * 7 + 1_000_000).astype(str)))
     n = len(ids)
-    table = pa.table({"id": ids, "bucket": pa.array(bucket_of(ids, job.ray.buckets), pa.int32()),
-                      "status": pa.array(["ok"] * n), "stage": pa.array(["tokenize"] * n),
-                      "reason": pa.nulls(n, pa.string()), "modality": pa.array(["video"] * n),
-                      "source": pa.array(["webvid"] * n), "uri": pa.nulls(n, pa.string()),
-                      "seq": pa.array(np.zeros(n, np.int64))}).cast(ledger_schema())
-    write_levels(store.storage, f"{LEVELS}/0000000000-0000000000-seed.parquet",
-                 table.sort_by([("bucket", "ascending"), ("id", "ascending")]))
+    table = pa.table(
+        {
+            "id": ids,
+            "bucket": pa.array(bucket_of(ids, job.ray.buckets), pa.int32()),
+            "status": pa.array(["ok"] * n),
+            "stage": pa.array(["tokenize"] * n),
+            "reason": pa.nulls(n, pa.string()),
+            "modality": pa.array(["video"] * n),
+            "source": pa.array(["webvid"] * n),
+            "uri": pa.nulls(n, pa.string()),
+            "seq": pa.array(np.zeros(n, np.int64)),
+        }
+    ).cast(ledger_schema())
+    write_levels(
+        store.storage,
+        f"{LEVELS}/0000000000-0000000000-seed.parquet",
+        table.sort_by([("bucket", "ascending"), ("id", "ascending")]),
+    )
     return name
 
 
@@ -81,8 +100,13 @@ def dry_run_point(work: Path, n: int, cpus: int) -> dict:
     if not csv_path.exists():
         write_webvid_csv(csv_path, n)
     out = work / f"out-{n}"
-    cfg = {"name": "scale", "out": str(out), "sources": [{"type": "webvid", "path": str(csv_path)}],
-           "tokenize": {"config": "tiny-c"}, "ray": {"num_cpus": cpus}}
+    cfg = {
+        "name": "scale",
+        "out": str(out),
+        "sources": [{"type": "webvid", "path": str(csv_path)}],
+        "tokenize": {"config": "tiny-c"},
+        "ray": {"num_cpus": cpus},
+    }
     job_path = work / f"job-{n}.yaml"
     job_path.write_text(yaml.safe_dump(cfg))
     if not out.exists():
@@ -90,8 +114,14 @@ def dry_run_point(work: Path, n: int, cpus: int) -> dict:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PIPELINE_PROGRESS": "0"}
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(job_path), "--dry-run"], cwd=REPO,
-                                env=env, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "run", str(job_path), "--dry-run"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=err,
+            text=True,
+        )
         peaks = sample_memory(proc)
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
@@ -103,9 +133,16 @@ def dry_run_point(work: Path, n: int, cpus: int) -> dict:
     nums = [int(t) for t in line.replace(",", " ").replace(";", " ").split() if t.isdigit()]
     rows, todo, ok = nums[0], nums[1], nums[2]
     assert rows == n and todo == n - n // 2 and ok == n // 2, line
-    return {"rows": n, "done_before": n // 2, "to_do": todo, "wall_s": round(wall, 1),
-            "driver_peak_rss_mb": int(rss.split("driver peak RSS")[1].split()[0]),
-            "driver_peak_private_mb": peaks.get("RssAnon"), "driver_peaks_mb": peaks, "line": line.strip()}
+    return {
+        "rows": n,
+        "done_before": n // 2,
+        "to_do": todo,
+        "wall_s": round(wall, 1),
+        "driver_peak_rss_mb": int(rss.split("driver peak RSS")[1].split()[0]),
+        "driver_peak_private_mb": peaks.get("RssAnon"),
+        "driver_peaks_mb": peaks,
+        "line": line.strip(),
+    }
 
 
 def sample_memory(proc: subprocess.Popen, every_s: float = 0.05) -> dict:
@@ -130,6 +167,7 @@ def sample_memory(proc: subprocess.Popen, every_s: float = 0.05) -> dict:
 
 # ---- writers -------------------------------------------------------------------------------------------------
 
+
 def token_rows(batch: dict, tokens: int, dims) -> "pa.Table":
     from pipeline.ray_job import to_table
 
@@ -139,11 +177,32 @@ def token_rows(batch: dict, tokens: int, dims) -> "pa.Table":
     def noise(*shape):  # random fp16 bits: as incompressible as real latents, and cheap to make
         return rng.integers(0, 1 << 15, shape, dtype=np.uint16).view(np.float16)
 
-    rows = [{"id": f"bench-{int(i):09d}", "bucket": int(i) % 256, "modality": "video", "source": "bench",
-             "uri": f"synthetic://{int(i)}", "caption": "a synthetic clip", "status": "ok", "stage": "tokenize",
-             "reason": None, "meta": "{}", "coords": coords, "latent": noise(tokens, dims.latent), "logvar": None,
-             "fsq_indices": None, "pooled": noise(dims.embed), "tokenizer": "bench", "preprocess": "bench",
-             "width": 256, "height": 256, "num_frames": 16, "fps": 8.0} for i in batch["id"]]
+    rows = [
+        {
+            "id": f"bench-{int(i):09d}",
+            "bucket": int(i) % 256,
+            "modality": "video",
+            "source": "bench",
+            "uri": f"synthetic://{int(i)}",
+            "caption": "a synthetic clip",
+            "status": "ok",
+            "stage": "tokenize",
+            "reason": None,
+            "meta": "{}",
+            "coords": coords,
+            "latent": noise(tokens, dims.latent),
+            "logvar": None,
+            "fsq_indices": None,
+            "pooled": noise(dims.embed),
+            "tokenizer": "bench",
+            "preprocess": "bench",
+            "width": 256,
+            "height": 256,
+            "num_frames": 16,
+            "fps": 8.0,
+        }
+        for i in batch["id"]
+    ]
     return to_table(rows)
 
 
@@ -161,12 +220,18 @@ def writer_point(ray, work: Path, mode: str, writers: int, rows: int, tokens: in
     store.recover("bench")
     writer = ShardWriter(store.uri, {}, "bench", dims, WriteConfig(shard_bytes=256 << 20))
     ds = ray.data.range(rows, override_num_blocks=max(8, rows // 16)).map_batches(
-        token_rows, fn_kwargs={"tokens": tokens, "dims": dims}, batch_size=16, batch_format="numpy", num_cpus=0.25)
+        token_rows, fn_kwargs={"tokens": tokens, "dims": dims}, batch_size=16, batch_format="numpy", num_cpus=0.25
+    )
     t0 = time.perf_counter()
     if mode == "workers":
-        ds = ds.map_batches(_write_task, fn_kwargs={"writer": writer}, batch_size=rows_per_write,
-                            batch_format="pyarrow", num_cpus=0.25,
-                            compute=ray.data.TaskPoolStrategy(size=writers))
+        ds = ds.map_batches(
+            _write_task,
+            fn_kwargs={"writer": writer},
+            batch_size=rows_per_write,
+            batch_format="pyarrow",
+            num_cpus=0.25,
+            compute=ray.data.TaskPoolStrategy(size=writers),
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.column("record").to_pylist():
                 store.commit(json.loads(rec), "bench")
@@ -183,9 +248,17 @@ def writer_point(ray, work: Path, mode: str, writers: int, rows: int, tokens: in
     store.checkpoint()
     c = store.counts()["video"]
     assert c["rows"] == rows
-    return {"mode": mode, "writers": writers, "rows": rows, "tokens_per_row": tokens, "shards": c["shards"],
-            "MB": round(c["bytes"] / 1e6, 1), "wall_s": round(wall, 2), "rows_per_s": round(rows / wall, 1),
-            "MB_per_s": round(c["bytes"] / 1e6 / wall, 1)}
+    return {
+        "mode": mode,
+        "writers": writers,
+        "rows": rows,
+        "tokens_per_row": tokens,
+        "shards": c["shards"],
+        "MB": round(c["bytes"] / 1e6, 1),
+        "wall_s": round(wall, 2),
+        "rows_per_s": round(rows / wall, 1),
+        "MB_per_s": round(c["bytes"] / 1e6 / wall, 1),
+    }
 
 
 def commit_cost(work: Path, commits: int) -> dict:
@@ -200,13 +273,19 @@ def commit_cost(work: Path, commits: int) -> dict:
     for i in range(commits):
         staged = f"staging/bench/{i}.parquet"
         store.storage.write_bytes(staged, b"PAR1" + bytes(100) + b"PAR1", durable=False)
-        rec = {"shards": [{"staging": staged, "modality": "video", "rows": 1, "bytes": 108, "sha256": "0" * 64}],
-               "ledger": None, "counts": {"ok": 1}}
+        rec = {
+            "shards": [{"staging": staged, "modality": "video", "rows": 1, "bytes": 108, "sha256": "0" * 64}],
+            "ledger": None,
+            "counts": {"ok": 1},
+        }
         t = time.perf_counter()
         store.commit(rec, "bench")
         times.append(time.perf_counter() - t)
-    return {"commits": commits, "first_100_ms": round(1e3 * float(np.mean(times[:100])), 3),
-            "last_100_ms": round(1e3 * float(np.mean(times[-100:])), 3)}
+    return {
+        "commits": commits,
+        "first_100_ms": round(1e3 * float(np.mean(times[:100])), 3),
+        "last_100_ms": round(1e3 * float(np.mean(times[-100:])), 3),
+    }
 
 
 def main() -> int:
@@ -225,8 +304,10 @@ def main() -> int:
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     skip = set(args.skip.split(","))
-    result = {"machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "command": " ".join(sys.argv)}
+    result = {
+        "machine": {"host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+    }
     if "dry_run" not in skip:
         result["dry_run"] = []
         for n in (int(x) for x in args.rows.split(",")):

@@ -74,14 +74,22 @@ def parse_args(argv=None) -> BenchConfig:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--blocks", type=int, default=None, help="shrink the encoder to this many blocks (smoke runs)")
     p.add_argument("--batch-tokens", type=int, default=d.batch_tokens)
-    p.add_argument("--workloads", default=",".join(d.workloads),
-                   help=f"comma list of {sorted(WORKLOADS) + list(EXTRA_WORKLOADS)}")
+    p.add_argument(
+        "--workloads", default=",".join(d.workloads), help=f"comma list of {sorted(WORKLOADS) + list(EXTRA_WORKLOADS)}"
+    )
     p.add_argument("--warmup", type=int, default=d.warmup)
     p.add_argument("--iters", type=int, default=d.iters)
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the encoder blocks as the tokenizer does (auto: on CUDA)")
-    p.add_argument("--attention", default="auto",
-                   help="comma list of attention kernels: auto (timed pick), cudnn, flash, efficient, math, flash-attn")
+    p.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile the encoder blocks as the tokenizer does (auto: on CUDA)",
+    )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="comma list of attention kernels: auto (timed pick), cudnn, flash, efficient, math, flash-attn",
+    )
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=None, help="write results as JSON here")
@@ -90,10 +98,21 @@ def parse_args(argv=None) -> BenchConfig:
     bad = [w for w in wl if w not in WORKLOADS and w not in EXTRA_WORKLOADS]
     if bad:
         p.error(f"unknown workloads {bad}; choose from {sorted(WORKLOADS) + list(EXTRA_WORKLOADS)}")
-    return BenchConfig(config=a.config, device=a.device, dtype=a.dtype, blocks=a.blocks, batch_tokens=a.batch_tokens,
-                       workloads=wl, warmup=a.warmup, iters=a.iters, compile=a.compile,
-                       attention=tuple(k for k in a.attention.split(",") if k), matmul_size=a.matmul_size,
-                       seed=a.seed, out=a.out)
+    return BenchConfig(
+        config=a.config,
+        device=a.device,
+        dtype=a.dtype,
+        blocks=a.blocks,
+        batch_tokens=a.batch_tokens,
+        workloads=wl,
+        warmup=a.warmup,
+        iters=a.iters,
+        compile=a.compile,
+        attention=tuple(k for k in a.attention.split(",") if k),
+        matmul_size=a.matmul_size,
+        seed=a.seed,
+        out=a.out,
+    )
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -164,8 +183,9 @@ def run(bc: BenchConfig) -> dict:
         raise SystemExit("CUDA is not available; use --device cpu (with --blocks 1) for a smoke run")
     torch.manual_seed(bc.seed)
     cfg = ATokenConfig.load(bc.config)
-    cfg = dataclasses.replace(cfg, use_decoder=False,
-                              encoder_num_blocks=bc.blocks if bc.blocks is not None else cfg.encoder_num_blocks)
+    cfg = dataclasses.replace(
+        cfg, use_decoder=False, encoder_num_blocks=bc.blocks if bc.blocks is not None else cfg.encoder_num_blocks
+    )
     model = build_encoder(cfg, device, dtype)
     n_params = sum(p.numel() for p in model.parameters())
     compile = {"auto": None, "on": True, "off": False}[bc.compile]
@@ -177,24 +197,38 @@ def run(bc: BenchConfig) -> dict:
     for kernel in bc.attention:
         t0 = time.perf_counter()
         acc = accelerate(model, device, dtype, kernel, compile if not kernels else False)  # compile once
-        kernels[kernel] = {"chosen": acc.attention, "compiled": acc.compiled or any(
-            k["compiled"] for k in kernels.values()), "timings_ms": acc.timings_ms, "setup_s": time.perf_counter() - t0}
+        kernels[kernel] = {
+            "chosen": acc.attention,
+            "compiled": acc.compiled or any(k["compiled"] for k in kernels.values()),
+            "timings_ms": acc.timings_ms,
+            "setup_s": time.perf_counter() - t0,
+        }
         for wl in bc.workloads:
             if wl == "gs":
                 results.append(bench_gs(bc, device, dtype) | {"attention": acc.attention})
                 continue
-            results.append(bench_workload(model, acc, cfg, wl, bc, device, dtype, gen, peak) | {
-                "attention": acc.attention, "compiled": kernels[kernel]["compiled"]})
+            results.append(
+                bench_workload(model, acc, cfg, wl, bc, device, dtype, gen, peak)
+                | {"attention": acc.attention, "compiled": kernels[kernel]["compiled"]}
+            )
             if kernel == bc.attention[0] and wl == bc.workloads[0]:
                 kernels[kernel]["first_call_s"] = results[-1].pop("first_call_s")
     return {
         "benchmark": "tokenizer_encoder",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "dtype": bc.dtype, "compile": bc.compile, "config": bc.config,
-        "encoder_blocks": cfg.encoder_num_blocks, "encoder_params": n_params, "attention": kernels,
-        "matmul_size": msize, "matmul_tflops": peak, "warmup": bc.warmup, "iters": bc.iters,
+        "torch": torch.__version__,
+        "dtype": bc.dtype,
+        "compile": bc.compile,
+        "config": bc.config,
+        "encoder_blocks": cfg.encoder_num_blocks,
+        "encoder_params": n_params,
+        "attention": kernels,
+        "matmul_size": msize,
+        "matmul_tflops": peak,
+        "warmup": bc.warmup,
+        "iters": bc.iters,
         "flop_formula": "per token 2CD + blocks*(2D*3D + 2D*D + 4DM) + 2D*2D + 2D*2z; attention blocks*4*D*sum(L^2); "
-                        "per sample 4D*D + 4DM + 4LD (pooling head); forward only",
+        "per sample 4D*D + 4DM + 4LD (pooling head); forward only",
         "results": results,
     }
 
@@ -220,10 +254,20 @@ def bench_workload(model, acc, cfg, wl, bc, device, dtype, gen, peak) -> dict:
     assert out.mean.shape == (n * per_sample, cfg.latent_channels) and out.pooled.shape[0] == n
     sec = time_it(step, device, bc.warmup, bc.iters)
     tflops = flops / sec / 1e12
-    return {"workload": wl, "samples_per_batch": n, "tokens_per_sample": per_sample, "tokens_per_batch": n * per_sample,
-            "sec_per_batch": sec, "tokens_per_s": n * per_sample / sec, "samples_per_s": n / sec,
-            "flops_per_batch": flops, "tflops": tflops, "mfu": tflops / peak, "peak_mem_gib": peak_memory_gib(device),
-            "first_call_s": first}
+    return {
+        "workload": wl,
+        "samples_per_batch": n,
+        "tokens_per_sample": per_sample,
+        "tokens_per_batch": n * per_sample,
+        "sec_per_batch": sec,
+        "tokens_per_s": n * per_sample / sec,
+        "samples_per_s": n / sec,
+        "flops_per_batch": flops,
+        "tflops": tflops,
+        "mfu": tflops / peak,
+        "peak_mem_gib": peak_memory_gib(device),
+        "first_call_s": first,
+    }
 
 
 def bench_gs(bc: BenchConfig, device, dtype) -> dict:
@@ -251,29 +295,64 @@ def bench_gs(bc: BenchConfig, device, dtype) -> dict:
         (g,) = dec(feats, coords)
         cam, rcfg = orbit_cameras(1)[0], RenderConfig(resolution=512)
         ren_s = time_it(lambda: render(g, cam, rcfg), device, 1, max(1, bc.iters // 5))
-    return {"workload": "gs", "samples_per_batch": 1, "tokens_per_sample": len(xyz), "tokens_per_batch": len(xyz),
-            "sec_per_batch": dec_s, "tokens_per_s": len(xyz) / dec_s, "samples_per_s": 1 / dec_s,
-            "gaussians": len(g), "render_512_sec": ren_s, "flops_per_batch": None, "tflops": None, "mfu": None,
-            "peak_mem_gib": peak_memory_gib(device)}
+    return {
+        "workload": "gs",
+        "samples_per_batch": 1,
+        "tokens_per_sample": len(xyz),
+        "tokens_per_batch": len(xyz),
+        "sec_per_batch": dec_s,
+        "tokens_per_s": len(xyz) / dec_s,
+        "samples_per_s": 1 / dec_s,
+        "gaussians": len(g),
+        "render_512_sec": ren_s,
+        "flops_per_batch": None,
+        "tflops": None,
+        "mfu": None,
+        "peak_mem_gib": peak_memory_gib(device),
+    }
 
 
 def print_table(rep: dict):
-    print(f"\n{rep['device']} | torch {rep['torch']} | {rep['dtype']} | compile={rep['compile']} | "
-          f"{rep['encoder_blocks']} blocks, {rep['encoder_params'] / 1e6:.1f}M params")
+    print(
+        f"\n{rep['device']} | torch {rep['torch']} | {rep['dtype']} | compile={rep['compile']} | "
+        f"{rep['encoder_blocks']} blocks, {rep['encoder_params'] / 1e6:.1f}M params"
+    )
     for k, v in rep["attention"].items():
         t = ", ".join(f"{n} {ms:.2f} ms" for n, ms in v["timings_ms"].items())
         print(f"attention {k}: uses {v['chosen']}" + (f" (attention alone: {t})" if t else ""))
     print(f"{rep['dtype']} matmul {rep['matmul_size']}^3: {rep['matmul_tflops']:.4g} TFLOP/s")
-    cols = ["attention", "workload", "samples", "tokens", "ms/batch", "tokens/s", "samples/s", "TFLOP/s", "MFU", "peak GiB"]
+    cols = [
+        "attention",
+        "workload",
+        "samples",
+        "tokens",
+        "ms/batch",
+        "tokens/s",
+        "samples/s",
+        "TFLOP/s",
+        "MFU",
+        "peak GiB",
+    ]
     print(" | ".join(f"{c:>10}" for c in cols))
     for r in rep["results"]:
-        vals = [r.get("attention", "-"), r["workload"], r["samples_per_batch"], r["tokens_per_batch"], f"{r['sec_per_batch'] * 1e3:.1f}",
-                f"{r['tokens_per_s']:,.0f}", f"{r['samples_per_s']:,.1f}", _fmt(r["tflops"], "{:.4g}"), _fmt(r["mfu"], "{:.1%}"),
-                f"{r['peak_mem_gib']:.2f}"]
+        vals = [
+            r.get("attention", "-"),
+            r["workload"],
+            r["samples_per_batch"],
+            r["tokens_per_batch"],
+            f"{r['sec_per_batch'] * 1e3:.1f}",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{r['samples_per_s']:,.1f}",
+            _fmt(r["tflops"], "{:.4g}"),
+            _fmt(r["mfu"], "{:.1%}"),
+            f"{r['peak_mem_gib']:.2f}",
+        ]
         print(" | ".join(f"{v:>10}" for v in vals))
         if "render_512_sec" in r:
-            print(f"{'':>10}   gs: {r['gaussians']:,} Gaussians from {r['tokens_per_batch']:,} voxels; "
-                  f"one 512 px render {r['render_512_sec'] * 1e3:.0f} ms")
+            print(
+                f"{'':>10}   gs: {r['gaussians']:,} Gaussians from {r['tokens_per_batch']:,} voxels; "
+                f"one 512 px render {r['render_512_sec'] * 1e3:.0f} ms"
+            )
 
 
 def _fmt(v, spec: str) -> str:

@@ -1,5 +1,6 @@
 """Resolution buckets: every image/video is resized and centre-cropped to the (h, w) bucket closest in aspect
 ratio. Sides are multiples of 16 (the tokenizer's patch size) within [min_side, max_side]."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,7 @@ from pipeline.config import Config
 class BucketConfig(Config):
     IDENTITY = ("area", "min_side", "max_side", "multiple", "buckets")
 
-    area: int = Field(256 * 256, ge=16 * 16)        # target pixel count of derived buckets
+    area: int = Field(256 * 256, ge=16 * 16)  # target pixel count of derived buckets
     min_side: int = Field(128, ge=16)
     max_side: int = Field(512, ge=16)
     multiple: int = Field(16, ge=1)
@@ -34,8 +35,10 @@ def make_buckets(cfg: BucketConfig) -> list[tuple[int, int]]:
         out = [(int(h), int(w)) for h, w in cfg.buckets]
         for h, w in out:
             if h <= 0 or w <= 0 or h % cfg.multiple or w % cfg.multiple or max(h, w) > cfg.max_side:
-                raise ValueError(f"bucket {(h, w)} must be positive multiples of {cfg.multiple} "
-                                 f"with sides <= max_side={cfg.max_side}")
+                raise ValueError(
+                    f"bucket {(h, w)} must be positive multiples of {cfg.multiple} "
+                    f"with sides <= max_side={cfg.max_side}"
+                )
         return sorted(set(out), key=lambda hw: hw[0] / hw[1])
     m = cfg.multiple
     out = set()

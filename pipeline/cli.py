@@ -1,4 +1,5 @@
 """`python -m pipeline run|demo|status|verify|compact|export|submit|mesh`."""
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,10 @@ def cmd_run(args) -> int:
         import signal
 
         name = signal.Signals(early.received[0]).name
-        print(f"interrupted ({name}) before the run started: 0 samples committed this run; rerun the same command "
-              "to continue")
+        print(
+            f"interrupted ({name}) before the run started: 0 samples committed this run; rerun the same command "
+            "to continue"
+        )
         return SIGNAL_EXIT[early.received[0]]
     t0 = time.perf_counter()
     try:
@@ -64,8 +67,10 @@ def cmd_run(args) -> int:
         print("aborted: what was committed is kept; rerun the same command to continue", file=sys.stderr)
         return 130
     except DamagedFile as exc:  # a committed file fails its checks: say which, and how to repair
-        return _fail(f"{exc}\nrun `python -m pipeline verify {job.out} --repair` to un-commit it; the next run "
-                     "redoes its samples")
+        return _fail(
+            f"{exc}\nrun `python -m pipeline verify {job.out} --repair` to un-commit it; the next run "
+            "redoes its samples"
+        )
     except OSError as exc:  # disk full, read-only output, missing input: one clear line, no traceback
         return _fail(_run_error(exc, job.out))
     print(summary.render())
@@ -83,13 +88,17 @@ def _run_error(exc: OSError, out: str) -> str:
     if msg.startswith("checkpoint not found"):
         return msg if "make checkpoints" in msg else f"{msg}; run `make checkpoints`"
     if exc.errno == errno.ENOSPC:
-        return (f"{msg}. Free space there (or set PIPELINE_SCRATCH / --out elsewhere), then rerun the same "
-                "command: what was committed is kept and the rest is redone")
+        return (
+            f"{msg}. Free space there (or set PIPELINE_SCRATCH / --out elsewhere), then rerun the same "
+            "command: what was committed is kept and the rest is redone"
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"{msg}. The output or scratch folder is not writable: fix its permissions or pass another --out"
     if "Unexpected end of stream" in text or "magic bytes" in text or "corrupt" in text.lower():
-        return (f"{msg}. A file in the store looks damaged: `python -m pipeline verify {out}` names the shard "
-                "and what is wrong with it")
+        return (
+            f"{msg}. A file in the store looks damaged: `python -m pipeline verify {out}` names the shard "
+            "and what is wrong with it"
+        )
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)) or exc.errno == errno.ENOENT:
         return f"{msg}. Check the path in the job file (or CSV= / --set sources.N.path=...)"
     return msg
@@ -114,8 +123,15 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     inputs = make_demo_inputs(out.parent / f"{out.name}-inputs")
-    job = load_job(DEMO_JOB, out=str(out), overrides=[f"sources.0.path={inputs}", *(args.set or []),
-                                                     *(["ray.progress_bars=true"] if args.ray_progress else [])])
+    job = load_job(
+        DEMO_JOB,
+        out=str(out),
+        overrides=[
+            f"sources.0.path={inputs}",
+            *(args.set or []),
+            *(["ray.progress_bars=true"] if args.ray_progress else []),
+        ],
+    )
     summary = run_job(job)
     print(summary.render())
     _show_loaded(summary.store_dir)
@@ -130,8 +146,10 @@ def _show_loaded(store_dir: str) -> None:
     for mdir in sorted(p for p in (Path(store_dir) / "data").iterdir() if p.is_dir()):
         ds = datasets.load_dataset("parquet", data_files=str(mdir / "*.parquet"), split="train")
         row = ds.with_format("arrow")[:1]
-        print(f"loaded {mdir.name}: {len(ds)} rows; latent {row.column('latent').type}; "
-              f"first id {row.column('id')[0]} with {row.column('num_tokens')[0]} tokens")
+        print(
+            f"loaded {mdir.name}: {len(ds)} rows; latent {row.column('latent').type}; "
+            f"first id {row.column('id')[0]} with {row.column('num_tokens')[0]} tokens"
+        )
     print(f"shards: {store_dir}/data   dataset card: {store_dir}/README.md")
 
 
@@ -169,8 +187,7 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(reps if len(reps) > 1 else reps[0], indent=1, default=str))
         return 0
-    print("\n".join(render(r, failed=args.failed or bool(args.stage or args.reason), limit=args.limit)
-                    for r in reps))
+    print("\n".join(render(r, failed=args.failed or bool(args.stage or args.reason), limit=args.limit) for r in reps))
     return 0
 
 
@@ -197,8 +214,10 @@ def cmd_verify(args) -> int:
         for p in res["problems"]:
             print(f"  {p}")
         if res["drops"] or res["requeued"]:
-            print(f"  repaired: {len(res['drops'])} shards un-committed, {res['requeued']} samples requeued "
-                  f"(record: {store.uri}/{res['quarantine']}); the next run redoes them")
+            print(
+                f"  repaired: {len(res['drops'])} shards un-committed, {res['requeued']} samples requeued "
+                f"(record: {store.uri}/{res['quarantine']}); the next run redoes them"
+            )
         for p in res["after"]:
             print(f"  still: {p}")
         bad += len(res["after"])
@@ -235,8 +254,10 @@ def cmd_export(args) -> int:
     from pipeline.export import export
 
     res = export(args.out, args.format, dest=args.dest, bucket_by=args.bucket_by, version=args.version)
-    print(f"{res['dest']}: exported {res['exported']} shards ({res['rows']} rows), {res['skipped']} already "
-          f"there" + (f", {res['removed']} no longer in the store removed" if res["removed"] else ""))
+    print(
+        f"{res['dest']}: exported {res['exported']} shards ({res['rows']} rows), {res['skipped']} already "
+        f"there" + (f", {res['removed']} no longer in the store removed" if res["removed"] else "")
+    )
     return 0
 
 
@@ -320,8 +341,12 @@ def main(argv: list[str] | None = None) -> int:
     def job_args(s):
         s.add_argument("job")
         s.add_argument("--out", help="output root, a local path, s3://... or gs://... (default: the job's `out`)")
-        s.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a job key, e.g. --set decode.fps=8 --set sources.0.path=x.csv")
+        s.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a job key, e.g. --set decode.fps=8 --set sources.0.path=x.csv",
+        )
 
     r = sub.add_parser("run", help="run a job file (or env:NAME, the job `submit` sends)")
     job_args(r)
@@ -346,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     s.set_defaults(fn=cmd_status)
     v = sub.add_parser("verify", help="re-hash shards against the manifest, check ids against the ledger")
     v.add_argument("out")
-    v.add_argument("--repair", action="store_true", help="un-commit damaged shards (kept in quarantine/) and "
-                   "requeue their samples for the next run; re-derive the index, the ledger level and the card")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="un-commit damaged shards (kept in quarantine/) and "
+        "requeue their samples for the next run; re-derive the index, the ledger level and the card",
+    )
     v.set_defaults(fn=cmd_verify)
     c = sub.add_parser("compact", help="merge small shards (exactly-once, like a run)")
     c.add_argument("out")

@@ -5,6 +5,7 @@ into one staged shard, and committed by a record that removes the old shards and
 ones go first, so a reader that globs `data/` may briefly miss those rows but never sees one twice, and a crash
 at any point is rolled forward on the next open. The ledger records outcomes, not shard paths, so it is untouched.
 """
+
 from __future__ import annotations
 
 import pyarrow as pa
@@ -61,8 +62,12 @@ def compact(store: Store, run_id: str, cfg: WriteConfig, small_bytes: int | None
             with store.storage.open_input(s.path) as f:
                 pf = pq.ParquetFile(f, page_checksum_verification=True)
                 if writer is None:
-                    writer = pq.ParquetWriter(sink, pf.schema_arrow, compression=None if cfg.compression == "none"
-                                              else cfg.compression, write_page_checksum=True)
+                    writer = pq.ParquetWriter(
+                        sink,
+                        pf.schema_arrow,
+                        compression=None if cfg.compression == "none" else cfg.compression,
+                        write_page_checksum=True,
+                    )
                 for i in range(pf.num_row_groups):  # re-cut into row groups of about row_group_bytes
                     t = pf.read_row_group(i)
                     rows += t.num_rows
@@ -73,9 +78,20 @@ def compact(store: Store, run_id: str, cfg: WriteConfig, small_bytes: int | None
         writer.close()
         sink.close()
         store.storage.sync(rel)
-        record = {"op": "compact", "removes": group, "shards": [
-            {"staging": rel, "modality": shards[0].modality, "rows": rows, "bytes": sink.n,
-             "sha256": sink.h.hexdigest(), "row_groups": groups_written}]}
+        record = {
+            "op": "compact",
+            "removes": group,
+            "shards": [
+                {
+                    "staging": rel,
+                    "modality": shards[0].modality,
+                    "rows": rows,
+                    "bytes": sink.n,
+                    "sha256": sink.h.hexdigest(),
+                    "row_groups": groups_written,
+                }
+            ],
+        }
         store.commit(record, run_id)
         out["groups"] += 1
         out["merged_shards"] += len(group)

@@ -4,6 +4,7 @@ Unknown keys, wrong types and out-of-range values are errors; `explain()` turns 
 per problem naming the key, the value and what is allowed. `IDENTITY` names the fields that change the tokens:
 they make up the store's preprocessing identity, so a rerun with other settings never appends to the same shards.
 """
+
 from __future__ import annotations
 
 import hashlib

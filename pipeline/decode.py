@@ -15,6 +15,7 @@ centred one (`centre`), or consecutive windows (`all`, at most `max_windows`). F
 child process (`timeout_s`, for the modalities in `isolate`; 0 = in-process) with a memory cap (`memory_mb`),
 owned by the prepare stage; images are also refused from their header (`max_pixels`, `max_image_bytes`).
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,19 @@ from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_c
 from pipeline.config import Config
 from pipeline.faults import maybe_fault
 
-SAMPLE_FIELDS = ("pixels", "fps", "num_frames", "orig_width", "orig_height", "upscaled", "window_start",
-                 "window_end", "window_index", "span_clamped", "media_duration")
+SAMPLE_FIELDS = (
+    "pixels",
+    "fps",
+    "num_frames",
+    "orig_width",
+    "orig_height",
+    "upscaled",
+    "window_start",
+    "window_end",
+    "window_index",
+    "span_clamped",
+    "media_duration",
+)
 
 
 class DecodeError(ValueError):
@@ -46,28 +58,29 @@ class DecodeSkip(DecodeError):
 class DecodeConfig(Config):
     IDENTITY = ("fps", "max_frames", "buckets", "background", "icc_to_srgb", "upscale", "windows", "max_windows")
 
-    fps: float = Field(8.0, gt=0)             # video sampling rate (frames per second of video time)
-    max_frames: int = Field(16, ge=1)         # per window; T is rounded down to a multiple of 4
+    fps: float = Field(8.0, gt=0)  # video sampling rate (frames per second of video time)
+    max_frames: int = Field(16, ge=1)  # per window; T is rounded down to a multiple of 4
     buckets: BucketConfig = Field(default_factory=BucketConfig)
-    upscale: bool = False                     # upscale sources smaller than their bucket (else native size)
+    upscale: bool = False  # upscale sources smaller than their bucket (else native size)
     windows: Literal["first", "centre", "all"] = "first"  # which window(s) of a clip longer than one window
-    max_windows: int = Field(4, ge=1)         # cap for windows: all
-    min_side: int = Field(0, ge=0)            # filter: skip sources whose shorter side is smaller (0 = off)
-    min_frames: int = Field(0, ge=0)          # filter: skip videos giving fewer frames per window (0 = off)
+    max_windows: int = Field(4, ge=1)  # cap for windows: all
+    min_side: int = Field(0, ge=0)  # filter: skip sources whose shorter side is smaller (0 = off)
+    min_frames: int = Field(0, ge=0)  # filter: skip videos giving fewer frames per window (0 = off)
     min_duration_s: float = Field(0.0, ge=0)  # filter: skip clips shorter than this, after clamping (0 = off)
-    timeout_s: float = Field(60.0, ge=0)      # wall-clock limit per sample (0 = decode in-process, no isolation)
+    timeout_s: float = Field(60.0, ge=0)  # wall-clock limit per sample (0 = decode in-process, no isolation)
     isolate: tuple[Literal["image", "video"], ...] = ("image", "video")  # modalities decoded in a killable
-                                              # child (~3-20 ms a sample), under timeout_s and memory_mb
-    memory_mb: int = Field(4096, ge=0)        # memory cap of that child: address space it may add (0 = none)
-    max_attempts: int = Field(2, ge=1)        # a sample whose worker died this often while on it is failed
+    # child (~3-20 ms a sample), under timeout_s and memory_mb
+    memory_mb: int = Field(4096, ge=0)  # memory cap of that child: address space it may add (0 = none)
+    max_attempts: int = Field(2, ge=1)  # a sample whose worker died this often while on it is failed
     max_image_bytes: int = Field(1 << 30, ge=1)  # refuse images whose decoded samples (from the header) are larger
     background: int = Field(255, ge=0, le=255)  # gray level that alpha is composited onto (255 = white)
     icc_to_srgb: bool = True
     max_pixels: int = Field(100_000_000, ge=1)  # refuse larger images (decompression bombs)
-    decoder_threads: int = Field(1, ge=0)     # decord threads per sample (parallelism comes from the pipeline)
+    decoder_threads: int = Field(1, ge=0)  # decord threads per sample (parallelism comes from the pipeline)
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------
+
 
 def target_size(h: int, w: int, cfg: DecodeConfig) -> tuple[tuple[int, int], bool]:
     """((height, width) fed to the tokenizer, resample). The bucket closest in aspect ratio, reached by resampling
@@ -86,7 +99,7 @@ def target_size(h: int, w: int, cfg: DecodeConfig) -> tuple[tuple[int, int], boo
 
 def _centre_crop(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     top, left = (a.shape[-3] - size[0]) // 2, (a.shape[-2] - size[1]) // 2
-    return np.ascontiguousarray(a[..., top:top + size[0], left:left + size[1], :])
+    return np.ascontiguousarray(a[..., top : top + size[0], left : left + size[1], :])
 
 
 def _check_side(h: int, w: int, cfg: DecodeConfig) -> None:
@@ -100,6 +113,7 @@ def _upscaled(h: int, w: int, size: tuple[int, int], resample: bool) -> bool:
 
 # ---- images --------------------------------------------------------------------------------------------------
 
+
 def decode_image(path: str, cfg: DecodeConfig) -> dict:
     try:
         rgb = load_rgb(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels, cfg.max_image_bytes)
@@ -109,11 +123,18 @@ def decode_image(path: str, cfg: DecodeConfig) -> dict:
     _check_side(h, w, cfg)
     size, resample = target_size(h, w, cfg)
     out = np.asarray(resize_crop(Image.fromarray(rgb), size)) if resample else _centre_crop(rgb, size)
-    return {"pixels": np.ascontiguousarray(out[None]), "fps": 0.0, "orig_height": h, "orig_width": w,
-            "num_frames": 1, "upscaled": _upscaled(h, w, size, resample)}
+    return {
+        "pixels": np.ascontiguousarray(out[None]),
+        "fps": 0.0,
+        "orig_height": h,
+        "orig_width": w,
+        "num_frames": 1,
+        "upscaled": _upscaled(h, w, size, resample),
+    }
 
 
 # ---- windows -------------------------------------------------------------------------------------------------
+
 
 def frame_count(n_available: int, max_frames: int) -> int:
     """The tokenizer's rule: a multiple of 4 when >= 4 frames; shorter clips kept as they are (it pads them)."""
@@ -124,22 +145,23 @@ def frame_count(n_available: int, max_frames: int) -> int:
 @dataclass(frozen=True)
 class Window:
     index: int
-    start: float            # seconds into the file
-    end: float              # start + frames / rate, never past the (clamped) span end
-    rate: float             # frames per second of video time
-    frames: np.ndarray      # int64 frame indices
+    start: float  # seconds into the file
+    end: float  # start + frames / rate, never past the (clamped) span end
+    rate: float  # frames per second of video time
+    frames: np.ndarray  # int64 frame indices
 
 
 @dataclass(frozen=True)
 class Plan:
     windows: list[Window]
-    clamped: bool           # the requested span ran past the file's end
-    duration: float         # the file's length (frames / native fps)
-    clip: float             # the clip's length after clamping to the file (seconds)
+    clamped: bool  # the requested span ran past the file's end
+    duration: float  # the file's length (frames / native fps)
+    clip: float  # the clip's length after clamping to the file (seconds)
 
 
-def plan_windows(n_total: int, native_fps: float, fps: float, max_frames: int, span=None,
-                 mode: str = "first", max_windows: int = 1) -> Plan:
+def plan_windows(
+    n_total: int, native_fps: float, fps: float, max_frames: int, span=None, mode: str = "first", max_windows: int = 1
+) -> Plan:
     """The windows sampled from [start, end) at min(fps, native_fps): each `frame_count` frames long."""
     if n_total <= 0:
         raise DecodeError("video has no frames")
@@ -174,14 +196,16 @@ def plan_windows(n_total: int, native_fps: float, fps: float, max_frames: int, s
     return Plan(wins, clamped, duration, end - start)
 
 
-def sample_indices(n_total: int, native_fps: float, fps: float, max_frames: int,
-                   span: list[float] | None = None) -> tuple[np.ndarray, float]:
+def sample_indices(
+    n_total: int, native_fps: float, fps: float, max_frames: int, span: list[float] | None = None
+) -> tuple[np.ndarray, float]:
     """Frame indices of the first window of [start, end), and its rate."""
     w = plan_windows(n_total, native_fps, fps, max_frames, span).windows[0]
     return w.frames, w.rate
 
 
 # ---- videos --------------------------------------------------------------------------------------------------
+
 
 def _readable_upto(vr, hi: int, lookback: int = 64) -> int | None:
     """Highest frame index <= hi that decodes (containers sometimes over-report their frame count)."""
@@ -202,6 +226,7 @@ def _cover_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
 
 def _get_batch(vr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import decord
+
     try:
         return vr.get_batch(idx.tolist()).asnumpy(), idx
     except decord.DECORDError:
@@ -286,8 +311,9 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
             frames, idx = pyav.frames(idx)
         else:
             try:
-                scaled = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads,
-                                            width=rw, height=rh)
+                scaled = decord.VideoReader(
+                    path, ctx=decord.cpu(0), num_threads=cfg.decoder_threads, width=rw, height=rh
+                )
                 frames, idx = _get_batch(scaled, idx)
             except decord.DECORDError:
                 frames, idx = _get_batch(probe, idx)
@@ -302,14 +328,28 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
     if frames.shape[1:3] != (rh, rw):  # the decoder ignored the requested size: resize here
         frames = np.stack([np.asarray(resize_crop(Image.fromarray(f), (rh, rw))) for f in frames])
     out = _centre_crop(frames, size)
-    common = {"orig_height": int(h), "orig_width": int(w), "upscaled": _upscaled(h, w, size, resample),
-              "span_clamped": plan.clamped, "media_duration": round(plan.duration, 6)}
+    common = {
+        "orig_height": int(h),
+        "orig_width": int(w),
+        "upscaled": _upscaled(h, w, size, resample),
+        "span_clamped": plan.clamped,
+        "media_duration": round(plan.duration, 6),
+    }
     samples, at = [], 0
     for win in plan.windows:
         n = len(win.frames)
-        samples.append({**common, "pixels": np.ascontiguousarray(out[at:at + n]), "fps": win.rate,
-                        "num_frames": n, "frame_indices": idx[at:at + n].astype(np.int32),
-                        "window_start": win.start, "window_end": win.end, "window_index": win.index})
+        samples.append(
+            {
+                **common,
+                "pixels": np.ascontiguousarray(out[at : at + n]),
+                "fps": win.rate,
+                "num_frames": n,
+                "frame_indices": idx[at : at + n].astype(np.int32),
+                "window_start": win.start,
+                "window_end": win.end,
+                "window_index": win.index,
+            }
+        )
         at += n
     return {**samples[0], "more_windows": samples[1:]}
 
@@ -324,6 +364,7 @@ def _check_filters(plan: Plan, h: int, w: int, cfg: DecodeConfig) -> None:
 
 
 # ---- entry point (runs in the isolated child) ---------------------------------------------------------------------------------------------
+
 
 def decode_file(path: str, modality: str, cfg: DecodeConfig, span: tuple[float, float] | None = None) -> dict:
     maybe_fault("decode_child")  # runs in the isolated child: the reliability suite's hang/crash point

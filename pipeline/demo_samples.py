@@ -3,6 +3,7 @@
 Nothing is downloaded. Videos are real H.264 files written with PyAV, so the demo exercises the same decode path
 as a real job.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,8 +18,10 @@ def _scene(rng: np.random.Generator, h: int, w: int) -> Image.Image:
     top, bottom = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
     base = (top * (1 - y) + bottom * y) * np.ones((1, w, 1))
     noise = rng.normal(0, 1, (h // 8 + 1, w // 8 + 1, 3))
-    noise = np.asarray(Image.fromarray(((noise - noise.min()) / np.ptp(noise) * 255).astype(np.uint8))
-                       .resize((w, h), Image.BICUBIC), np.float32)
+    noise = np.asarray(
+        Image.fromarray(((noise - noise.min()) / np.ptp(noise) * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC),
+        np.float32,
+    )
     img = Image.fromarray(np.clip(base * 0.8 + noise * 0.2, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(4, 9)):
@@ -63,7 +66,9 @@ def write_videos(folder: Path, n: int, frames: int = 24, fps: int = 12, seed: in
             stream.options = {"crf": "18"}
             for f in range(frames):
                 dx, dy = int(f * 96 / frames), int(f * 64 / frames * (1 if i % 2 else 0.5))
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[dy:dy + h, dx:dx + w]), format="rgb24")
+                frame = av.VideoFrame.from_ndarray(
+                    np.ascontiguousarray(scene[dy : dy + h, dx : dx + w]), format="rgb24"
+                )
                 for packet in stream.encode(frame):
                     out.mux(packet)
             for packet in stream.encode():

@@ -14,6 +14,7 @@ sha256) with its outputs. A rerun exports the shards committed since; an output 
 commits of their own: the recorded Lance version is where a rerun starts (later ones are rolled back first).
 A source shard that left the store (compaction) has its tars removed; Lance is then rebuilt.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,10 @@ def _load_manifest(dest: Storage, fmt: str, bucket_by: str | None, version: str)
     man = json.loads(dest.read_bytes(MANIFEST))
     for k, v in want.items():
         if man.get(k) != v:
-            raise ValueError(f"{dest.uri(MANIFEST)}: an export with {k}={man.get(k)!r} is there; this one has "
-                             f"{v!r} (use another --dest)")
+            raise ValueError(
+                f"{dest.uri(MANIFEST)}: an export with {k}={man.get(k)!r} is there; this one has "
+                f"{v!r} (use another --dest)"
+            )
     return man
 
 
@@ -61,14 +64,20 @@ def _save_manifest(dest: Storage, man: dict) -> None:
     dest.write_bytes(MANIFEST, json.dumps(man, indent=1, sort_keys=True).encode())
 
 
-def export(out: str, fmt: str, dest: str | None = None, bucket_by: str | None = None,
-           version: str | None = None, storage_options: dict | None = None) -> dict:
+def export(
+    out: str,
+    fmt: str,
+    dest: str | None = None,
+    bucket_by: str | None = None,
+    version: str | None = None,
+    storage_options: dict | None = None,
+) -> dict:
     """Exports the committed shards of one version; returns {exported, skipped, removed, rows, dest}."""
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     if bucket_by not in (None, "tokens"):
         raise ValueError(f"--bucket-by: only 'tokens' is supported, got {bucket_by!r}")
-    (name, storage), = open_versions(out, storage_options, version).items()
+    ((name, storage),) = open_versions(out, storage_options, version).items()
     store = Store(storage)
     store.load_whole()
     target = Storage(dest or storage.uri(f"exports/{fmt}" + ("-by-tokens" if bucket_by else "")), storage_options)
@@ -155,8 +164,10 @@ def _write_tars(target: Storage, source: str, table: pa.Table, bucket_by: str | 
 # ---- Lance -----------------------------------------------------------------------------------------------------
 def _lance_uri(target: Storage) -> str:
     if not target.local:
-        raise ValueError("lance export: a local destination only here (--dest /path); pylance's own object store "
-                         "settings are not wired")
+        raise ValueError(
+            "lance export: a local destination only here (--dest /path); pylance's own object store "
+            "settings are not wired"
+        )
     return target.path("data.lance")
 
 

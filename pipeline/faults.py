@@ -7,6 +7,7 @@ processes through files in PIPELINE_FAULT_DIR, fires once. Actions:
     hang     sleep forever (a decoder stuck in C code; only a wall-clock limit gets out of it)
     enospc   raise OSError(ENOSPC), as a full disk would
 """
+
 from __future__ import annotations
 
 import errno
@@ -14,8 +15,18 @@ import os
 import signal
 import time
 
-POINTS = ("fetch", "decode", "decode_child", "mesh", "tokenize", "shard_write", "shard_staged", "record_received",
-          "commit_written", "commit_moved")
+POINTS = (
+    "fetch",
+    "decode",
+    "decode_child",
+    "mesh",
+    "tokenize",
+    "shard_write",
+    "shard_staged",
+    "record_received",
+    "commit_written",
+    "commit_moved",
+)
 ACTIONS = ("self", "driver", "hang", "enospc")
 
 

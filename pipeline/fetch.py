@@ -24,6 +24,7 @@ Every attempt has connect and read timeouts and a wall-clock deadline (checked b
 body cannot stall forever). Retries with exponential backoff + jitter on 5xx, 408, 429, connection errors,
 timeouts and truncated bodies; none on other 4xx, size or content errors. A failed attempt leaves no file.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,23 +67,23 @@ class FetchConfig(Config):
     IDENTITY: ClassVar[tuple[str, ...]] = ()  # fetch settings never change the tokens
 
     connect_timeout_s: float = Field(10.0, gt=0)
-    read_timeout_s: float = Field(30.0, gt=0)      # longest silence on the socket
-    deadline_s: float = Field(600.0, gt=0)         # wall-clock cap on one attempt
-    retries: int = Field(3, ge=0)                  # extra attempts after the first
-    backoff_s: float = Field(1.0, ge=0)            # first backoff; doubles each retry
+    read_timeout_s: float = Field(30.0, gt=0)  # longest silence on the socket
+    deadline_s: float = Field(600.0, gt=0)  # wall-clock cap on one attempt
+    retries: int = Field(3, ge=0)  # extra attempts after the first
+    backoff_s: float = Field(1.0, ge=0)  # first backoff; doubles each retry
     backoff_max_s: float = Field(30.0, ge=0)
-    jitter: float = Field(0.5, ge=0)               # backoff *= 1 + U(0, jitter)
+    jitter: float = Field(0.5, ge=0)  # backoff *= 1 + U(0, jitter)
     max_bytes: int = Field(2 << 30, gt=0)
     schemes: tuple[Scheme, ...] = ("http", "https", "file", "s3", "gs", "hf", "tar")  # allowed URI schemes
     max_redirects: int = Field(5, ge=0)
     check_magic: bool = True
     user_agent: str = Field("atoken-cache/0.2", min_length=1)
-    chunk_bytes: int = Field(1 << 20, gt=0)        # read size for object stores and cache copies
-    concurrency: int = Field(8, ge=1)              # downloads in flight per Fetcher
-    cache: str = "none"                            # none | local | a shared folder URI (s3://, gs://, /nfs/...)
-    cache_dir: str | None = None                   # for cache: local; default <tmp>/atoken-fetch-cache
-    cache_max_bytes: int = Field(50 << 30, gt=0)   # LRU eviction above this
-    downloader: Downloader = "auto"                # http(s): auto (media files -> http, pages -> ytdlp) | http | ytdlp
+    chunk_bytes: int = Field(1 << 20, gt=0)  # read size for object stores and cache copies
+    concurrency: int = Field(8, ge=1)  # downloads in flight per Fetcher
+    cache: str = "none"  # none | local | a shared folder URI (s3://, gs://, /nfs/...)
+    cache_dir: str | None = None  # for cache: local; default <tmp>/atoken-fetch-cache
+    cache_max_bytes: int = Field(50 << 30, gt=0)  # LRU eviction above this
+    downloader: Downloader = "auto"  # http(s): auto (media files -> http, pages -> ytdlp) | http | ytdlp
     ytdlp: YtdlpConfig = YtdlpConfig()
 
     @field_validator("cache")
@@ -102,20 +103,28 @@ class FetchError(Exception):
 
 @dataclass
 class Fetched:
-    path: str           # a local file to read
-    temporary: bool     # a scratch file: deleted by release() / close()
+    path: str  # a local file to read
+    temporary: bool  # a scratch file: deleted by release() / close()
     bytes: int
-    from_cache: bool    # served from the cache without downloading
+    from_cache: bool  # served from the cache without downloading
 
 
 class Fetcher:
     """Fetches URIs to local files. Thread-safe: `fetch` may be called from several threads at once."""
 
-    def __init__(self, cfg: FetchConfig, scratch_dir: str, storage_options: StorageOptions | dict | None = None,
-                 rng: random.Random | None = None):
+    def __init__(
+        self,
+        cfg: FetchConfig,
+        scratch_dir: str,
+        storage_options: StorageOptions | dict | None = None,
+        rng: random.Random | None = None,
+    ):
         self.cfg = cfg
-        self.storage_options = storage_options if isinstance(storage_options, StorageOptions) else \
-            StorageOptions.model_validate(storage_options or {})
+        self.storage_options = (
+            storage_options
+            if isinstance(storage_options, StorageOptions)
+            else StorageOptions.model_validate(storage_options or {})
+        )
         self.rng = rng or random.Random()
         self._closed = threading.Event()
         self.cache: LocalCache | SharedCache | None = None
@@ -234,7 +243,7 @@ class Fetcher:
 
     def _backoff(self, attempt: int) -> float:
         cfg = self.cfg
-        return min(cfg.backoff_max_s, cfg.backoff_s * 2 ** attempt) * (1 + self.rng.uniform(0, cfg.jitter))
+        return min(cfg.backoff_max_s, cfg.backoff_s * 2**attempt) * (1 + self.rng.uniform(0, cfg.jitter))
 
     def _check(self, head: bytes, modality: str, ext: str, path: str | Path | None = None) -> None:
         # with `path`, unrecognised bytes in a file named like a video container are probed with PyAV
@@ -335,8 +344,11 @@ class Fetcher:
             shutil.rmtree(path.parent, ignore_errors=True)  # yt-dlp's folder for this video
 
     def _deadline_error(self, got: int | None = None) -> FetchError:
-        return FetchError(f"deadline exceeded: {self.cfg.deadline_s:g}s for the whole download"
-                          + ("" if got is None else f" ({got} bytes received)"), retry=True)
+        return FetchError(
+            f"deadline exceeded: {self.cfg.deadline_s:g}s for the whole download"
+            + ("" if got is None else f" ({got} bytes received)"),
+            retry=True,
+        )
 
     def _http(self, url: str, part: "_Part", deadline: float) -> str:
         """Streams `url` into `part`; returns the url after redirects."""
@@ -386,9 +398,12 @@ class Fetcher:
                 raise FetchError(f"no host in url {url!r}")
             seen.append(url)
             left = max(0.01, deadline - time.monotonic())
-            timeout = httpx.Timeout(connect=min(self.cfg.connect_timeout_s, left),
-                                    read=min(self.cfg.read_timeout_s, left),
-                                    write=min(self.cfg.read_timeout_s, left), pool=left)
+            timeout = httpx.Timeout(
+                connect=min(self.cfg.connect_timeout_s, left),
+                read=min(self.cfg.read_timeout_s, left),
+                write=min(self.cfg.read_timeout_s, left),
+                pool=left,
+            )
             resp = self.client.send(self.client.build_request("GET", url, timeout=timeout), stream=True)
             if resp.status_code not in REDIRECTS:
                 return resp, url
@@ -423,7 +438,6 @@ class Fetcher:
         if part.size != size:
             raise FetchError(f"truncated body: got {part.size} of {size} bytes", retry=True)
         return uri
-
 
     def _tar_member(self, uri: str, part: "_Part", deadline: float) -> str:
         """Copies one member of an uncompressed tar (a byte range) into `part`; returns the member's name."""
@@ -475,6 +489,7 @@ def parse_tar_uri(uri: str) -> tuple[str, int, int, str]:
 @dataclass
 class _Done:
     """A finished download (yt-dlp's), in the shape `_commit` takes."""
+
     path: Path
     sha: Any
     size: int
@@ -493,7 +508,7 @@ class _Part:
         if self.size > self.max_bytes:
             raise FetchError(f"exceeds max_bytes (> {self.max_bytes} bytes)")
         if len(self.head) < HEAD_BYTES:
-            self.head += chunk[:HEAD_BYTES - len(self.head)]
+            self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.sha.update(chunk)
         self.file.write(chunk)
 

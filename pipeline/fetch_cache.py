@@ -16,6 +16,7 @@ download (one upload on object stores, temp + rename on a file system).
 A hit whose file vanished, changed size or (shared) changed content is a miss. The index entry is written
 after the bytes, so a reader never finds an entry for bytes that are not all there.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -33,9 +34,9 @@ from pathlib import Path, PurePosixPath
 from pipeline.storage import Storage, StorageOptions
 
 INDEX, TMP, USED = "index", "tmp", "used"
-LOW_WATER = 0.9          # an eviction frees space down to this fraction of the cap
-RESCAN_S = 60.0          # re-list the cache at least this often (other processes insert too)
-STALE_TMP_S = 86400.0    # leftovers of a crashed process in tmp/ are removed after a day
+LOW_WATER = 0.9  # an eviction frees space down to this fraction of the cap
+RESCAN_S = 60.0  # re-list the cache at least this often (other processes insert too)
+STALE_TMP_S = 86400.0  # leftovers of a crashed process in tmp/ are removed after a day
 ENTRY = re.compile(r"[0-9a-f]{2}/([0-9a-f]{64})(\.[a-z0-9]{1,8})?")
 
 
@@ -52,7 +53,7 @@ class _Cache:
 
     def __init__(self, storage: Storage, max_bytes: int, chunk_bytes: int = 1 << 20):
         self.storage, self.max_bytes, self.chunk_bytes = storage, max_bytes, chunk_bytes
-        self._lock = threading.Lock()   # one eviction at a time; guards the estimate
+        self._lock = threading.Lock()  # one eviction at a time; guards the estimate
         self._estimate: int | None = None  # bytes cached: the last listing plus our inserts since
         self._listed_at = 0.0
 
@@ -95,7 +96,7 @@ class _Cache:
         used, data = {}, []
         for e in self.storage.list(recursive=True):
             if e.path.startswith(f"{USED}/"):
-                used[e.path[len(USED) + 1:]] = e.mtime or 0.0
+                used[e.path[len(USED) + 1 :]] = e.mtime or 0.0
             elif ENTRY.fullmatch(e.path):
                 data.append(e)
         return [(e.path, e.size, max(e.mtime or 0.0, used.get(_sha_of(e.path), 0.0))) for e in data]
@@ -110,6 +111,7 @@ def _sha_of(rel: str) -> str:
 
 
 # ---- node-local cache ----------------------------------------------------------------------------------------
+
 
 def _lock_shared(path: Path) -> int | None:
     """An open fd holding a shared flock on the file now at `path`, or None when there is none."""
@@ -231,11 +233,11 @@ class LocalCache(_Cache):
 
 # ---- shared cache --------------------------------------------------------------------------------------------
 
+
 class SharedCache(_Cache):
     """A cache folder shared between nodes (object store or network file system); hits are copied out."""
 
-    def __init__(self, uri: str, max_bytes: int, options: StorageOptions | None = None,
-                 chunk_bytes: int = 1 << 20):
+    def __init__(self, uri: str, max_bytes: int, options: StorageOptions | None = None, chunk_bytes: int = 1 << 20):
         super().__init__(Storage(uri, options), max_bytes, chunk_bytes)
         self._busy: Counter = Counter()  # sha256 -> copies out of the cache in progress (never evicted)
         self._busy_lock = threading.Lock()

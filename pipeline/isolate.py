@@ -6,6 +6,7 @@ The child is long-lived: an `Isolator` (one per worker) reuses it from call to c
 it hung (killed) or died. Forking a big, threaded Ray worker for every sample costs ~0.5 s on a 16-core machine
 (measured: benchmarks/README.md); a reused child costs about a millisecond a call.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -119,8 +120,7 @@ class Isolated:
         self.proc.join()
         self.conn.close()
 
-    def call(self, fn: Callable, args: tuple, kwargs: dict, timeout_s: float, label: str,
-             memory_bytes: int = 0) -> Any:
+    def call(self, fn: Callable, args: tuple, kwargs: dict, timeout_s: float, label: str, memory_bytes: int = 0) -> Any:
         fd, out_path = tempfile.mkstemp(prefix="isolate-", suffix=".pkl", dir=_SHM if os.path.isdir(_SHM) else None)
         os.close(fd)
         try:
@@ -157,8 +157,9 @@ class Isolator:
         self.method = method
         self.child: Isolated | None = None
 
-    def run(self, fn: Callable, *args: Any, timeout_s: float, label: str = "decode", memory_bytes: int = 0,
-            **kwargs: Any) -> Any:
+    def run(
+        self, fn: Callable, *args: Any, timeout_s: float, label: str = "decode", memory_bytes: int = 0, **kwargs: Any
+    ) -> Any:
         """fn(*args, **kwargs) in the child, killed after `timeout_s` seconds (0: in this process), with at most
         `memory_bytes` of address space added (0: no cap; Linux).
 
@@ -187,8 +188,9 @@ class Isolator:
         self.close()
 
 
-def run_with_timeout(fn: Callable, *args: Any, timeout_s: float, label: str = "decode",
-                     method: str = "fork", **kwargs: Any) -> Any:
+def run_with_timeout(
+    fn: Callable, *args: Any, timeout_s: float, label: str = "decode", method: str = "fork", **kwargs: Any
+) -> Any:
     """One isolated call in a fresh child (stages keep an Isolator instead, to reuse theirs)."""
     with Isolator(method) as iso:
         return iso.run(fn, *args, timeout_s=timeout_s, label=label, **kwargs)

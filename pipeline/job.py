@@ -5,6 +5,7 @@ Each stage gets its own slice (`job.fetch`, `job.decode`, ...). `preprocess_iden
 change the tokens; with the tokenizer identity it names the store's version directory, so a rerun with other
 settings never appends to shards made with the old ones.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,31 +26,31 @@ from schemas.tokens import SCHEMA_VERSION
 
 
 class QAConfig(Config):
-    samples: int = Field(8, ge=0)        # decoded back per modality for PSNR/SSIM; 0 disables
-    grid: bool = True                    # write a PNG grid of inputs next to reconstructions
+    samples: int = Field(8, ge=0)  # decoded back per modality for PSNR/SSIM; 0 disables
+    grid: bool = True  # write a PNG grid of inputs next to reconstructions
 
 
 class RayConfig(Config):
-    address: str | None = None           # None: RAY_ADDRESS or a fresh local cluster
+    address: str | None = None  # None: RAY_ADDRESS or a fresh local cluster
     num_cpus: int | None = Field(None, ge=1)  # local cluster size
     num_gpus: int | None = Field(None, ge=0)
     max_task_retries: int = Field(3, ge=0)
     prepare_actors: int | tuple[int, int] | None = None  # fetch+decode pool (default: 1..CPUs, autoscaled)
     prepare_cpus: float | None = Field(None, gt=0)  # per fetch+decode worker (default 1, or 0.5 on <= 4 CPUs)
     prepare_batch_rows: int = Field(8, ge=1)
-    mesh_actors: int | tuple[int, int] | None = None     # fetch+mesh pool for 3D sources
+    mesh_actors: int | tuple[int, int] | None = None  # fetch+mesh pool for 3D sources
     mesh_gpus: float = Field(0.1, ge=0, le=1)  # GPU share per 3D worker when the cluster has GPUs
     write_cpus: float = Field(0.25, gt=0)
     cluster_checkpoints: str | None = None  # `submit`: where checkpoints/ is on the cluster's nodes (not uploaded)
     buckets: int = Field(256, ge=1, le=65536)  # ledger hash buckets (fixed when a store is created)
-    restarts: int = Field(2, ge=0)       # in-run re-executions after an infrastructure failure (lost node, ...)
+    restarts: int = Field(2, ge=0)  # in-run re-executions after an infrastructure failure (lost node, ...)
     interrupt_grace_s: float = Field(120.0, ge=0)  # after Ctrl-C: how long in-flight rows may take to finish
-    progress_bars: bool = False          # Ray Data's own progress output and execution log (`--ray-progress`)
+    progress_bars: bool = False  # Ray Data's own progress output and execution log (`--ray-progress`)
 
 
 class ProgressConfig(Config):
-    bar: bool = True                     # the driver's live bar when stdout is a terminal
-    every_s: float = Field(10.0, gt=0)   # otherwise a plain progress line this often
+    bar: bool = True  # the driver's live bar when stdout is a terminal
+    every_s: float = Field(10.0, gt=0)  # otherwise a plain progress line this often
 
 
 class JobConfig(Config):
@@ -77,6 +78,7 @@ class JobConfig(Config):
 
     def allowed_licences(self) -> frozenset[str] | None:
         return None if self.require_licence is None else frozenset(self.require_licence)
+
     progress: ProgressConfig = Field(default_factory=ProgressConfig)
 
     @field_validator("out")
@@ -110,6 +112,7 @@ def preprocess_identity(job: JobConfig) -> dict:
 
 
 # ---- loading -------------------------------------------------------------------------------------------------
+
 
 def parse_set(items: list[str] | None) -> list[tuple[list[str], Any]]:
     """`key.path=value` overrides; values are YAML (`8`, `true`, `[a, b]`, `null`)."""
@@ -149,14 +152,16 @@ def _index(node: list, key: str, path: list[str], allow_append: bool = False) ->
     return int(key)
 
 
-def load_job(path: str | Path | None = None, data: dict | None = None, out: str | None = None,
-             overrides: list[str] | None = None) -> JobConfig:
+def load_job(
+    path: str | Path | None = None, data: dict | None = None, out: str | None = None, overrides: list[str] | None = None
+) -> JobConfig:
     """A validated job from a YAML file (or a dict), with `--out` and `--set` overrides applied."""
     return validate_job(job_data(path, data, out, overrides))
 
 
-def job_data(path: str | Path | None = None, data: dict | None = None, out: str | None = None,
-             overrides: list[str] | None = None) -> dict:
+def job_data(
+    path: str | Path | None = None, data: dict | None = None, out: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """The job's plain data (YAML file or dict, then `--set`, then `--out`), not yet validated."""
     if data is None:
         try:

@@ -13,6 +13,7 @@ commit), never a loss. A `requeued` outcome (a damaged shard un-committed by `ve
 every earlier outcome of its id, so the id is to do again; what the redo records later decides. The schema is
 `schemas.tokens.ledger_schema`.
 """
+
 from __future__ import annotations
 
 import re
@@ -46,13 +47,19 @@ def seq_span(rel: str) -> tuple[int, int] | None:
 
 def write_table(storage: Storage, rel: str, table: pa.Table, row_group_rows: int | None = None) -> None:
     with storage.open_output(rel) as f:
-        pq.write_table(table, f, compression="zstd", row_group_size=row_group_rows or max(1, table.num_rows),
-                       write_page_checksum=True)
+        pq.write_table(
+            table,
+            f,
+            compression="zstd",
+            row_group_size=row_group_rows or max(1, table.num_rows),
+            write_page_checksum=True,
+        )
 
 
 @dataclass(frozen=True)
 class LedgerView:
     """A snapshot of the ledger files, picklable for the workers that filter a bucket against it."""
+
     root: str
     options: dict
     files: tuple[str, ...]

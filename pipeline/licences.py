@@ -6,6 +6,7 @@ Licence ids are short, lower-case and versionless: Objaverse's per-object Sketch
 `sketchfab-editorial`; a dataset that grants none is `none-granted` (Panda-70M), a withdrawn one `withdrawn`
 (WebVid), and anything the job does not state is `unknown` (a source's `licence:` states it).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,13 +23,24 @@ TERMS = {  # what the card says about an id
     "sketchfab-standard": "Sketchfab Standard licence (no redistribution)",
     "sketchfab-editorial": "Sketchfab Editorial licence (editorial use only)",
 }
-_SKETCHFAB = {"by": "cc-by", "by-sa": "cc-by-sa", "by-nc": "cc-by-nc", "by-nc-sa": "cc-by-nc-sa", "by-nd": "cc-by-nd",
-              "by-nc-nd": "cc-by-nc-nd", "cc0": "cc0", "st": "sketchfab-standard", "ed": "sketchfab-editorial"}
-APPLE_MODEL_TOU = "apple-ml-research-model-tou"   # AToken's released weights: research use only (MODEL-LICENSE)
-SHIPPED = "apache-2.0"                             # atoken/weights: trained by this project (pyproject's licence)
+_SKETCHFAB = {
+    "by": "cc-by",
+    "by-sa": "cc-by-sa",
+    "by-nc": "cc-by-nc",
+    "by-nc-sa": "cc-by-nc-sa",
+    "by-nd": "cc-by-nd",
+    "by-nc-nd": "cc-by-nc-nd",
+    "cc0": "cc0",
+    "st": "sketchfab-standard",
+    "ed": "sketchfab-editorial",
+}
+APPLE_MODEL_TOU = "apple-ml-research-model-tou"  # AToken's released weights: research use only (MODEL-LICENSE)
+SHIPPED = "apache-2.0"  # atoken/weights: trained by this project (pyproject's licence)
 RANDOM = "none (random weights)"
-WEIGHTS_TERMS = {APPLE_MODEL_TOU: "Apple ML Research Model Terms of Use: research use only (MODEL-LICENSE)",
-                 SHIPPED: "trained by this project on procedural data (Apache-2.0)"}
+WEIGHTS_TERMS = {
+    APPLE_MODEL_TOU: "Apple ML Research Model Terms of Use: research use only (MODEL-LICENSE)",
+    SHIPPED: "trained by this project on procedural data (Apache-2.0)",
+}
 
 
 def normalise(raw) -> str | None:
@@ -108,12 +120,17 @@ def card_section(storage, shards) -> str:
     got = summary(storage, shards)
     if not got:
         return ""
-    lines = ["\n## Licences and provenance\n",
-             "Every row says what it may be used for: `licence` (the sample's, as its source states it), "
-             "`tokenizer_licence` (the weights that made the tokens) and `renderer` (3D). The most restrictive "
-             "of these applies to a row; filter on them before you use or share the tokens.\n"]
-    for col, title, terms in (("licence", "sample licences", TERMS), ("tokenizer_licence", "tokenizer weights",
-                                                                       WEIGHTS_TERMS), ("renderer", "3D renderer", {})):
+    lines = [
+        "\n## Licences and provenance\n",
+        "Every row says what it may be used for: `licence` (the sample's, as its source states it), "
+        "`tokenizer_licence` (the weights that made the tokens) and `renderer` (3D). The most restrictive "
+        "of these applies to a row; filter on them before you use or share the tokens.\n",
+    ]
+    for col, title, terms in (
+        ("licence", "sample licences", TERMS),
+        ("tokenizer_licence", "tokenizer weights", WEIGHTS_TERMS),
+        ("renderer", "3D renderer", {}),
+    ):
         for value, n in got.get(col, {}).items():
             if col == "renderer" and value == "none":
                 continue

@@ -5,6 +5,7 @@ host: the pid is dead; any host: no heartbeat for `stale_s`) is taken over by ha
 derived from its content first, which only one contender can do, so two contenders cannot both win. Object stores
 have no exclusive create: the lock is written, left to settle, and read back; the holder is whoever's lock is there.
 """
+
 from __future__ import annotations
 
 import errno
@@ -54,8 +55,9 @@ def _link(src: str, dst: str) -> None:
 
 
 class RunLock:
-    def __init__(self, storage: Storage, run_id: str, stale_s: float = 120.0, heartbeat_s: float = 20.0,
-                 settle_s: float = 2.0):
+    def __init__(
+        self, storage: Storage, run_id: str, stale_s: float = 120.0, heartbeat_s: float = 20.0, settle_s: float = 2.0
+    ):
         self.storage, self.run_id = storage, run_id
         self.stale_s, self.heartbeat_s, self.settle_s = stale_s, heartbeat_s, settle_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "run": run_id, "token": uuid.uuid4().hex}
@@ -81,9 +83,11 @@ class RunLock:
         for _ in range(5):
             h = self.holder()
             if h is not None and not self.stale(h):
-                raise LockedError(f"{self.storage.root} is in use by run {h.get('run')} (host {h.get('host')}, "
-                                  f"pid {h.get('pid')}, heartbeat {time.time() - float(h.get('heartbeat', 0)):.0f}s "
-                                  f"ago); wait for it to finish, or stop it")
+                raise LockedError(
+                    f"{self.storage.root} is in use by run {h.get('run')} (host {h.get('host')}, "
+                    f"pid {h.get('pid')}, heartbeat {time.time() - float(h.get('heartbeat', 0)):.0f}s "
+                    f"ago); wait for it to finish, or stop it"
+                )
             if self._claim(h):
                 self.took_over = h
                 self._thread = threading.Thread(target=self._beat, daemon=True, name="run-lock-heartbeat")

@@ -3,6 +3,7 @@
 Containers that decord may not open (MPEG-TS, FLV, Ogg) are recognised as video by their bytes; the decode stage
 opens them with PyAV when decord cannot. Content that no rule recognises, in a file whose extension names a
 video container, is probed with PyAV (`probe_video`) before it is rejected."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,27 +12,98 @@ HEAD_BYTES = 512  # MPEG-TS is recognised by its sync byte every 188 bytes
 
 # format -> modality
 MODALITY = {
-    "jpeg": "image", "png": "image", "gif": "image", "webp": "image", "tiff": "image", "bmp": "image",
-    "pnm": "image", "avif": "image", "heic": "image",
-    "mp4": "video", "mov": "video", "mkv": "video", "avi": "video", "mpegts": "video", "flv": "video",
-    "ogg": "video", "mpeg": "video", "asf": "video",
-    "glb": "3d", "ply": "3d", "stl": "3d", "obj": "3d", "gltf": "3d",
+    "jpeg": "image",
+    "png": "image",
+    "gif": "image",
+    "webp": "image",
+    "tiff": "image",
+    "bmp": "image",
+    "pnm": "image",
+    "avif": "image",
+    "heic": "image",
+    "mp4": "video",
+    "mov": "video",
+    "mkv": "video",
+    "avi": "video",
+    "mpegts": "video",
+    "flv": "video",
+    "ogg": "video",
+    "mpeg": "video",
+    "asf": "video",
+    "glb": "3d",
+    "ply": "3d",
+    "stl": "3d",
+    "obj": "3d",
+    "gltf": "3d",
 }
 # extension -> format (used for naming, and for formats without magic bytes)
 EXTENSIONS = {
-    ".jpg": "jpeg", ".jpeg": "jpeg", ".jpe": "jpeg", ".png": "png", ".gif": "gif", ".webp": "webp",
-    ".tif": "tiff", ".tiff": "tiff", ".bmp": "bmp", ".pgm": "pnm", ".ppm": "pnm", ".pbm": "pnm", ".pnm": "pnm",
-    ".avif": "avif", ".heic": "heic", ".heif": "heic",
-    ".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".webm": "mkv", ".mkv": "mkv", ".avi": "avi",
-    ".ts": "mpegts", ".mts": "mpegts", ".m2ts": "mpegts", ".flv": "flv", ".ogv": "ogg", ".ogg": "ogg",
-    ".mpg": "mpeg", ".mpeg": "mpeg", ".vob": "mpeg", ".wmv": "asf", ".asf": "asf", ".3gp": "mp4",
-    ".glb": "glb", ".ply": "ply", ".stl": "stl", ".obj": "obj", ".gltf": "gltf",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".jpe": "jpeg",
+    ".png": "png",
+    ".gif": "gif",
+    ".webp": "webp",
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".bmp": "bmp",
+    ".pgm": "pnm",
+    ".ppm": "pnm",
+    ".pbm": "pnm",
+    ".pnm": "pnm",
+    ".avif": "avif",
+    ".heic": "heic",
+    ".heif": "heic",
+    ".mp4": "mp4",
+    ".m4v": "mp4",
+    ".mov": "mov",
+    ".webm": "mkv",
+    ".mkv": "mkv",
+    ".avi": "avi",
+    ".ts": "mpegts",
+    ".mts": "mpegts",
+    ".m2ts": "mpegts",
+    ".flv": "flv",
+    ".ogv": "ogg",
+    ".ogg": "ogg",
+    ".mpg": "mpeg",
+    ".mpeg": "mpeg",
+    ".vob": "mpeg",
+    ".wmv": "asf",
+    ".asf": "asf",
+    ".3gp": "mp4",
+    ".glb": "glb",
+    ".ply": "ply",
+    ".stl": "stl",
+    ".obj": "obj",
+    ".gltf": "gltf",
 }
 NO_MAGIC = {"obj", "stl", "gltf"}  # text/binary formats recognised by extension only
-CANONICAL_EXT = {"jpeg": ".jpg", "png": ".png", "gif": ".gif", "webp": ".webp", "tiff": ".tiff", "bmp": ".bmp",
-                 "pnm": ".pnm", "avif": ".avif", "heic": ".heic", "mp4": ".mp4", "mov": ".mov", "mkv": ".mkv",
-                 "avi": ".avi", "mpegts": ".ts", "flv": ".flv", "ogg": ".ogv", "mpeg": ".mpg", "asf": ".wmv", "glb": ".glb", "ply": ".ply",
-                 "stl": ".stl", "obj": ".obj", "gltf": ".gltf"}
+CANONICAL_EXT = {
+    "jpeg": ".jpg",
+    "png": ".png",
+    "gif": ".gif",
+    "webp": ".webp",
+    "tiff": ".tiff",
+    "bmp": ".bmp",
+    "pnm": ".pnm",
+    "avif": ".avif",
+    "heic": ".heic",
+    "mp4": ".mp4",
+    "mov": ".mov",
+    "mkv": ".mkv",
+    "avi": ".avi",
+    "mpegts": ".ts",
+    "flv": ".flv",
+    "ogg": ".ogv",
+    "mpeg": ".mpg",
+    "asf": ".wmv",
+    "glb": ".glb",
+    "ply": ".ply",
+    "stl": ".stl",
+    "obj": ".obj",
+    "gltf": ".gltf",
+}
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 _AVIF_BRANDS = {b"avif", b"avis"}
 _MOV_ATOMS = {b"moov", b"mdat", b"wide", b"free", b"skip", b"pnot"}
@@ -124,7 +196,11 @@ def classify(path: str | Path, head: bytes | None = None) -> tuple[str | None, s
     if ext in PROBE_EXTENSIONS and Path(path).is_file() and (container := probe_video(path)):
         return EXTENSIONS[ext], "video", f"PyAV probe ({container})"
     what = f"a {by_ext} file" if by_ext else "a known type"
-    return None, None, f"unrecognised content: extension {ext or '(none)'} but magic bytes {head[:12].hex()} are not {what}"
+    return (
+        None,
+        None,
+        f"unrecognised content: extension {ext or '(none)'} but magic bytes {head[:12].hex()} are not {what}",
+    )
 
 
 def check_modality(head: bytes, modality: str, ext: str = "", path: str | Path | None = None) -> str | None:
@@ -133,8 +209,13 @@ def check_modality(head: bytes, modality: str, ext: str = "", path: str | Path |
     fmt = sniff_bytes(head)
     if fmt is not None and MODALITY[fmt] == modality:
         return None
-    if (fmt is None and modality == "video" and path is not None and ext.lower() in PROBE_EXTENSIONS
-            and probe_video(path)):
+    if (
+        fmt is None
+        and modality == "video"
+        and path is not None
+        and ext.lower() in PROBE_EXTENSIONS
+        and probe_video(path)
+    ):
         return None
     if fmt is None and modality == "3d" and EXTENSIONS.get(ext.lower()) in NO_MAGIC | {None}:
         return None  # OBJ/STL/glTF have no magic bytes; the mesh loader validates them

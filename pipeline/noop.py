@@ -7,6 +7,7 @@ the run read them, and the store's manifest and ledger files after its last comm
 outcome: nothing is started. A source that cannot be fingerprinted cheaply (Objaverse, a folder of more than
 `MAX_LISTED` files) never takes this path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,7 +18,7 @@ from pipeline.lock import LOCK
 from pipeline.sources import make_source
 from pipeline.storage import Storage, filesystem
 
-MAX_LISTED = 200_000           # files listed on the driver at most, over all folder sources
+MAX_LISTED = 200_000  # files listed on the driver at most, over all folder sources
 _NOT_SETTINGS = ("out", "ray", "progress", "qa")
 
 
@@ -46,8 +47,13 @@ def _source_part(source, budget: list[int]) -> list | None:
 
 def sources_fingerprint(job: JobConfig) -> str | None:
     """The job's settings and its sources' listing, hashed; None when a source cannot be listed cheaply."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in job.model_dump(mode="json").items() if k not in _NOT_SETTINGS},
-                                  sort_keys=True, default=str).encode())
+    h = hashlib.sha256(
+        json.dumps(
+            {k: v for k, v in job.model_dump(mode="json").items() if k not in _NOT_SETTINGS},
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
     budget = [MAX_LISTED]
     for cfg in job.sources:
         part = _source_part(make_source(cfg, job.storage), budget)

@@ -9,6 +9,7 @@ the tensors:
 - padded: `latent` [B, L, C], `coords` [B, L, 4], `mask` [B, L] bool.
 Both carry `ids`, `num_tokens`, `pooled` [B, D] with `has_pooled` [B], and the selected scalar columns as lists.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,18 +34,20 @@ def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
 @dataclass
 class Chunk:
     """The rows of one unit of work (one row group of one shard, filtered)."""
-    unit: int                      # index of the unit in the epoch's plan
-    rows: np.ndarray               # row index inside the row group of each kept row (for resume references)
+
+    unit: int  # index of the unit in the epoch's plan
+    rows: np.ndarray  # row index inside the row group of each kept row (for resume references)
     ids: list
     num_tokens: np.ndarray
-    tokens: dict                   # column -> (values [total, C], offsets [rows+1]) or None when all null
-    pooled: np.ndarray | None      # [rows, D] (zeros where missing)
+    tokens: dict  # column -> (values [total, C], offsets [rows+1]) or None when all null
+    pooled: np.ndarray | None  # [rows, D] (zeros where missing)
     has_pooled: np.ndarray | None
-    scalars: dict                  # column -> python list
+    scalars: dict  # column -> python list
 
     @classmethod
-    def from_table(cls, unit: int, table: pa.Table, rows: np.ndarray, token_cols: list[str],
-                   scalar_cols: list[str]) -> "Chunk":
+    def from_table(
+        cls, unit: int, table: pa.Table, rows: np.ndarray, token_cols: list[str], scalar_cols: list[str]
+    ) -> "Chunk":
         tokens = {}
         for c in token_cols:
             col = table.column(c)
@@ -60,17 +63,22 @@ class Chunk:
             else:  # nulls take no room in the flattened values: scatter them into place
                 pooled = np.zeros((len(col), width), flat.dtype)
                 pooled[has] = flat.reshape(-1, width)
-        return cls(unit=unit, rows=rows, ids=table.column("id").to_pylist(),
-                   num_tokens=table.column("num_tokens").to_numpy().astype(np.int64),
-                   tokens=tokens, pooled=pooled, has_pooled=has,
-                   scalars={c: table.column(c).to_pylist() for c in scalar_cols})
+        return cls(
+            unit=unit,
+            rows=rows,
+            ids=table.column("id").to_pylist(),
+            num_tokens=table.column("num_tokens").to_numpy().astype(np.int64),
+            tokens=tokens,
+            pooled=pooled,
+            has_pooled=has,
+            scalars={c: table.column(c).to_pylist() for c in scalar_cols},
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def plan_batches(lengths: np.ndarray, max_tokens: int | None, batch_size: int | None,
-                 bucket: bool) -> list[list[int]]:
+def plan_batches(lengths: np.ndarray, max_tokens: int | None, batch_size: int | None, bucket: bool) -> list[list[int]]:
     """Groups positions 0..n-1 into batches. With `bucket`, positions are ordered by length first (stable), so
     a batch holds samples of similar length. A batch closes when the next sample would pass `max_tokens` or it
     has `batch_size` rows; a sample longer than `max_tokens` gets a batch of its own. The last batch may be
@@ -79,8 +87,9 @@ def plan_batches(lengths: np.ndarray, max_tokens: int | None, batch_size: int | 
     out, cur, acc = [], [], 0
     for i in order:
         n = int(lengths[i])
-        if cur and ((max_tokens is not None and acc + n > max_tokens) or
-                    (batch_size is not None and len(cur) >= batch_size)):
+        if cur and (
+            (max_tokens is not None and acc + n > max_tokens) or (batch_size is not None and len(cur) >= batch_size)
+        ):
             out.append(cur)
             cur, acc = [], 0
         cur.append(int(i))
@@ -90,8 +99,9 @@ def plan_batches(lengths: np.ndarray, max_tokens: int | None, batch_size: int | 
     return out
 
 
-def assemble(refs: list[tuple[Chunk, int]], tokens: str, padded: bool, scalar_cols: list[str],
-             with_logvar: bool = False) -> dict:
+def assemble(
+    refs: list[tuple[Chunk, int]], tokens: str, padded: bool, scalar_cols: list[str], with_logvar: bool = False
+) -> dict:
     """One batch dict from (chunk, position) references, in that order."""
     lens = np.array([c.num_tokens[i] for c, i in refs], np.int64)
     out: dict = {"ids": [c.ids[i] for c, i in refs], "num_tokens": torch.from_numpy(lens.astype(np.int32))}

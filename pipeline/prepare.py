@@ -6,6 +6,7 @@ are in flight per worker while earlier rows decode. Videos (and any modality in 
 killable child process with a wall-clock limit. A worker holds one HTTP client, one decode child and, for 3D, one
 renderer (one CUDA context) for its lifetime; the 3D branch may declare a GPU share.
 """
+
 from __future__ import annotations
 
 import os
@@ -84,9 +85,18 @@ class Prepare(Stage):
     reads = ("id", "modality", "uri", "span_start", "span_end")
     adds = DECODED + VOXELIZED
 
-    def __init__(self, fetch: FetchConfig, decode: DecodeConfig, mesh: MeshConfig,
-                 storage: StorageOptions | None = None, branch: str = "media", gpus: float = 0.0,
-                 cpus: float = 1.0, batch_size: int = 8, run_id: str = "local"):
+    def __init__(
+        self,
+        fetch: FetchConfig,
+        decode: DecodeConfig,
+        mesh: MeshConfig,
+        storage: StorageOptions | None = None,
+        branch: str = "media",
+        gpus: float = 0.0,
+        cpus: float = 1.0,
+        batch_size: int = 8,
+        run_id: str = "local",
+    ):
         self.fetch_cfg, self.decode_cfg, self.mesh_cfg, self.run_id = fetch, decode, mesh, run_id
         self.storage, self.branch, self.gpus, self.cpus, self.batch_size = storage, branch, gpus, cpus, batch_size
         self.name = "decode" if branch == "media" else "mesh"
@@ -136,14 +146,20 @@ class Prepare(Stage):
                 t0 = time.perf_counter()
                 died = self.attempts.start(row["id"])
                 if self.attempts.exhausted(died):
-                    out[i] = fail(row, self._stage_of(row), f"its worker died {died} times while preparing it "
-                                  "(killed for memory?); not tried again")
+                    out[i] = fail(
+                        row,
+                        self._stage_of(row),
+                        f"its worker died {died} times while preparing it (killed for memory?); not tried again",
+                    )
                 else:
                     out[i] = self._one_file(row, got.path)  # a list when a clip gives several windows
                 self.attempts.finish(row["id"])
                 for r in out[i] if isinstance(out[i], list) else [out[i]]:
-                    r["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s,
-                                    self._stage_of(row): time.perf_counter() - t0}
+                    r["timings"] = {
+                        **(row.get("timings") or {}),
+                        "fetch": fetch_s,
+                        self._stage_of(row): time.perf_counter() - t0,
+                    }
             if not isinstance(got, FetchError):
                 self.fetcher.release(got)
             started = time.perf_counter()
@@ -161,8 +177,16 @@ class Prepare(Stage):
         cfg = self.decode_cfg
         timeout = cfg.timeout_s if row["modality"] in cfg.isolate else 0
         try:
-            got = self.isolator.run(decode_file, path, row["modality"], cfg, span, timeout_s=timeout,
-                                    label="decode", memory_bytes=cfg.memory_mb << 20)
+            got = self.isolator.run(
+                decode_file,
+                path,
+                row["modality"],
+                cfg,
+                span,
+                timeout_s=timeout,
+                label="decode",
+                memory_bytes=cfg.memory_mb << 20,
+            )
         except DecodeSkip as exc:  # a job rule (filter, no upscaling): skipped, with the rule
             return skip(row, "decode", str(exc))
         except (IsolateError, DecodeError) as exc:
@@ -172,8 +196,10 @@ class Prepare(Stage):
         first = {**row, **{k: got.get(k) for k in DECODED}}
         if not got.get("more_windows"):
             return first
-        return [first] + [{**first, **{k: w.get(k) for k in DECODED}, "id": window_id(row["id"], w["window_index"])}
-                          for w in got["more_windows"]]
+        return [first] + [
+            {**first, **{k: w.get(k) for k in DECODED}, "id": window_id(row["id"], w["window_index"])}
+            for w in got["more_windows"]
+        ]
 
     def _mesh(self, row: Row, path: str) -> Row:
         import torch
@@ -189,8 +215,14 @@ class Prepare(Stage):
 
         cfg = self.mesh_cfg
         try:  # loading is where a hostile file costs time and memory: in the killable child
-            mesh = self.isolator.run(load_mesh, path, cfg.budget(), timeout_s=cfg.timeout_s, label="mesh load",
-                                     memory_bytes=cfg.memory_mb << 20)
+            mesh = self.isolator.run(
+                load_mesh,
+                path,
+                cfg.budget(),
+                timeout_s=cfg.timeout_s,
+                label="mesh load",
+                memory_bytes=cfg.memory_mb << 20,
+            )
             got = self.mesh.process(path, str(row["id"]), mesh)
         except IsolateError as exc:
             return fail(row, "mesh", str(exc))

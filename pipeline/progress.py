@@ -5,6 +5,7 @@
 returning `(counts, reasons)` (status -> n, (stage, reason) -> n), e.g. the run's control actor. Testable
 without Ray.
 """
+
 from __future__ import annotations
 
 import collections
@@ -29,8 +30,16 @@ def describe(counts: dict, reasons: dict, width: int = 80) -> str:
 
 
 class Progress:
-    def __init__(self, poll: Callable[[], tuple[dict, dict]], total: int | None = None, stream=None,
-                 tty: bool | None = None, every_s: float = 10.0, refresh_s: float = 0.5, bar: bool = True):
+    def __init__(
+        self,
+        poll: Callable[[], tuple[dict, dict]],
+        total: int | None = None,
+        stream=None,
+        tty: bool | None = None,
+        every_s: float = 10.0,
+        refresh_s: float = 0.5,
+        bar: bool = True,
+    ):
         self.poll, self.total = poll, total
         self.stream = stream or sys.stdout
         self.tty = (self.stream.isatty() if tty is None else tty) and bar
@@ -55,9 +64,16 @@ class Progress:
             from tqdm import tqdm
 
             sized = shutil.get_terminal_size((0, 0)).columns > 0  # a pty without a size: tqdm would draw nothing
-            self._bar = tqdm(total=self.total, unit="sample", file=self.stream, dynamic_ncols=sized,
-                             ncols=None if sized else 120, mininterval=self.refresh_s, smoothing=0,
-                             desc="tokenizing")
+            self._bar = tqdm(
+                total=self.total,
+                unit="sample",
+                file=self.stream,
+                dynamic_ncols=sized,
+                ncols=None if sized else 120,
+                mininterval=self.refresh_s,
+                smoothing=0,
+                desc="tokenizing",
+            )
         self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
         self._thread.start()
         return self
@@ -101,10 +117,15 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         of = f"/{self.total}" if self.total is not None else ""
         pct = f" ({self.done / self.total:.1%})" if self.total else ""
-        eta = (f", ETA {_clock((self.total - self.done) / rate)}" if self.total is not None and rate > 0
-               and self.done < self.total else "")
-        return (f"progress: {self.done}{of} samples{pct}, {rate:.2f} samples/s, elapsed {_clock(elapsed)}{eta}, "
-                + describe(self.counts, self.reasons))
+        eta = (
+            f", ETA {_clock((self.total - self.done) / rate)}"
+            if self.total is not None and rate > 0 and self.done < self.total
+            else ""
+        )
+        return (
+            f"progress: {self.done}{of} samples{pct}, {rate:.2f} samples/s, elapsed {_clock(elapsed)}{eta}, "
+            + describe(self.counts, self.reasons)
+        )
 
     def _line(self) -> None:
         self._last_line = time.monotonic()

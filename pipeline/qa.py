@@ -5,6 +5,7 @@ Inputs are fetched and decoded again by the same prepare stage, with the setting
 indices for discrete tokenizers). So the check covers the whole chain: a swapped channel, a wrong patch layout or
 a misplaced crop shows up as a bad PSNR.
 """
+
 from __future__ import annotations
 
 import io

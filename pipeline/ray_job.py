@@ -14,6 +14,7 @@ operators as one pickled `payload` column (plus `id`), so ragged arrays and fail
 types; stages see plain dicts. A `RunControl` actor carries the stop request of a graceful interrupt and the
 resume counts.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,17 +34,22 @@ from pipeline.sources.tables import csv_header, read_csv_stream
 from pipeline.stage import Stage
 from pipeline.storage import filesystem
 
-DESCRIBE_ROWS = 64            # descriptor rows per block after the resume filter (parallelism downstream)
-BYTES_PER_TOKEN = 130         # shard bytes per token (coords + fp16 latent + list offsets, ~fsq); for sizing
+DESCRIBE_ROWS = 64  # descriptor rows per block after the resume filter (parallelism downstream)
+BYTES_PER_TOKEN = 130  # shard bytes per token (coords + fp16 latent + list offsets, ~fsq); for sizing
 _ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAGE_EMULATOR_HOST")
 
 
 # ---- Ray setup -------------------------------------------------------------------------------------------------
 
+
 def forwarded_env() -> dict:
     """The environment every worker needs too: pipeline settings and storage credentials/endpoints."""
-    node_local = ("PIPELINE_DRIVER_PID", "PIPELINE_SCRATCH", "PIPELINE_REAPER_FOR",  # each node keeps its own
-                  "PIPELINE_JOB")  # (the job `submit` sent: the driver's alone)
+    node_local = (
+        "PIPELINE_DRIVER_PID",
+        "PIPELINE_SCRATCH",
+        "PIPELINE_REAPER_FOR",  # each node keeps its own
+        "PIPELINE_JOB",
+    )  # (the job `submit` sent: the driver's alone)
     return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES) and k not in node_local}
 
 
@@ -63,13 +69,13 @@ def init_ray(ray_cfg):
     os.environ["PIPELINE_DRIVER_PID"] = str(os.getpid())
     env = {**forwarded_env(), "PIPELINE_DRIVER_PID": str(os.getpid())}
     address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
-    kw = dict(log_to_driver=False, runtime_env={"env_vars": env},
-              logging_level=logging.INFO if verbose else logging.WARNING)
+    kw = dict(
+        log_to_driver=False, runtime_env={"env_vars": env}, logging_level=logging.INFO if verbose else logging.WARNING
+    )
     if address:
         ray.init(address=address, **kw)
     else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False,
-                 **kw)
+        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False, **kw)
         from pipeline import reaper
 
         reaper.start()  # a killed driver takes this cluster's processes along within a second or so
@@ -78,8 +84,10 @@ def init_ray(ray_cfg):
     ctx.print_on_execution_start = verbose
     # the console side of Ray Data's progress reporting: its periodic block counts and its hints about them
     # ("progress bars disabled"), and the per-dataset "execution finished" lines; its log file keeps them all
-    for name, level in (("ray.data._internal.progress", logging.ERROR),
-                        ("ray.data._internal.execution.streaming_executor", logging.WARNING)):
+    for name, level in (
+        ("ray.data._internal.progress", logging.ERROR),
+        ("ray.data._internal.execution.streaming_executor", logging.WARNING),
+    ):
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else level)
     return ray
 
@@ -126,14 +134,19 @@ def make_control(ray):
 
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return RunControl.options(scheduling_strategy=here).remote()  # on the driver's node: a lost worker node
-                                                                   # must not take the stop flag and counts along
+    # must not take the stop flag and counts along
 
 
 # ---- payload tables ------------------------------------------------------------------------------------------
 
+
 def to_table(rows: list[Row]) -> pa.Table:
-    return pa.table({"id": pa.array([r["id"] for r in rows], pa.string()),
-                     "payload": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary())})
+    return pa.table(
+        {
+            "id": pa.array([r["id"] for r in rows], pa.string()),
+            "payload": pa.array([pickle.dumps(r, protocol=5) for r in rows], pa.binary()),
+        }
+    )
 
 
 def from_table(batch: pa.Table) -> list[Row]:
@@ -146,6 +159,7 @@ def from_table(batch: pa.Table) -> list[Row]:
 
 
 # ---- the adapter: any Stage -> a Ray Data operator ------------------------------------------------------------
+
 
 class _Gate:
     """Drops new work once a stop was requested (checked at most every half second)."""
@@ -209,16 +223,24 @@ def pool(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = False, batch_size: int | None = None,
-              report: bool = False):
+def map_stage(
+    ds,
+    stage: Stage,
+    concurrency=None,
+    control=None,
+    gate: bool = False,
+    batch_size: int | None = None,
+    report: bool = False,
+):
     """The one adapter: a Stage becomes an actor pool (stateful or GPU stages) or tasks, with its declared
     resources and batch size. `concurrency`: actors (int, or (min, max) to autoscale) or concurrent tasks.
     `report`: the rows' outcomes go to the control actor (progress). Tasks get Ray's retries after a lost worker;
     a lost actor is not restarted by Ray (its constructor arguments live in the object store, where a restart
     can fail: ray-project/ray#53727): the execution fails and the driver runs it again (`ray.restarts`)."""
     res = stage.resources()
-    kw: dict[str, Any] = dict(batch_size=batch_size or stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus,
-                              zero_copy_batch=True)
+    kw: dict[str, Any] = dict(
+        batch_size=batch_size or stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus, zero_copy_batch=True
+    )
     if res.gpus:
         kw["num_gpus"] = res.gpus
     if res.memory:
@@ -227,14 +249,17 @@ def map_stage(ds, stage: Stage, concurrency=None, control=None, gate: bool = Fal
         lo, hi = pool(concurrency or 1)
         # max_restarts=0 has no named parameter in map_batches (Ray 2.60), and passing it through
         # **ray_remote_args is deprecated there; map_batches_internal (DeveloperAPI) takes it as is
-        return ds.map_batches_internal(StageActor, fn_constructor_kwargs={"stage": stage, "control": control,
-                                                                          "gate": gate, "report": report},
-                                       compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi,
-                                                                            initial_size=hi),
-                                       max_restarts=0, **kw)
+        return ds.map_batches_internal(
+            StageActor,
+            fn_constructor_kwargs={"stage": stage, "control": control, "gate": gate, "report": report},
+            compute=ray_data().ActorPoolStrategy(min_size=lo, max_size=hi, initial_size=hi),
+            max_restarts=0,
+            **kw,
+        )
     compute = ray_data().TaskPoolStrategy(size=concurrency) if concurrency else None
-    return ds.map_batches(_stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate},
-                          compute=compute, **kw)
+    return ds.map_batches(
+        _stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate}, compute=compute, **kw
+    )
 
 
 def ray_data():
@@ -245,7 +270,7 @@ def ray_data():
 
 # ---- sources: read -> keys -> resume filter -> describe --------------------------------------------------------
 
-SMALL_TASK_CPUS = 0.25        # keys, resume filter, describe: light tasks that must not wait behind actor pools
+SMALL_TASK_CPUS = 0.25  # keys, resume filter, describe: light tasks that must not wait behind actor pools
 READ_CPUS = 0.5
 
 
@@ -254,8 +279,9 @@ def _keys(raw: pa.Table, source: Source, buckets: int) -> pa.Table:
     return out.append_column("bucket", pa.array(bucket_of(out.column("group"), buckets), pa.int32()))
 
 
-def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None,
-                   dry_run: bool = False) -> Iterator[pa.Table]:
+def _resume_filter(
+    group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None, dry_run: bool = False
+) -> Iterator[pa.Table]:
     """One bucket of one source: drops ids already done (per the ledger) and duplicate ids; in a dry run it
     only counts. Rows come out sorted by group, so the clips of one video travel together."""
     bucket = group.column("bucket")[0].as_py()
@@ -270,8 +296,9 @@ def _resume_filter(group: pa.Table, view: LedgerView, retry_failed: bool, source
     counts = {"rows": group.num_rows, "duplicate": group.num_rows - uniq.num_rows}
     for s in (OK, FAILED, SKIPPED):
         counts[s] = pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
-    done = pc.fill_null(pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry_failed
-                                                             else [OK, SKIPPED, FAILED])), False)
+    done = pc.fill_null(
+        pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry_failed else [OK, SKIPPED, FAILED])), False
+    )
     todo = uniq.filter(pc.invert(done))
     counts["todo"] = todo.num_rows
     if dry_run:
@@ -309,16 +336,21 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
             bundles.append((branch, bundle))
         bundle.append(row)
         current[branch] = (bundle, group)
-    return pa.table({"id": pa.array([b[0]["id"] for _, b in bundles], pa.string()),
-                     "payload": pa.array([pickle.dumps(b, protocol=5) for _, b in bundles], pa.binary()),
-                     "branch": pa.array([br for br, _ in bundles], pa.string())})
+    return pa.table(
+        {
+            "id": pa.array([b[0]["id"] for _, b in bundles], pa.string()),
+            "payload": pa.array([pickle.dumps(b, protocol=5) for _, b in bundles], pa.binary()),
+            "branch": pa.array([br for br, _ in bundles], pa.string()),
+        }
+    )
 
 
 def read_source(ray, source: Source, plan):
     """The raw rows of a source as a Ray dataset, read in parallel on the workers."""
     if plan.format == "items":
-        ds = ray.data.from_items([{"item": json.dumps(i)} for i in plan.items],
-                                 override_num_blocks=max(1, len(plan.items)))
+        ds = ray.data.from_items(
+            [{"item": json.dumps(i)} for i in plan.items], override_num_blocks=max(1, len(plan.items))
+        )
         return ds.flat_map(lambda r: source.list_chunk(json.loads(r["item"])), num_cpus=SMALL_TASK_CPUS)
     fs, _ = filesystem(plan.uris[0], source.storage)
     paths = [filesystem(u, source.storage)[1] for u in plan.uris]
@@ -327,8 +359,10 @@ def read_source(ray, source: Source, plan):
         return ray.data.read_parquet(paths, **kw)
     if plan.format == "json":
         return ray.data.read_json(paths, lines=True, **kw)
-    files = {path: (uri, plan.encodings.get(uri) or "utf8", csv_header(uri, source.storage, plan.encodings.get(uri)))
-             for path, uri in zip(paths, plan.uris)}
+    files = {
+        path: (uri, plan.encodings.get(uri) or "utf8", csv_header(uri, source.storage, plan.encodings.get(uri)))
+        for path, uri in zip(paths, plan.uris)
+    }
     return ray.data.read_datasource(_csv_datasource()(paths, files=files, filesystem=fs), num_cpus=READ_CPUS)
 
 
@@ -344,29 +378,56 @@ def _csv_datasource():
 
         def _read_stream(self, f, path: str):
             uri, encoding, columns = self.files.get(path) or next(
-                v for k, v in self.files.items() if path.endswith(k.lstrip("/")) or k.endswith(path.lstrip("/")))
+                v for k, v in self.files.items() if path.endswith(k.lstrip("/")) or k.endswith(path.lstrip("/"))
+            )
             yield from read_csv_stream(f, uri, columns, encoding)
 
     return CSVRows
 
 
-def source_dataset(ray, source: Source, view: LedgerView, buckets: int, retry_failed: bool, control=None,
-                   dry_run: bool = False, partitions: int = 16, bundle_rows: dict | None = None):
+def source_dataset(
+    ray,
+    source: Source,
+    view: LedgerView,
+    buckets: int,
+    retry_failed: bool,
+    control=None,
+    dry_run: bool = False,
+    partitions: int = 16,
+    bundle_rows: dict | None = None,
+):
     """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run."""
     ds = read_source(ray, source, source.plan())
-    ds = ds.map_batches(_keys, fn_kwargs={"source": source, "buckets": buckets},
-                        batch_format="pyarrow", batch_size=None, num_cpus=SMALL_TASK_CPUS)
+    ds = ds.map_batches(
+        _keys,
+        fn_kwargs={"source": source, "buckets": buckets},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=SMALL_TASK_CPUS,
+    )
     if source.cfg.limit is not None:
         ds = ds.limit(source.cfg.limit)
     ds = ds.groupby("bucket", num_partitions=partitions).map_groups(
-        _resume_filter, fn_kwargs={"view": view, "retry_failed": retry_failed, "source": source.name,
-                                   "control": control, "dry_run": dry_run},
-        batch_format="pyarrow", num_cpus=SMALL_TASK_CPUS)
+        _resume_filter,
+        fn_kwargs={
+            "view": view,
+            "retry_failed": retry_failed,
+            "source": source.name,
+            "control": control,
+            "dry_run": dry_run,
+        },
+        batch_format="pyarrow",
+        num_cpus=SMALL_TASK_CPUS,
+    )
     if dry_run:
         return ds
-    return ds.map_batches(_describe, fn_kwargs={"source": source, "bundle_rows": bundle_rows},
-                          batch_format="pyarrow", batch_size=None,
-                          num_cpus=SMALL_TASK_CPUS)
+    return ds.map_batches(
+        _describe,
+        fn_kwargs={"source": source, "bundle_rows": bundle_rows},
+        batch_format="pyarrow",
+        batch_size=None,
+        num_cpus=SMALL_TASK_CPUS,
+    )
 
 
 def dry_run_counts(job, view: LedgerView, buckets: int, id_rule: int | None = None) -> dict[str, dict]:
@@ -387,13 +448,14 @@ def dry_run_counts(job, view: LedgerView, buckets: int, id_rule: int | None = No
 
 # ---- the job -----------------------------------------------------------------------------------------------------
 
+
 def rows_per_write(job) -> int:
     """Rows per writer call: about one target shard, as a multiple of the tokenizer's batch."""
     if job.write.rows_per_write:
         return job.write.rows_per_write
     b = job.decode.buckets
     per_video = (b.area // 256) * max(1, job.decode.max_frames // 4)
-    tokens = min([per_video if "media" in job.branches() else 10 ** 9, 20000 if "3d" in job.branches() else 10 ** 9])
+    tokens = min([per_video if "media" in job.branches() else 10**9, 20000 if "3d" in job.branches() else 10**9])
     rows = max(16, min(4096, job.write.shard_bytes // max(1, tokens * BYTES_PER_TOKEN)))
     step = job.tokenize.batch_rows
     return max(step, rows // step * step)
@@ -403,23 +465,42 @@ def _write_task(batch: pa.Table, writer) -> pa.Table:
     return pa.table({"record": [json.dumps(writer.write(from_table(batch)))]})
 
 
-def plan_work(job, view: LedgerView, buckets: int, retry_failed: bool, control, ray, split: bool,
-              batch_rows: dict, id_rule: int | None = None) -> dict:
+def plan_work(
+    job,
+    view: LedgerView,
+    buckets: int,
+    retry_failed: bool,
+    control,
+    ray,
+    split: bool,
+    batch_rows: dict,
+    id_rule: int | None = None,
+) -> dict:
     """Phase 1: every source read, keyed, filtered against the ledger and described, materialised in the object
     store, then split by branch when the branches go to different pools. (The shuffle is a barrier anyway;
     materialising first leaves the whole cluster to it, before phase 2's actor pools take CPUs and GPUs.)"""
     cpus, _ = cluster(ray)
     partitions = max(2, min(cpus, 64))
-    parts = [source_dataset(ray, make_source(cfg, job.storage, id_rule, job.allowed_licences()), view, buckets,
-                            retry_failed, control, partitions=partitions, bundle_rows=batch_rows)
-             for cfg in job.sources]
+    parts = [
+        source_dataset(
+            ray,
+            make_source(cfg, job.storage, id_rule, job.allowed_licences()),
+            view,
+            buckets,
+            retry_failed,
+            control,
+            partitions=partitions,
+            bundle_rows=batch_rows,
+        )
+        for cfg in job.sources
+    ]
     todo = (parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]).materialize()
     out = {}
     bundles = todo.count()
     if not bundles:
         return out
     per_block = bundles_per_block(bundles, cpus)
-    for branch in (("media", "3d") if split else ("media",)):
+    for branch in ("media", "3d") if split else ("media",):
         ds = todo.filter(expr=f"branch == '{branch}'", num_cpus=SMALL_TASK_CPUS) if split else todo
         ds = ds.repartition(target_num_rows_per_block=per_block).materialize()
         if ds.count():
@@ -434,22 +515,40 @@ def bundles_per_block(bundles: int, cpus: int, most: int = 32) -> int:
     return max(1, min(most, bundles // (8 * max(1, cpus))))
 
 
-def build(job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray,
-          id_rule: int | None = None):
+def build(
+    job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray, id_rule: int | None = None
+):
     """The whole job as one Ray dataset of writer records. 3D rows get a pool of their own only when it has
     resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
     split = stages["3d"].resources() != stages["media"].resources()
-    todo = plan_work(job, view, buckets, retry_failed, control, ray, split,
-                     {b: stages[b].batch_size for b in ("media", "3d")}, id_rule)
+    todo = plan_work(
+        job,
+        view,
+        buckets,
+        retry_failed,
+        control,
+        ray,
+        split,
+        {b: stages[b].batch_size for b in ("media", "3d")},
+        id_rule,
+    )
     if not todo:  # nothing new: no actor pool, no model load
         return None
-    prepared = [map_stage(ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True,
-                          batch_size=1)  # one bundle: about stage.batch_size rows, whole groups
-                for branch, ds in todo.items()]
+    prepared = [
+        map_stage(
+            ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True, batch_size=1
+        )  # one bundle: about stage.batch_size rows, whole groups
+        for branch, ds in todo.items()
+    ]
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
     ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"], control=control, report=True)
-    return ds.map_batches(_write_task, fn_kwargs={"writer": stages["writer"]}, batch_size=rows_per_write(job),
-                          batch_format="pyarrow", num_cpus=job.ray.write_cpus)
+    return ds.map_batches(
+        _write_task,
+        fn_kwargs={"writer": stages["writer"]},
+        batch_size=rows_per_write(job),
+        batch_format="pyarrow",
+        num_cpus=job.ray.write_cpus,
+    )
 
 
 def records(ds) -> Iterator[dict]:

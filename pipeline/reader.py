@@ -22,6 +22,7 @@ Resume: `state_dict()` is (epoch, snapshot, buffer index, batches already given 
 after a resume are exactly those an uninterrupted run gives. torchdata's `StatefulDataLoader` calls both in each
 worker; with `num_workers=0` a plain loop can call them on the reader itself.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,16 +52,17 @@ class ShardError(RuntimeError):
 
 @dataclass(frozen=True)
 class ShardRef:
-    version: str       # version directory name
-    path: str          # relative to the version directory
+    version: str  # version directory name
+    path: str  # relative to the version directory
     rows: int
     row_groups: int
     sha256: str
     modality: str
 
 
-def open_versions(uri: str, options: StorageOptions | dict | None = None,
-                  version: str | list[str] | None = None) -> dict[str, Storage]:
+def open_versions(
+    uri: str, options: StorageOptions | dict | None = None, version: str | list[str] | None = None
+) -> dict[str, Storage]:
     """{name: Storage} of the version directories to read. `uri` is a version directory or a job's output root;
     a root with several versions needs `version=` (a name, or a list to mix them on purpose)."""
     root = Storage(uri, options)
@@ -72,8 +74,10 @@ def open_versions(uri: str, options: StorageOptions | dict | None = None,
         raise FileNotFoundError(f"no token store under {uri} (no version.json there or one level down)")
     if version is None:
         if len(found) > 1:
-            raise ValueError(f"{uri} holds {len(found)} versions ({', '.join(sorted(found))}): pick one with "
-                             "version='<name>', or pass a list to read several together")
+            raise ValueError(
+                f"{uri} holds {len(found)} versions ({', '.join(sorted(found))}): pick one with "
+                "version='<name>', or pass a list to read several together"
+            )
         return found
     wanted = [version] if isinstance(version, str) else list(version)
     missing = [v for v in wanted if v not in found]
@@ -82,8 +86,9 @@ def open_versions(uri: str, options: StorageOptions | dict | None = None,
     return {v: found[v] for v in wanted}
 
 
-def snapshot(stores: dict[str, Storage], modalities: tuple[str, ...] | None,
-             cutoff: dict[str, int] | None = None) -> tuple[list[ShardRef], dict[str, int]]:
+def snapshot(
+    stores: dict[str, Storage], modalities: tuple[str, ...] | None, cutoff: dict[str, int] | None = None
+) -> tuple[list[ShardRef], dict[str, int]]:
     """The committed shards (sorted), and each version's last commit seq. With `cutoff`, only shards committed
     at or before it (a resumed run sees the shards of the run it resumes)."""
     out, seqs = [], {}
@@ -112,15 +117,37 @@ class TokenReader(torch.utils.data.IterableDataset):
     `DataLoader(reader, batch_size=None, num_workers=...)`. `on_error='skip'` skips an unreadable shard's row
     groups with a warning (listed in `errors`) instead of raising `ShardError`."""
 
-    def __init__(self, path_or_uri: str, modality: str | list[str] | None = None, max_tokens: int | None = None,
-                 batch_size: int | None = None, shuffle_seed: int | None = None, rank: int = 0, world_size: int = 1,
-                 *, version: str | list[str] | None = None, storage_options: dict | None = None,
-                 tokens: str = "latent", columns: list[str] | tuple[str, ...] = DEFAULT_COLUMNS,
-                 sources: list[str] | None = None, has_caption: bool | None = None, min_tokens: int | None = None,
-                 max_sample_tokens: int | None = None, where: pc.Expression | None = None, padded: bool = False,
-                 with_logvar: bool = False, buffer_units: int = 2, bucket: bool | None = None,
-                 drop_last: bool = False, on_error: str = "raise", verify_sha256: bool = False, epoch: int = 0,
-                 where_columns: list[str] | None = None, read_threads: int = 2, read_ahead: int = 1):
+    def __init__(
+        self,
+        path_or_uri: str,
+        modality: str | list[str] | None = None,
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
+        shuffle_seed: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        version: str | list[str] | None = None,
+        storage_options: dict | None = None,
+        tokens: str = "latent",
+        columns: list[str] | tuple[str, ...] = DEFAULT_COLUMNS,
+        sources: list[str] | None = None,
+        has_caption: bool | None = None,
+        min_tokens: int | None = None,
+        max_sample_tokens: int | None = None,
+        where: pc.Expression | None = None,
+        padded: bool = False,
+        with_logvar: bool = False,
+        buffer_units: int = 2,
+        bucket: bool | None = None,
+        drop_last: bool = False,
+        on_error: str = "raise",
+        verify_sha256: bool = False,
+        epoch: int = 0,
+        where_columns: list[str] | None = None,
+        read_threads: int = 2,
+        read_ahead: int = 1,
+    ):
         super().__init__()
         if max_tokens is None and batch_size is None:
             batch_size = 1
@@ -131,8 +158,7 @@ class TokenReader(torch.utils.data.IterableDataset):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         self.uri, self.options = path_or_uri, storage_options
-        self.modalities = None if modality is None else ((modality,) if isinstance(modality, str)
-                                                         else tuple(modality))
+        self.modalities = None if modality is None else ((modality,) if isinstance(modality, str) else tuple(modality))
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.seed, self.rank, self.world_size = shuffle_seed, rank, world_size
         self.tokens, self.columns = tokens, [c for c in columns if c not in ("id", "num_tokens")]
@@ -183,9 +209,17 @@ class TokenReader(torch.utils.data.IterableDataset):
     def state_dict(self) -> dict:
         """Where this reader (this worker, inside a DataLoader) stands; JSON-serialisable."""
         wid, nw = self._worker()
-        base = {"format": STATE_VERSION, "epoch": self.epoch, "seed": self.seed, "cutoff": self.cutoff,
-                "fingerprint": fingerprint(self.shards), "rank": self.rank, "world_size": self.world_size,
-                "worker": wid, "num_workers": nw}
+        base = {
+            "format": STATE_VERSION,
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "cutoff": self.cutoff,
+            "fingerprint": fingerprint(self.shards),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "worker": wid,
+            "num_workers": nw,
+        }
         pos = self._state or self._resume or {"group": 0, "skip": 0, "carry": []}
         return {**base, "group": pos["group"], "skip": pos["skip"], "carry": [list(c) for c in pos["carry"]]}
 
@@ -194,16 +228,22 @@ class TokenReader(torch.utils.data.IterableDataset):
             raise ValueError(f"reader state format {state.get('format')!r}, expected {STATE_VERSION}")
         for key in ("seed", "rank", "world_size"):
             if state[key] != getattr(self, key):
-                raise ValueError(f"reader state is for {key}={state[key]!r}, this reader has "
-                                 f"{getattr(self, key)!r}")
+                raise ValueError(f"reader state is for {key}={state[key]!r}, this reader has {getattr(self, key)!r}")
         self._own_connections()
         self.epoch = state["epoch"]
         self.shards, self.cutoff = snapshot(self.stores, self.modalities, state["cutoff"])
         if fingerprint(self.shards) != state["fingerprint"]:
-            raise ValueError("the store's shards changed since this state was saved (a compaction?): the epoch "
-                             "cannot be resumed exactly; start the next epoch instead")
-        self._resume = {"group": state["group"], "skip": state["skip"], "carry": [tuple(c) for c in state["carry"]],
-                        "worker": state["worker"], "num_workers": state["num_workers"]}
+            raise ValueError(
+                "the store's shards changed since this state was saved (a compaction?): the epoch "
+                "cannot be resumed exactly; start the next epoch instead"
+            )
+        self._resume = {
+            "group": state["group"],
+            "skip": state["skip"],
+            "carry": [tuple(c) for c in state["carry"]],
+            "worker": state["worker"],
+            "num_workers": state["num_workers"],
+        }
         self._state = None
 
     # ---- iteration ---------------------------------------------------------------------------------------------
@@ -219,11 +259,13 @@ class TokenReader(torch.utils.data.IterableDataset):
         consumers, me = self.world_size * nw, self.rank * nw + wid
         resume, self._resume = self._resume, None
         if resume is not None and (resume["worker"], resume["num_workers"]) != (wid, nw):
-            raise ValueError(f"reader state is for worker {resume['worker']} of {resume['num_workers']}, this is "
-                             f"worker {wid} of {nw}: resume with the same num_workers")
+            raise ValueError(
+                f"reader state is for worker {resume['worker']} of {resume['num_workers']}, this is "
+                f"worker {wid} of {nw}: resume with the same num_workers"
+            )
         units = self.units()
         mine = list(range(me, len(units), consumers))  # indices into the epoch's unit list
-        groups = [mine[i:i + self.buffer_units] for i in range(0, len(mine), self.buffer_units)]
+        groups = [mine[i : i + self.buffer_units] for i in range(0, len(mine), self.buffer_units)]
         start = resume or {"group": 0, "skip": 0, "carry": []}
         carry = list(start["carry"])
         self._state = {"group": start["group"], "skip": start["skip"], "carry": carry}
@@ -232,7 +274,7 @@ class TokenReader(torch.utils.data.IterableDataset):
         pending: dict[int, Future] = {}
         try:
             for g in range(start["group"], len(groups)):
-                for ahead in groups[g:g + 1 + self.read_ahead]:  # decode the next buffers while this one is used
+                for ahead in groups[g : g + 1 + self.read_ahead]:  # decode the next buffers while this one is used
                     for u in ahead:
                         if pool is not None and u not in cache and u not in pending:
                             pending[u] = pool.submit(self._read, units, u)
@@ -255,8 +297,9 @@ class TokenReader(torch.utils.data.IterableDataset):
                 carry_in = carry
                 skip = start["skip"] if g == start["group"] else 0
                 for j in range(skip, len(batches)):
-                    batch = assemble([refs[k] for k in batches[j]], self.tokens, self.padded, self.columns,
-                                     self.with_logvar)
+                    batch = assemble(
+                        [refs[k] for k in batches[j]], self.tokens, self.padded, self.columns, self.with_logvar
+                    )
                     self._state = {"group": g, "skip": j + 1, "carry": carry_in}
                     yield batch
                 carry = [] if tail is None else [(refs[k][0].unit, int(refs[k][0].rows[refs[k][1]])) for k in tail]
@@ -313,9 +356,11 @@ class TokenReader(torch.utils.data.IterableDataset):
             with storage.open_input(ref.path) as f:
                 pf = pq.ParquetFile(f, page_checksum_verification=True)
                 if pf.metadata.num_row_groups != ref.row_groups or pf.metadata.num_rows != ref.rows:
-                    raise ShardError(f"{storage.uri(ref.path)}: {pf.metadata.num_rows} rows in "
-                                     f"{pf.metadata.num_row_groups} row groups, the commit says {ref.rows} in "
-                                     f"{ref.row_groups} (corrupt or replaced shard)")
+                    raise ShardError(
+                        f"{storage.uri(ref.path)}: {pf.metadata.num_rows} rows in "
+                        f"{pf.metadata.num_row_groups} row groups, the commit says {ref.rows} in "
+                        f"{ref.row_groups} (corrupt or replaced shard)"
+                    )
                 names = set(pf.schema_arrow.names)
                 cols = ["id", "num_tokens", self.tokens, "coords"] + (["logvar"] if self.with_logvar else [])
                 cols += [c for c in ("pooled", *self.columns) if c in names and c not in cols]
@@ -344,8 +389,11 @@ class TokenReader(torch.utils.data.IterableDataset):
         """Columns the filters read: the built-in ones, and for `where` the listed or all non-token columns."""
         out = [c for c, on in (("source", self._has["sources"]), ("caption", self._has["caption"])) if on]
         if self._has["where"]:
-            out += self.where_columns if self.where_columns is not None else [
-                f.name for f in schema if f.name not in ("coords", "latent", "logvar", "fsq_indices", "pooled")]
+            out += (
+                self.where_columns
+                if self.where_columns is not None
+                else [f.name for f in schema if f.name not in ("coords", "latent", "logvar", "fsq_indices", "pooled")]
+            )
         return out
 
     def __getstate__(self):
@@ -363,8 +411,10 @@ class TokenReader(torch.utils.data.IterableDataset):
             rec = json.loads(self.stores[name].read_bytes("tokenizer.json"))
             got = tokenizer_identity(rec["config"], rec.get("checkpoint"))
             if got["id"] != rec["id"]:
-                raise ValueError(f"{self.stores[name].uri('tokenizer.json')}: tokenizer {rec['id']} is recorded, "
-                                 f"but config {rec['config']} with {rec.get('checkpoint')} is {got['id']}")
+                raise ValueError(
+                    f"{self.stores[name].uri('tokenizer.json')}: tokenizer {rec['id']} is recorded, "
+                    f"but config {rec['config']} with {rec.get('checkpoint')} is {got['id']}"
+                )
             self._tokenizers[name] = Tokenizer.from_files(rec["config"], rec.get("checkpoint"), device="cpu")
         return self._tokenizers[name]
 
@@ -399,15 +449,24 @@ def samples_of(batch_or_row: dict) -> list[dict]:
     if "cu_seqlens" in batch_or_row:
         cu = np.asarray(batch_or_row["cu_seqlens"])
         vals, coords = np.asarray(batch_or_row[key]), np.asarray(batch_or_row["coords"])[:, 1:]
-        return [{"modality": m, key: vals[a:b], "coords": coords[a:b]}
-                for m, a, b in zip(batch_or_row["modality"], cu[:-1], cu[1:])]
+        return [
+            {"modality": m, key: vals[a:b], "coords": coords[a:b]}
+            for m, a, b in zip(batch_or_row["modality"], cu[:-1], cu[1:])
+        ]
     if "mask" in batch_or_row:
         mask = np.asarray(batch_or_row["mask"])
         vals, coords = np.asarray(batch_or_row[key]), np.asarray(batch_or_row["coords"])
-        return [{"modality": m, key: vals[i][mask[i]], "coords": coords[i][mask[i]]}
-                for i, m in enumerate(batch_or_row["modality"])]
-    return [{"modality": batch_or_row["modality"], key: np.asarray(batch_or_row[key]),
-             "coords": np.asarray(batch_or_row["coords"])}]
+        return [
+            {"modality": m, key: vals[i][mask[i]], "coords": coords[i][mask[i]]}
+            for i, m in enumerate(batch_or_row["modality"])
+        ]
+    return [
+        {
+            "modality": batch_or_row["modality"],
+            key: np.asarray(batch_or_row[key]),
+            "coords": np.asarray(batch_or_row["coords"]),
+        }
+    ]
 
 
 def decode(batch_or_row: dict, tokenizer) -> list[np.ndarray]:

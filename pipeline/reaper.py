@@ -8,6 +8,7 @@ process of the last snapshot that is still the same process, and anything those 
 
     python -m pipeline.reaper DRIVER_PID
 """
+
 from __future__ import annotations
 
 import os
@@ -92,10 +93,13 @@ def start(driver: int | None = None) -> subprocess.Popen | None:
     if not os.path.isdir("/proc") or os.environ.get(_STARTED) == str(driver):
         return None
     os.environ[_STARTED] = str(driver)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.reaper", str(driver)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                [_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])})
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.reaper", str(driver)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])},
+    )
 
 
 if __name__ == "__main__":

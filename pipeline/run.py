@@ -7,6 +7,7 @@ against the ledger, writers on the workers write the shards, and the driver only
 keeps what was committed). An execution that fails for an infrastructure reason (a lost node) is started again,
 up to `ray.restarts` times: the resume filter skips what was committed meanwhile.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,20 +34,20 @@ class Summary:
     store_dir: str
     run_id: str = ""
     wall_s: float = 0.0
-    resume: dict = field(default_factory=dict)                      # source -> filter counts
-    counts: dict = field(default_factory=collections.Counter)       # status -> n (this run)
-    reasons: dict = field(default_factory=collections.Counter)      # (stage, reason) -> n
-    by_source: dict = field(default_factory=collections.Counter)    # (source, status, reason kind) -> n
-    stage_s: dict = field(default_factory=collections.Counter)      # stage -> summed seconds
+    resume: dict = field(default_factory=dict)  # source -> filter counts
+    counts: dict = field(default_factory=collections.Counter)  # status -> n (this run)
+    reasons: dict = field(default_factory=collections.Counter)  # (stage, reason) -> n
+    by_source: dict = field(default_factory=collections.Counter)  # (source, status, reason kind) -> n
+    stage_s: dict = field(default_factory=collections.Counter)  # stage -> summed seconds
     stage_n: dict = field(default_factory=collections.Counter)
-    shards: list = field(default_factory=list)                      # shards committed this run
+    shards: list = field(default_factory=list)  # shards committed this run
     commits: int = 0
     commit_s: float = 0.0
     write_s: float = 0.0
     qa: dict = field(default_factory=dict)
-    arrivals: dict = field(default_factory=collections.Counter)     # 0.1 s bin -> rows that finished tokenizing
+    arrivals: dict = field(default_factory=collections.Counter)  # 0.1 s bin -> rows that finished tokenizing
     notes: list = field(default_factory=list)
-    interrupted: int | None = None                                  # the signal that stopped the run
+    interrupted: int | None = None  # the signal that stopped the run
     dry_run: bool = False
     ray_stats: str = ""
 
@@ -111,54 +112,70 @@ class Summary:
         for src, c in sorted(per.items()):
             total = sum(c.values())
             why = ", ".join(f"{k} {n} ({n / total:.0%})" for k, n in kinds[src].most_common(8))
-            lines.append(f"  source {src}: ok {c['ok']} of {total} ({c['ok'] / max(total, 1):.1%})"
-                         + (f"; {why}" if why else ""))
+            lines.append(
+                f"  source {src}: ok {c['ok']} of {total} ({c['ok'] / max(total, 1):.1%})" + (f"; {why}" if why else "")
+            )
         return lines
 
     def render(self) -> str:
         done = self.done_before
         lines = [f"run summary: {self.store_dir}" + (" (dry run: nothing fetched)" if self.dry_run else "")]
         for src, c in sorted(self.resume.items()):
-            lines.append(f"  source {src}: {c.get('rows', 0)} rows, {c.get('todo', 0)} to do, already done: "
-                         f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
-                         + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else ""))
+            lines.append(
+                f"  source {src}: {c.get('rows', 0)} rows, {c.get('todo', 0)} to do, already done: "
+                f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
+                + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else "")
+            )
         if done.get("failed") and not self.dry_run:
-            lines.append(f"  {done['failed']} samples failed in earlier runs and were not retried: "
-                         f"`python -m pipeline status {self.store_dir} --failed` lists them, rerun with "
-                         "--retry-failed to retry them")
+            lines.append(
+                f"  {done['failed']} samples failed in earlier runs and were not retried: "
+                f"`python -m pipeline status {self.store_dir} --failed` lists them, rerun with "
+                "--retry-failed to retry them"
+            )
         lines += [f"  note: {n}" for n in self.notes]
         if self.dry_run:
             return "\n".join(lines)
-        lines.append(f"  this run: {self.finished} of {self.todo} finished"
-                     + "".join(f"; {k} {v}" if i == 0 else f", {k} {v}"
-                               for i, (k, v) in enumerate(sorted(self.counts.items()))))
+        lines.append(
+            f"  this run: {self.finished} of {self.todo} finished"
+            + "".join(f"; {k} {v}" if i == 0 else f", {k} {v}" for i, (k, v) in enumerate(sorted(self.counts.items())))
+        )
         lines.append(f"  wall {self.wall_s:.1f}s, {self.finished / max(self.wall_s, 1e-9):.2f} samples/s")
         lines += self.ratio_lines()
         for k in self.stage_s:
             per = self.stage_s[k] / max(self.stage_n[k], 1)
-            lines.append(f"  stage {k:9s} {self.stage_n[k]:6d} samples, {per * 1e3:8.1f} ms/sample/worker, "
-                         f"{1.0 / max(per, 1e-9):8.1f} samples/s/worker")
+            lines.append(
+                f"  stage {k:9s} {self.stage_n[k]:6d} samples, {per * 1e3:8.1f} ms/sample/worker, "
+                f"{1.0 / max(per, 1e-9):8.1f} samples/s/worker"
+            )
         for (stage, reason), n in self.reasons.most_common(20):
             lines.append(f"  {n:5d} x {stage}: {reason}")
         if self.counts.get("failed"):
-            lines.append(f"  {self.counts['failed']} samples failed this run: `python -m pipeline status "
-                         f"{self.store_dir} --failed` lists them, rerun with --retry-failed to retry them")
+            lines.append(
+                f"  {self.counts['failed']} samples failed this run: `python -m pipeline status "
+                f"{self.store_dir} --failed` lists them, rerun with --retry-failed to retry them"
+            )
         if self.shards:
             sizes = [s["bytes"] for s in self.shards]
-            lines.append(f"  shards: {len(sizes)} in {self.commits} commits this run, {sum(sizes) / 1e6:.2f} MB, "
-                         f"{min(sizes) / 1e3:.1f}-{max(sizes) / 1e3:.1f} kB each; commits took "
-                         f"{self.commit_s * 1e3 / max(self.commits, 1):.1f} ms each on the driver")
+            lines.append(
+                f"  shards: {len(sizes)} in {self.commits} commits this run, {sum(sizes) / 1e6:.2f} MB, "
+                f"{min(sizes) / 1e3:.1f}-{max(sizes) / 1e3:.1f} kB each; commits took "
+                f"{self.commit_s * 1e3 / max(self.commits, 1):.1f} ms each on the driver"
+            )
         for m, q in self.qa.items():
-            lines.append(f"  qa {m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in q.items()))
+            lines.append(
+                f"  qa {m}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in q.items())
+            )
         if self.interrupted:
             left = f"{max(0, self.todo - self.finished)} left" if self.resume else "the rest not counted yet"
-            lines.append(f"interrupted ({signal.Signals(self.interrupted).name}): {self.finished} samples committed "
-                         f"this run, {left}; rerun the same command to continue")
+            lines.append(
+                f"interrupted ({signal.Signals(self.interrupted).name}): {self.finished} samples committed "
+                f"this run, {left}; rerun the same command to continue"
+            )
         return "\n".join(lines)
 
 
 # ---- identity and the version directory ---------------------------------------------------------------------
+
 
 def version_name(tokenizer: dict, preprocess: dict) -> str:
     return f"{tokenizer['id']}-pp{preprocess['id']}"
@@ -191,12 +208,14 @@ def version_notes(root: Storage, tokenizer: dict, preprocess: dict, name: str) -
         if tok.get("id") != tokenizer["id"]:
             continue
         diff = changed_settings(Store(v).read_json("preprocess.json").get("settings", {}), preprocess["settings"])
-        notes.append(f"settings differ from {v.root.rsplit('/', 1)[-1]} ({'; '.join(diff[:6])}): "
-                     f"writing a new version {name}")
+        notes.append(
+            f"settings differ from {v.root.rsplit('/', 1)[-1]} ({'; '.join(diff[:6])}): writing a new version {name}"
+        )
     return notes
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
+
 
 class _Signals:
     """First SIGINT/SIGTERM: request a stop and arm the grace timer; second: abort (KeyboardInterrupt).
@@ -236,8 +255,12 @@ class _Signals:
 
     def _first(self, signum) -> None:
         self.signum = signum
-        print(f"{signal.Signals(signum).name}: no new work; finishing in-flight samples (up to "
-              f"{self.grace_s:.0f}s), then committing. Press Ctrl-C again to abort.", file=sys.stderr, flush=True)
+        print(
+            f"{signal.Signals(signum).name}: no new work; finishing in-flight samples (up to "
+            f"{self.grace_s:.0f}s), then committing. Press Ctrl-C again to abort.",
+            file=sys.stderr,
+            flush=True,
+        )
         if self.control is not None:
             self.control.request_stop.remote()
         self.timer = threading.Timer(self.grace_s, self._expire)
@@ -271,8 +294,11 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     store = Store(root.child(name))
     summary = Summary(store_dir=store.uri, dry_run=dry_run)
     if dry_run:
-        version = store.read_json("version.json") if store.storage.exists("version.json") else \
-            {"buckets": job.ray.buckets, "id_rule": ID_RULE}
+        version = (
+            store.read_json("version.json")
+            if store.storage.exists("version.json")
+            else {"buckets": job.ray.buckets, "id_rule": ID_RULE}
+        )
         summary.resume = ray_job.dry_run_counts(job, store.ledger.view(), version["buckets"], id_rule_of(version))
         summary.notes += version_notes(root, tok, pre, name)
         summary.wall_s = time.perf_counter() - t0
@@ -283,8 +309,10 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     last = None if retry_failed else unchanged_since(store.storage, sources_fp)
     if last is not None:  # nothing to do: no lock, no Ray, no tokenizer, no QA
         summary.resume = {src: {**c, "todo": 0} for src, c in (last.get("sources") or {}).items()}
-        summary.notes.append(f"nothing to do: the sources and the store are as run {last['run']} left them "
-                             "(checked without starting Ray or the tokenizer)")
+        summary.notes.append(
+            f"nothing to do: the sources and the store are as run {last['run']} left them "
+            "(checked without starting Ray or the tokenizer)"
+        )
         summary.wall_s = time.perf_counter() - t0
         return summary
     root.makedirs()
@@ -292,16 +320,19 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     run_id = summary.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     with _Signals(job.ray.interrupt_grace_s) as sig, RunLock(store.storage, run_id) as lock:
         if lock.took_over:
-            summary.notes.append(f"took over a stale lock of run {lock.took_over.get('run')} "
-                                 f"(host {lock.took_over.get('host')}, pid {lock.took_over.get('pid')})")
+            summary.notes.append(
+                f"took over a stale lock of run {lock.took_over.get('run')} "
+                f"(host {lock.took_over.get('host')}, pid {lock.took_over.get('pid')})"
+            )
         store.init({"name": name, "buckets": job.ray.buckets, "id_rule": ID_RULE}, tok, pre)
-        buckets = store.read_json("version.json")["buckets"]
         rec = store.recover(run_id)
         if rec.rolled_forward:
             summary.notes.append(f"completed {rec.rolled_forward} moves of commits interrupted by a crash")
         if rec.quarantined:
-            summary.notes.append(f"{len(rec.quarantined)} files in data/ that no commit names were moved to "
-                                 f"quarantine/ (e.g. {rec.quarantined[0]})")
+            summary.notes.append(
+                f"{len(rec.quarantined)} files in data/ that no commit names were moved to "
+                f"quarantine/ (e.g. {rec.quarantined[0]})"
+            )
         summary.notes += rec.problems
         ray = ray_job.init_ray(job.ray)
         sig.install()  # ray.init replaced the SIGTERM handler
@@ -313,23 +344,36 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
             if not sig.expired:  # a second Ctrl-C: abort now; what was committed stays, the rest is redone
                 summary.interrupted = sig.signum or signal.SIGINT
                 raise
-            summary.notes.append(f"in-flight samples did not finish within {job.ray.interrupt_grace_s:.0f}s; "
-                                 "they are redone on the next run")
+            summary.notes.append(
+                f"in-flight samples did not finish within {job.ray.interrupt_grace_s:.0f}s; "
+                "they are redone on the next run"
+            )
             cut = True  # possibly inside a commit: the in-memory state may lag what is stored
         sig.stream_ended()
         summary.interrupted = sig.signum
         complete = not cut and not summary.interrupted
-        _finish(store, run_id, summary, ray, reload=cut, sources_fp=sources_fp if complete else None,
-                retry_failed=retry_failed)
+        _finish(
+            store,
+            run_id,
+            summary,
+            ray,
+            reload=cut,
+            sources_fp=sources_fp if complete else None,
+            retry_failed=retry_failed,
+        )
         if not write_root_card(root, name):
-            summary.notes.append(f"{root.uri('README.md')} is not ours: left as it is (load_dataset(OUT) needs "
-                                 "data_files=...; each version folder has its own card)")
+            summary.notes.append(
+                f"{root.uri('README.md')} is not ours: left as it is (load_dataset(OUT) needs "
+                "data_files=...; each version folder has its own card)"
+            )
     if job.qa.samples > 0 and not summary.interrupted and summary.shards:  # only when this run added shards
         from pipeline.qa import run_qa
 
         summary.qa = run_qa(store, job)
-        summary.notes += [f"qa skipped a damaged shard ({d}); `python -m pipeline verify {store.uri} --repair` "
-                          "un-commits it" for d in summary.qa.pop("damaged_shards", [])]
+        summary.notes += [
+            f"qa skipped a damaged shard ({d}); `python -m pipeline verify {store.uri} --repair` un-commits it"
+            for d in summary.qa.pop("damaged_shards", [])
+        ]
     summary.wall_s = time.perf_counter() - t0
     return summary
 
@@ -342,8 +386,16 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
         if sig.signum is not None:  # a stop requested while restarting
             return
         version = store.read_json("version.json")
-        ds = ray_job.build(job, make_stages(job, store, run_id, pre_id(store), ray), store.ledger.view(),
-                           version["buckets"], retry_failed, control, ray, id_rule_of(version))
+        ds = ray_job.build(
+            job,
+            make_stages(job, store, run_id, pre_id(store), ray),
+            store.ledger.view(),
+            version["buckets"],
+            retry_failed,
+            control,
+            ray,
+            id_rule_of(version),
+        )
         if sig.signum is not None:  # stopped while planning: nothing is in flight, start no actor pool
             summary.resume = ray.get(control.get_counts.remote())
             return
@@ -370,8 +422,10 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
                     summary.resume = ray.get(control.get_counts.remote(), timeout=30)
                 except Exception:  # noqa: BLE001 - the counts are lost with it; the next attempt counts again
                     pass
-            summary.notes.append(f"the execution failed ({type(cause).__name__}: {str(cause)[:200]}); "
-                                 f"started again ({attempt + 1}/{job.ray.restarts})")
+            summary.notes.append(
+                f"the execution failed ({type(cause).__name__}: {str(cause)[:200]}); "
+                f"started again ({attempt + 1}/{job.ray.restarts})"
+            )
             _compact_ledger(ray, store)
 
 
@@ -384,16 +438,27 @@ def _progress(job, ray, control, ds):
     if ds is None:
         return contextlib.nullcontext()
     total = sum(c.get("todo", 0) for c in ray.get(control.get_counts.remote()).values())
-    return Progress(lambda: ray.get(control.get_progress.remote(), timeout=5), total=total, bar=job.progress.bar,
-                    every_s=job.progress.every_s)
+    return Progress(
+        lambda: ray.get(control.get_progress.remote(), timeout=5),
+        total=total,
+        bar=job.progress.bar,
+        every_s=job.progress.every_s,
+    )
 
 
 def infrastructure(exc: BaseException) -> bool:
     """A lost node, worker or object (worth running again), as opposed to an error in our code or storage."""
     import ray.exceptions as rex
 
-    lost = (rex.NodeDiedError, rex.ObjectLostError, rex.ActorDiedError, rex.WorkerCrashedError,
-            rex.ActorUnavailableError, rex.OwnerDiedError, rex.RaySystemError)
+    lost = (
+        rex.NodeDiedError,
+        rex.ObjectLostError,
+        rex.ActorDiedError,
+        rex.WorkerCrashedError,
+        rex.ActorUnavailableError,
+        rex.OwnerDiedError,
+        rex.RaySystemError,
+    )
     seen = exc
     for _ in range(10):
         if isinstance(seen, lost):
@@ -418,8 +483,8 @@ def root_cause(exc: BaseException) -> BaseException:
             continue
         break
     if type(exc).__name__ == "UserCodeException":  # Ray Data's wrapper: its __cause__ (the task's own exception)
-        found = _ERRNO_LINE.findall(str(outer))     # is lost on the way to the driver; the worker's traceback
-        if found:                                   # text still ends with it
+        found = _ERRNO_LINE.findall(str(outer))  # is lost on the way to the driver; the worker's traceback
+        if found:  # text still ends with it
             return OSError(int(found[-1][0]), found[-1][1])
     return exc
 
@@ -447,8 +512,7 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
     prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
     free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
     dims = TokenDims(**store.read_json("tokenizer.json")["dims"])
-    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus,
-                  run_id=run_id)
+    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus, run_id=run_id)
     return {
         "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
         "media_actors": job.ray.prepare_actors or (1, free),
@@ -471,16 +535,28 @@ def end_state(summary: Summary, retry_failed: bool) -> dict:
     """Per source after this run: rows, duplicates and outcomes (what a no-op rerun reports as already done)."""
     out = {}
     for src, c in summary.resume.items():
-        out[src] = {"rows": c.get("rows", 0), "duplicate": c.get("duplicate", 0), "ok": c.get("ok", 0),
-                    "skipped": c.get("skipped", 0), "failed": 0 if retry_failed else c.get("failed", 0)}
+        out[src] = {
+            "rows": c.get("rows", 0),
+            "duplicate": c.get("duplicate", 0),
+            "ok": c.get("ok", 0),
+            "skipped": c.get("skipped", 0),
+            "failed": 0 if retry_failed else c.get("failed", 0),
+        }
     for (src, status, _kind), n in summary.by_source.items():
         c = out.setdefault(src, {"rows": 0, "duplicate": 0, "ok": 0, "skipped": 0, "failed": 0})
         c[status] = c.get(status, 0) + n
     return out
 
 
-def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = False, sources_fp: str | None = None,
-            retry_failed: bool = False) -> None:
+def _finish(
+    store: Store,
+    run_id: str,
+    summary: Summary,
+    ray,
+    reload: bool = False,
+    sources_fp: str | None = None,
+    retry_failed: bool = False,
+) -> None:
     """Folds this run's commits into the checkpoint, the ledger into a level, and updates the card. `reload`:
     the stream was cut by the grace timer, perhaps between a commit record and the store's in-memory update;
     the checkpoint is then built from what is stored (rolling that commit forward), not from memory."""
@@ -492,10 +568,17 @@ def _finish(store: Store, run_id: str, summary: Summary, ray, reload: bool = Fal
         store.checkpoint()
     _compact_ledger(ray, store)
     store.write_card()
-    record = {"run": run_id, "time": time.time(), "interrupted": summary.interrupted, "counts": dict(summary.counts),
-              "resume": summary.resume, "commits": summary.commits, "notes": summary.notes,
-              "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)],
-              "sources": end_state(summary, retry_failed)}
+    record = {
+        "run": run_id,
+        "time": time.time(),
+        "interrupted": summary.interrupted,
+        "counts": dict(summary.counts),
+        "resume": summary.resume,
+        "commits": summary.commits,
+        "notes": summary.notes,
+        "reasons": [[s, r, n] for (s, r), n in summary.reasons.most_common(100)],
+        "sources": end_state(summary, retry_failed),
+    }
     if sources_fp is not None:  # a complete run: a plain rerun with the same fingerprint has nothing to do
         from pipeline.noop import store_fingerprint
 

@@ -9,6 +9,7 @@ row: a row, or a list of rows when one input becomes several samples (the window
 
 `pipeline/ray_job.py` maps any stage to a Ray Data task or actor pool; nothing else here knows about Ray.
 """
+
 from __future__ import annotations
 
 import time
@@ -22,15 +23,15 @@ from pipeline.rows import Row, describe, fail, is_ok
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1.0
-    gpus: float = 0.0            # a fraction packs several workers on one GPU
-    memory: int | None = None    # bytes a worker may need at peak (Ray schedules by it)
+    gpus: float = 0.0  # a fraction packs several workers on one GPU
+    memory: int | None = None  # bytes a worker may need at peak (Ray schedules by it)
 
 
 class Stage:
     name: ClassVar[str] = "stage"
     reads: ClassVar[tuple[str, ...]] = ()
     adds: ClassVar[tuple[str, ...]] = ()
-    batch_size: int = 8          # rows per call
+    batch_size: int = 8  # rows per call
 
     _ready = False
 

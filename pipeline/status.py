@@ -3,6 +3,7 @@
 `report()` gathers it (the commit records and the ledger; no shard is opened), `render()` prints it. Failed
 samples are listed with their id, uri, stage and reason, filtered by stage and by a reason substring.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,17 +31,24 @@ def report(store: Store, stage: str | None = None, reason: str | None = None, re
     bad = table.filter(pc.invert(pc.equal(table.column("status"), "ok")))
     rows = bad.to_pylist()
     by_stage = collections.Counter((r["status"], r["stage"]) for r in rows)
-    top = collections.Counter((r["status"], r["stage"], (r["reason"] or "").splitlines()[0][:200] if r["reason"]
-                               else "") for r in rows)
+    top = collections.Counter(
+        (r["status"], r["stage"], (r["reason"] or "").splitlines()[0][:200] if r["reason"] else "") for r in rows
+    )
     kinds = collections.Counter((r["status"], reason_kind(r["stage"], r["reason"])) for r in rows)
     needle = (reason or "").lower()
-    failed = [{k: r[k] for k in ("id", "uri", "source", "stage", "reason")} for r in rows
-              if r["status"] == "failed" and (stage is None or r["stage"] == stage)
-              and needle in (r["reason"] or "").lower()]
+    failed = [
+        {k: r[k] for k in ("id", "uri", "source", "stage", "reason")}
+        for r in rows
+        if r["status"] == "failed" and (stage is None or r["stage"] == stage) and needle in (r["reason"] or "").lower()
+    ]
     return {
         "store": store.uri,
-        "tokenizer": {"id": tok.get("id"), "config": tok.get("config"), "checkpoint": tok.get("checkpoint"),
-                      "discrete": tok.get("discrete")},
+        "tokenizer": {
+            "id": tok.get("id"),
+            "config": tok.get("config"),
+            "checkpoint": tok.get("checkpoint"),
+            "discrete": tok.get("discrete"),
+        },
         "preprocess": {"id": pre.get("id"), "settings": pre.get("settings", {})},
         "damaged": dict(store.damaged),
         "modalities": store.counts(),
@@ -72,12 +80,16 @@ def render(rep: dict, failed: bool = False, limit: int = 0) -> str:
         lines.append(f"  {r['n']:6d} {r['status']} at {r['stage']}: {r['reason'][:120]}")
     if rep["kinds"]:
         total = max(rep["samples"], 1)
-        lines.append("  by kind: " + ", ".join(f"{k['status']} {k['kind']} {k['n']} ({k['n'] / total:.1%})"
-                                            for k in rep["kinds"]))
+        lines.append(
+            "  by kind: "
+            + ", ".join(f"{k['status']} {k['kind']} {k['n']} ({k['n'] / total:.1%})" for k in rep["kinds"])
+        )
     if failed:
         shown = rep["failed"][:limit] if limit else rep["failed"]
-        lines.append(f"  failed samples{' (filtered)' if rep.get('filtered') else ''}: {len(rep['failed'])}"
-                     + (f", first {len(shown)} shown" if len(shown) < len(rep["failed"]) else ""))
+        lines.append(
+            f"  failed samples{' (filtered)' if rep.get('filtered') else ''}: {len(rep['failed'])}"
+            + (f", first {len(shown)} shown" if len(shown) < len(rep["failed"]) else "")
+        )
         for r in shown:
             lines.append(f"    {r['id']}\t{r['uri']}\t{r['stage']}: {(r['reason'] or '').splitlines()[0][:200]}")
     n_failed = rep["outcomes"].get("failed", 0)

@@ -19,6 +19,7 @@ Other backends are one module each: `pipeline/storage_backends/<scheme>.py` with
 `pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(...))`; `storage.fsspec` carries its keyword arguments).
 A scheme that nothing handles is refused with one line before any work.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,14 +48,15 @@ class StorageError(ValueError):
 
 class StorageOptions(Config):
     """Overrides of the standard environment for object stores (all optional)."""
-    endpoint_url: str | None = None     # e.g. http://127.0.0.1:8333 (S3-compatible servers, GCS emulators)
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:8333 (S3-compatible servers, GCS emulators)
     region: str | None = None
     access_key: str | None = None
     secret_key: str | None = None
     session_token: str | None = None
     anonymous: bool = False
     hf_token: str | None = None
-    fsspec: dict = {}                   # keyword arguments for an fsspec-provided backend (az://, ...)
+    fsspec: dict = {}  # keyword arguments for an fsspec-provided backend (az://, ...)
 
 
 def scheme_of(uri: str) -> str:
@@ -71,8 +73,10 @@ def check_uri(uri: str, writable: bool = False) -> str:
     if scheme in allowed or (extra is not None and (extra.WRITABLE or not writable)):
         return scheme
     kind = "output" if writable else "input"
-    raise StorageError(f"unsupported {kind} location {uri!r}: scheme {scheme!r}; use a local path, file://, "
-                       f"s3:// or gs://" + ("" if writable else ", or read-only hf://, http(s)://"))
+    raise StorageError(
+        f"unsupported {kind} location {uri!r}: scheme {scheme!r}; use a local path, file://, "
+        f"s3:// or gs://" + ("" if writable else ", or read-only hf://, http(s)://")
+    )
 
 
 def backend_module(scheme: str):
@@ -106,8 +110,12 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
         if not parts.netloc:
             raise StorageError(f"{uri!r}: no bucket (want s3://bucket/prefix)")
         endpoint = opts.endpoint_url or _env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-        kw = dict(region=opts.region or _env("AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
-                  anonymous=opts.anonymous, allow_bucket_creation=False, allow_bucket_deletion=False)
+        kw = dict(
+            region=opts.region or _env("AWS_REGION", "AWS_DEFAULT_REGION") or "us-east-1",
+            anonymous=opts.anonymous,
+            allow_bucket_creation=False,
+            allow_bucket_deletion=False,
+        )
         if endpoint:
             ep = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
             kw.update(endpoint_override=ep.netloc, scheme=ep.scheme or "https")
@@ -123,17 +131,19 @@ def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.Fi
         return pafs.GcsFileSystem(**kw), bucket_path
     if scheme == "hf":
         from huggingface_hub import HfFileSystem
+
         fs = HfFileSystem(token=opts.hf_token) if opts.hf_token else HfFileSystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), bucket_path
     if scheme in ("http", "https"):
         import fsspec  # read-only through fsspec's HTTP filesystem
+
         return pafs.PyFileSystem(pafs.FSSpecHandler(fsspec.filesystem(scheme))), str(uri)
     return backend_module(scheme).filesystem(uri, opts)
 
 
 @dataclass(frozen=True)
 class Entry:
-    path: str      # relative to the Storage root, '/'-separated
+    path: str  # relative to the Storage root, '/'-separated
     size: int
     mtime: float | None
 
@@ -255,8 +265,11 @@ class Storage:
         for info in infos:
             if info.type != pafs.FileType.File:
                 continue
-            p = info.path[len(base):].lstrip("/").replace(os.sep, "/") if self.local else \
-                info.path[len(base):].lstrip("/")
+            p = (
+                info.path[len(base) :].lstrip("/").replace(os.sep, "/")
+                if self.local
+                else info.path[len(base) :].lstrip("/")
+            )
             mtime = info.mtime.timestamp() if info.mtime is not None else None
             out.append(Entry(p, info.size, mtime))
         return sorted(out, key=lambda e: e.path)

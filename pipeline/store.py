@@ -20,6 +20,7 @@ Damage is found, never trusted: a corrupt commit record (other than a torn last 
 open (`StoreDamaged`); a shard whose size differs from its record is un-committed and its samples requeued
 (`Store.repair`, also what `verify --repair` does after re-hashing every shard).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -48,8 +49,10 @@ class StoreDamaged(StorageError):
 
 
 def repair_hint(uri: str) -> str:
-    return (f"nothing was changed; `python -m pipeline verify {uri} --repair` un-commits what is damaged (kept "
-            "under quarantine/) so that the next run redoes exactly those samples")
+    return (
+        f"nothing was changed; `python -m pipeline verify {uri} --repair` un-commits what is damaged (kept "
+        "under quarantine/) so that the next run redoes exactly those samples"
+    )
 
 
 class DamagedFile(OSError):
@@ -112,8 +115,11 @@ class Store:
     # ---- identity ---------------------------------------------------------------------------------------------
     def init(self, version: dict, tokenizer: dict, preprocess: dict) -> None:
         """Writes the identity files once (a store's identity never changes)."""
-        for name, obj in (("version.json", {"format": FORMAT, "schema_version": SCHEMA_VERSION, **version}),
-                          ("tokenizer.json", tokenizer), ("preprocess.json", preprocess)):
+        for name, obj in (
+            ("version.json", {"format": FORMAT, "schema_version": SCHEMA_VERSION, **version}),
+            ("tokenizer.json", tokenizer),
+            ("preprocess.json", preprocess),
+        ):
             if not self.storage.exists(name):
                 self.storage.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True).encode())
 
@@ -145,8 +151,9 @@ class Store:
             try:
                 rec = json.loads(self.storage.read_bytes(e.path))
                 if not isinstance(rec, dict) or rec.get("seq") != int(name[:-5]):
-                    raise ValueError(f"its seq {rec.get('seq') if isinstance(rec, dict) else rec!r} is not "
-                                     f"{int(name[:-5])}")
+                    raise ValueError(
+                        f"its seq {rec.get('seq') if isinstance(rec, dict) else rec!r} is not {int(name[:-5])}"
+                    )
             except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
                 self.damaged[e.path] = f"corrupt commit record: {type(exc).__name__}: {exc}"
                 continue
@@ -166,8 +173,11 @@ class Store:
         silently smaller set of shards."""
         records = self.load()
         if self.damaged:
-            raise DamagedFile(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
-                              + f". Run `python -m pipeline verify {self.uri} --repair`")
+            raise DamagedFile(
+                f"{self.uri}: "
+                + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
+                + f". Run `python -m pipeline verify {self.uri} --repair`"
+            )
         return records
 
     def _apply(self, rec: dict) -> None:
@@ -189,9 +199,15 @@ class Store:
         seq = int(path.rsplit("/", 1)[-1][:-5])
         if records and records[-1]["seq"] > seq:
             return None
-        moved = self.storage.exists(fragment_path(seq)) or self.ledger.covers(seq) or any(
-            e.path.rsplit("/", 1)[-1].startswith(f"part-{seq:06d}-") for m in MODALITIES
-            for e in self.storage.list(f"data/{m}"))
+        moved = (
+            self.storage.exists(fragment_path(seq))
+            or self.ledger.covers(seq)
+            or any(
+                e.path.rsplit("/", 1)[-1].startswith(f"part-{seq:06d}-")
+                for m in MODALITIES
+                for e in self.storage.list(f"data/{m}")
+            )
+        )
         return None if moved else path
 
     # ---- opening for a run: roll forward, check sizes, quarantine, collect garbage --------------------------
@@ -204,22 +220,32 @@ class Store:
         torn = self._torn_last(records)
         if torn:
             self.storage.move(torn, f"quarantine/torn-{int(time.time())}/{torn}")
-            out.problems.append(f"dropped a torn last commit record {torn} ({self.damaged.pop(torn)}); nothing of "
-                                "it was moved in, its samples are redone")
+            out.problems.append(
+                f"dropped a torn last commit record {torn} ({self.damaged.pop(torn)}); nothing of "
+                "it was moved in, its samples are redone"
+            )
         if not self.storage.list(MANIFEST) and (self.ledger.levels() or self.ledger.fragments()):
             self.damaged[f"{MANIFEST}/"] = "missing, but the ledger records finished samples"
         if self.damaged:
-            raise StoreDamaged(f"{self.uri}: " + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
-                               + f". {repair_hint(self.uri)}")
+            raise StoreDamaged(
+                f"{self.uri}: "
+                + "; ".join(f"{p}: {why}" for p, why in self.damaged.items())
+                + f". {repair_hint(self.uri)}"
+            )
         for rec in records:
             out.rolled_forward += self._finish_moves(rec, out.problems)
         sizes = {e.path: e.size for e in self.storage.list("data", recursive=True)}
-        damaged = {p: ("missing" if sizes.get(p) is None else f"{sizes[p]} bytes, the commit says {s.bytes}")
-                   for p, s in self.shards.items() if sizes.get(p) != s.bytes}
+        damaged = {
+            p: ("missing" if sizes.get(p) is None else f"{sizes[p]} bytes, the commit says {s.bytes}")
+            for p, s in self.shards.items()
+            if sizes.get(p) != s.bytes
+        }
         if damaged:
             res = self.repair(damaged, run_id or "recover")
-            out.problems.append(f"{len(res['drops'])} damaged shards un-committed ({res['quarantine']}); "
-                                f"{res['requeued']} samples requeued")
+            out.problems.append(
+                f"{len(res['drops'])} damaged shards un-committed ({res['quarantine']}); "
+                f"{res['requeued']} samples requeued"
+            )
         self.checkpoint()  # fold the records now that their moves are done: none outlives a later compaction
         known = set(self.shards)
         for e in self.storage.list("data", recursive=True):  # paths are relative to the store root
@@ -273,8 +299,11 @@ class Store:
         why_of: dict[str, str] = {}
         for path in damaged:  # a damaged shard's own ids, where its id column still reads
             try:
-                why_of.update(dict.fromkeys(read_parquet(self.storage, path, ["id"]).column("id").to_pylist(),
-                                            f"{path}: {damaged[path]}"))
+                why_of.update(
+                    dict.fromkeys(
+                        read_parquet(self.storage, path, ["id"]).column("id").to_pylist(), f"{path}: {damaged[path]}"
+                    )
+                )
             except OSError:
                 pass
         by_seq = {(self.shards[p].seq, self.shards[p].modality): p for p in damaged if p in self.shards}
@@ -284,10 +313,11 @@ class Store:
         seq = self.next_seq
         base = f"staging/{run_id}/repair-{seq:010d}"
         for r in lost:
-            where = why_of.get(r["id"]) or (f"{by_seq[(r['seq'], r['modality'])]}: "
-                                            f"{damaged[by_seq[(r['seq'], r['modality'])]]}"
-                                            if (r["seq"], r["modality"]) in by_seq else
-                                            "no intact committed shard holds its row")
+            where = why_of.get(r["id"]) or (
+                f"{by_seq[(r['seq'], r['modality'])]}: {damaged[by_seq[(r['seq'], r['modality'])]]}"
+                if (r["seq"], r["modality"]) in by_seq
+                else "no intact committed shard holds its row"
+            )
             r.update(status=REQUEUED, stage="verify", reason=f"requeued by repair: {where}")
         q = f"quarantine/repair-{seq:010d}"
         moves = [[p, f"{q}/{p}"] for p in sorted(damaged) if self.storage.exists(p)]
@@ -299,11 +329,23 @@ class Store:
             self.storage.write_bytes(f"{base}/ledger.parquet", buf.getvalue().to_pybytes())
             ledger_rel = fragment_path(seq)
             moves.append([f"{base}/ledger.parquet", ledger_rel])
-        drops = [{"path": p, "reason": why, "record": vars(self.shards[p]) if p in self.shards else None}
-                 for p, why in sorted(damaged.items())]
-        record = {"seq": seq, "op": "repair", "run": run_id, "time": time.time(), "shards": [], "removes": [],
-                  "drops": drops, "manifest_damage": self.damaged, "ledger": ledger_rel, "moves": moves,
-                  "counts": {REQUEUED: len(lost)}}
+        drops = [
+            {"path": p, "reason": why, "record": vars(self.shards[p]) if p in self.shards else None}
+            for p, why in sorted(damaged.items())
+        ]
+        record = {
+            "seq": seq,
+            "op": "repair",
+            "run": run_id,
+            "time": time.time(),
+            "shards": [],
+            "removes": [],
+            "drops": drops,
+            "manifest_damage": self.damaged,
+            "ledger": ledger_rel,
+            "moves": moves,
+            "counts": {REQUEUED: len(lost)},
+        }
         name = f"{MANIFEST}/{seq:010d}.json"
         self.storage.write_bytes(name, json.dumps(record, ensure_ascii=False, default=str).encode())
         self.next_seq = seq + 1
@@ -327,15 +369,31 @@ class Store:
         for k, f in enumerate(record.get("shards", [])):
             final = f"data/{f['modality']}/part-{seq:06d}-{k}.parquet"
             moves.append([f["staging"], final])
-            shards.append({"path": final, "modality": f["modality"], "rows": f["rows"], "bytes": f["bytes"],
-                           "sha256": f["sha256"], "row_groups": f.get("row_groups", 1)})
+            shards.append(
+                {
+                    "path": final,
+                    "modality": f["modality"],
+                    "rows": f["rows"],
+                    "bytes": f["bytes"],
+                    "sha256": f["sha256"],
+                    "row_groups": f.get("row_groups", 1),
+                }
+            )
         ledger = None
         if record.get("ledger"):
             ledger = fragment_path(seq)
             moves.append([record["ledger"], ledger])  # last: the outcomes count only once the shards are in
-        commit = {"seq": seq, "op": record.get("op", "write"), "run": run_id, "time": time.time(),
-                  "shards": shards, "removes": record.get("removes", []), "ledger": ledger,
-                  "counts": record.get("counts", {}), "moves": moves}
+        commit = {
+            "seq": seq,
+            "op": record.get("op", "write"),
+            "run": run_id,
+            "time": time.time(),
+            "shards": shards,
+            "removes": record.get("removes", []),
+            "ledger": ledger,
+            "counts": record.get("counts", {}),
+            "moves": moves,
+        }
         name = f"{MANIFEST}/{seq:010d}.json"
         self.storage.write_bytes(name, json.dumps(commit, ensure_ascii=False).encode())
         self.next_seq = seq + 1
@@ -398,17 +456,23 @@ class Store:
         tok = self.read_json("tokenizer.json") if self.storage.exists("tokenizer.json") else {}
         pre = self.read_json("preprocess.json") if self.storage.exists("preprocess.json") else {}
         present = [m for m in MODALITIES if m in counts]
-        configs = "".join(f"- config_name: {m}\n  data_files: \"data/{m}/*.parquet\"\n" for m in present)
-        body = (f"---\nconfigs:\n{configs}---\n\n# AToken token cache\n\n"
-                f"- tokenizer: `{tok.get('id', '?')}` (config {tok.get('config', '?')}, weights sha256 "
-                f"{str(tok.get('weights_sha256'))[:12]})\n"
-                f"- preprocessing: `{pre.get('id', '?')}` (settings in `preprocess.json`)\n"
-                + "".join(f"- {m}: {counts[m]['rows']} samples in {counts[m]['shards']} shards "
-                          f"({counts[m]['bytes'] / 1e6:.1f} MB)\n" for m in present)
-                + "\nLoad with `datasets.load_dataset(\"parquet\", data_files=\"data/<modality>/*.parquet\")` or "
-                  "`datasets.load_dataset(<this folder>, \"<modality>\")`; `with_format(\"arrow\")` keeps fp16. "
-                  "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n"
-                + card_section(self.storage, self.shards) + CHECKSUM_NOTE)
+        configs = "".join(f'- config_name: {m}\n  data_files: "data/{m}/*.parquet"\n' for m in present)
+        body = (
+            f"---\nconfigs:\n{configs}---\n\n# AToken token cache\n\n"
+            f"- tokenizer: `{tok.get('id', '?')}` (config {tok.get('config', '?')}, weights sha256 "
+            f"{str(tok.get('weights_sha256'))[:12]})\n"
+            f"- preprocessing: `{pre.get('id', '?')}` (settings in `preprocess.json`)\n"
+            + "".join(
+                f"- {m}: {counts[m]['rows']} samples in {counts[m]['shards']} shards "
+                f"({counts[m]['bytes'] / 1e6:.1f} MB)\n"
+                for m in present
+            )
+            + '\nLoad with `datasets.load_dataset("parquet", data_files="data/<modality>/*.parquet")` or '
+            '`datasets.load_dataset(<this folder>, "<modality>")`; `with_format("arrow")` keeps fp16. '
+            "Columns: `schemas/tokens.py`. Per-sample outcomes: `ledger/**/*.parquet` (latest per id).\n"
+            + card_section(self.storage, self.shards)
+            + CHECKSUM_NOTE
+        )
         if not self.storage.exists("README.md") or self.storage.read_bytes("README.md").decode() != body:
             self.storage.write_bytes("README.md", body.encode())
 
@@ -446,8 +510,14 @@ def check(store: Store) -> tuple[dict[str, str], list[str]]:
             if i in seen:
                 problems.append(f"duplicate id {i} in {path} and {seen[i]}")
             seen[i] = path
-    problems += [f"missing shard {p}" if why == "missing" else f"hash mismatch {p}" if why.startswith("hash")
-                 else f"damaged shard {p}: {why}" for p, why in damaged.items()]
+    problems += [
+        f"missing shard {p}"
+        if why == "missing"
+        else f"hash mismatch {p}"
+        if why.startswith("hash")
+        else f"damaged shard {p}: {why}"
+        for p, why in damaged.items()
+    ]
     known = set(store.shards)
     for e in storage.list("data", recursive=True):
         if e.path not in known:
@@ -458,8 +528,10 @@ def check(store: Store) -> tuple[dict[str, str], list[str]]:
         return damaged, problems + [f"cannot read the ledger: {type(exc).__name__}: {exc}"]
     ok = set(outcomes.filter(pc.equal(outcomes.column("status"), "ok")).column("id").to_pylist())
     if ok != set(seen):
-        problems.append(f"ledger and shards disagree: {len(ok - set(seen))} ok in the ledger without a row, "
-                        f"{len(set(seen) - ok)} rows without an ok outcome")
+        problems.append(
+            f"ledger and shards disagree: {len(ok - set(seen))} ok in the ledger without a row, "
+            f"{len(set(seen) - ok)} rows without an ok outcome"
+        )
     return damaged, problems
 
 
@@ -501,7 +573,8 @@ CHECKSUM_NOTE = (
     "shard an error instead of wrong data, pass `fragment_scan_options=pyarrow.dataset.ParquetFragmentScanOptions("
     "page_checksum_verification=True)` to `datasets.load_dataset`, or `page_checksum_verification=True` to "
     "`pyarrow.parquet.read_table`. `python -m pipeline verify <this folder>` re-hashes every shard against its "
-    "commit record, and `--repair` un-commits damaged ones so that the next run redoes their samples.\n")
+    "commit record, and `--repair` un-commits damaged ones so that the next run redoes their samples.\n"
+)
 
 ROOT_CARD_MARK = "<!-- atoken-cache: output root card, rewritten by each run -->"
 
@@ -517,16 +590,20 @@ def write_root_card(root: Storage, current: str) -> bool:
     present = {name: [m for m in MODALITIES if v.list(f"data/{m}")] for name, v in found.items()}
     configs, lines = [], []
     for k, m in enumerate(present.get(current, [])):
-        configs.append(f"- config_name: {m}\n  data_files: \"{current}/data/{m}/*.parquet\"\n"
-                       + ("  default: true\n" if k == 0 else ""))
+        configs.append(
+            f'- config_name: {m}\n  data_files: "{current}/data/{m}/*.parquet"\n'
+            + ("  default: true\n" if k == 0 else "")
+        )
     for name in sorted(present):
-        configs += [f"- config_name: {name}-{m}\n  data_files: \"{name}/data/{m}/*.parquet\"\n" for m in present[name]]
+        configs += [f'- config_name: {name}-{m}\n  data_files: "{name}/data/{m}/*.parquet"\n' for m in present[name]]
         lines.append(f"- `{name}`{' (latest run)' if name == current else ''}: {', '.join(present[name]) or 'empty'}")
-    body = (f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
-            "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
-            + "\n".join(lines) + "\n\n`datasets.load_dataset(\"<this folder>\", \"<modality>\")` reads the latest "
-            "run's version; `\"<version>-<modality>\"` names one. `with_format(\"arrow\")` keeps fp16.\n"
-            + CHECKSUM_NOTE)
+    body = (
+        f"---\nconfigs:\n{''.join(configs)}---\n{ROOT_CARD_MARK}\n\n# AToken token cache (output root)\n\n"
+        "One folder per version (tokenizer identity + preprocessing identity), each with its own card:\n\n"
+        + "\n".join(lines)
+        + '\n\n`datasets.load_dataset("<this folder>", "<modality>")` reads the latest '
+        'run\'s version; `"<version>-<modality>"` names one. `with_format("arrow")` keeps fp16.\n' + CHECKSUM_NOTE
+    )
     root.write_bytes("README.md", body.encode())
     return True
 

@@ -8,6 +8,7 @@ point is `python -m pipeline run env:PIPELINE_JOB`: the cluster's Python, no pat
 Checkpoints stay on the cluster: `tokenize.checkpoint: checkpoints/x.pt` becomes `<ray.cluster_checkpoints>/x.pt`
 (a path every node sees); without `ray.cluster_checkpoints` such a job is refused here, before anything is sent.
 """
+
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
@@ -21,8 +22,22 @@ JOB_ENV = "PIPELINE_JOB"
 ENTRYPOINT = f"python -m pipeline run env:{JOB_ENV}"
 CHECKPOINTS = "checkpoints"
 # gitignore syntax, relative to the working directory (Ray also honours .gitignore)
-EXCLUDES = [".git", ".venv", "venv", "__pycache__", "*.pyc", ".pytest_cache", f"/{CHECKPOINTS}/", "/out/",
-            "/runs/", "/.device/", "/.devdata/", "/.whl/", "/.gl/", "*.parquet"]
+EXCLUDES = [
+    ".git",
+    ".venv",
+    "venv",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    f"/{CHECKPOINTS}/",
+    "/out/",
+    "/runs/",
+    "/.device/",
+    "/.devdata/",
+    "/.whl/",
+    "/.gl/",
+    "*.parquet",
+]
 
 
 def cluster_data(data: dict) -> dict:
@@ -39,9 +54,11 @@ def cluster_data(data: dict) -> dict:
         if parts and parts[0] == CHECKPOINTS:
             where = job.ray.cluster_checkpoints
             if not where:
-                raise ConfigError(f"tokenize.checkpoint: got {ckpt!r}; {CHECKPOINTS}/ is not uploaded to the "
-                                  "cluster: set ray.cluster_checkpoints to where it is on the cluster's nodes, or "
-                                  "give an absolute path there")
+                raise ConfigError(
+                    f"tokenize.checkpoint: got {ckpt!r}; {CHECKPOINTS}/ is not uploaded to the "
+                    "cluster: set ray.cluster_checkpoints to where it is on the cluster's nodes, or "
+                    "give an absolute path there"
+                )
             data.setdefault("tokenize", {})["checkpoint"] = str(PurePosixPath(where, *parts[1:]))
     if scheme_of(job.out) == "file":
         data["out"] = str(Path(job.out).resolve())
@@ -64,9 +81,16 @@ def excludes(data: dict, root: Path = ROOT) -> list[str]:
 def runtime_env(data: dict, root: Path = ROOT) -> dict:
     from pipeline.ray_job import forwarded_env
 
-    return {"working_dir": str(root), "excludes": excludes(data, root),
-            "env_vars": {**forwarded_env(), "RAY_AUTH_MODE": "disabled", "PIPELINE_PROGRESS": "0",
-                         JOB_ENV: yaml.safe_dump(data, allow_unicode=True, sort_keys=False)}}
+    return {
+        "working_dir": str(root),
+        "excludes": excludes(data, root),
+        "env_vars": {
+            **forwarded_env(),
+            "RAY_AUTH_MODE": "disabled",
+            "PIPELINE_PROGRESS": "0",
+            JOB_ENV: yaml.safe_dump(data, allow_unicode=True, sort_keys=False),
+        },
+    }
 
 
 def job_from_env(name: str) -> dict:

@@ -2,6 +2,7 @@
 (`pipeline/tokenizers/`, AToken by default). One model per worker: a GPU actor with `1 / actors_per_gpu` of a
 GPU, or a CPU actor.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,15 +20,15 @@ CONSUMED = ("pixels", "voxel_feats", "voxel_coords", "render")
 class TokenizeConfig(Config):
     IDENTITY = ("logvar",)  # the model itself is the tokenizer identity
 
-    backend: str = "atoken"             # module pipeline/tokenizers/<backend>.py
-    config: str = "tiny-c"              # named config or path to a YAML (official layout accepted)
-    checkpoint: str | None = None       # .pt / .safetensors; None = the shipped tiny weights or seeded random
+    backend: str = "atoken"  # module pipeline/tokenizers/<backend>.py
+    config: str = "tiny-c"  # named config or path to a YAML (official layout accepted)
+    checkpoint: str | None = None  # .pt / .safetensors; None = the shipped tiny weights or seeded random
     device: Literal["auto", "cuda", "cpu"] = "auto"
     batch_tokens: int = Field(16384, ge=16)  # token budget per forward pass
-    batch_rows: int = Field(32, ge=1)   # rows handed to one call
-    actors: int = Field(1, ge=1)        # actor pool size when the cluster has no GPU
+    batch_rows: int = Field(32, ge=1)  # rows handed to one call
+    actors: int = Field(1, ge=1)  # actor pool size when the cluster has no GPU
     actors_per_gpu: int = Field(2, ge=1)  # >1 overlaps one actor's CPU work with another's GPU work
-    logvar: bool = False                # also store the posterior log-variance
+    logvar: bool = False  # also store the posterior log-variance
     weights_licence: str | None = None  # the weights' licence, when it is not known (pipeline/licences.py)
     kv_cache_size: int = Field(0, ge=0)  # decoder KV cache (raw frames), used by the QA decode
     attention: Literal["auto", "cudnn", "flash", "efficient", "math", "flash-attn"] = "auto"  # auto: timed on CUDA
@@ -46,8 +47,18 @@ class TokenizeConfig(Config):
 class Tokenize(Stage):
     name = "tokenize"
     reads = ("modality", "pixels", "voxel_feats", "voxel_coords", "render", "meta")
-    adds = ("width", "height", "num_frames", "coords", "latent", "logvar", "fsq_indices", "pooled", "tokenizer",
-            "preprocess")
+    adds = (
+        "width",
+        "height",
+        "num_frames",
+        "coords",
+        "latent",
+        "logvar",
+        "fsq_indices",
+        "pooled",
+        "tokenizer",
+        "preprocess",
+    )
 
     def __init__(self, cfg: TokenizeConfig, preprocess: str, gpus: float = 0.0):
         self.cfg, self.preprocess, self.gpus = cfg, preprocess, gpus
@@ -89,6 +100,7 @@ class Tokenize(Stage):
             out.update(width=w, height=h, num_frames=t)
         if row.get("render"):  # 3D render settings travel in the shard's `meta` JSON
             out["meta"] = json.dumps({**json.loads(row.get("meta") or "{}"), "render": json.loads(row["render"])})
-        out.update(enc, tokenizer=self.identity["id"], tokenizer_licence=self.weights_licence,
-                   preprocess=self.preprocess)
+        out.update(
+            enc, tokenizer=self.identity["id"], tokenizer_licence=self.weights_licence, preprocess=self.preprocess
+        )
         return out

@@ -6,6 +6,7 @@ of `row_group_bytes`, page checksums on) and every row's outcome as a ledger fra
 driver to commit (`pipeline/store.py`). A retried attempt writes under a new attempt id; only the attempt whose
 record reaches the driver is committed, the others are garbage that the next open removes.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,11 +32,11 @@ TOKEN_COLUMNS = ("coords", "latent", "logvar", "fsq_indices")
 
 
 class WriteConfig(Config):
-    shard_bytes: int = Field(256 * MB, ge=1 << 16)       # target shard size (Arrow bytes, before compression)
+    shard_bytes: int = Field(256 * MB, ge=1 << 16)  # target shard size (Arrow bytes, before compression)
     shard_max_bytes: int = Field(1024 * MB, ge=1 << 16)  # never more than this (a single larger row gets its own)
-    row_group_bytes: int = Field(96 * MB, ge=1 << 14)    # 64-128 MB suits streaming readers
+    row_group_bytes: int = Field(96 * MB, ge=1 << 14)  # 64-128 MB suits streaming readers
     compression: Literal["zstd", "snappy", "gzip", "lz4", "none"] = "zstd"
-    rows_per_write: int | None = Field(None, ge=1)       # rows per writer call (default: from shard_bytes)
+    rows_per_write: int | None = Field(None, ge=1)  # rows per writer call (default: from shard_bytes)
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -97,6 +98,7 @@ def row_sizes(table: pa.Table) -> np.ndarray:
 
 class ShardWriter:
     """`write(rows) -> record`. Construct once per worker; it holds no connection, only settings."""
+
     name = "write"
 
     def __init__(self, store_uri: str, storage_options: dict, run_id: str, dims: TokenDims, cfg: WriteConfig):
@@ -117,12 +119,16 @@ class ShardWriter:
         if rows:
             ledger = f"{base}/ledger.parquet"
             buf = pa.BufferOutputStream()
-            pq.write_table(ledger_table([outcome(r) for r in rows]), buf, compression="zstd",
-                           write_page_checksum=True)
+            pq.write_table(ledger_table([outcome(r) for r in rows]), buf, compression="zstd", write_page_checksum=True)
             storage.write_bytes(ledger, buf.getvalue().to_pybytes())
         maybe_fault("shard_staged")
-        return {"shards": shards, "ledger": ledger, **summarize(rows),
-                "write_s": time.perf_counter() - t0, "bytes": sum(s["bytes"] for s in shards)}
+        return {
+            "shards": shards,
+            "ledger": ledger,
+            **summarize(rows),
+            "write_s": time.perf_counter() - t0,
+            "bytes": sum(s["bytes"] for s in shards),
+        }
 
     def _shards(self, storage: Storage, base: str, modality: str, table: pa.Table) -> list[dict]:
         cfg = self.cfg
@@ -133,23 +139,38 @@ class ShardWriter:
             part = table.slice(a, b - a)
             groups = cut(sizes[a:b], cfg.row_group_bytes, cfg.row_group_bytes)
             sink = _Hashing(storage.open_output(rel))
-            with pq.ParquetWriter(sink, part.schema, compression=None if cfg.compression == "none"
-                                  else cfg.compression, write_page_checksum=True,
-                                  use_dictionary=["modality", "source", "tokenizer", "preprocess"]) as w:
+            with pq.ParquetWriter(
+                sink,
+                part.schema,
+                compression=None if cfg.compression == "none" else cfg.compression,
+                write_page_checksum=True,
+                use_dictionary=["modality", "source", "tokenizer", "preprocess"],
+            ) as w:
                 for ga, gb in groups:
                     w.write_table(part.slice(ga, gb - ga), row_group_size=gb - ga)
             sink.close()
             storage.sync(rel)
-            out.append({"staging": rel, "modality": modality, "rows": part.num_rows, "bytes": sink.n,
-                        "sha256": sink.h.hexdigest(), "row_groups": len(groups)})
+            out.append(
+                {
+                    "staging": rel,
+                    "modality": modality,
+                    "rows": part.num_rows,
+                    "bytes": sink.n,
+                    "sha256": sink.h.hexdigest(),
+                    "row_groups": len(groups),
+                }
+            )
         return out
 
 
 def summarize(rows: list[Row]) -> dict:
     """Counts, top failure reasons, stage timings and per-row finish times, for the run summary."""
     counts = collections.Counter(r.get("status", OK) for r in rows)
-    reasons = collections.Counter((r.get("stage"), (r.get("reason") or "").splitlines()[0][:160] if r.get("reason")
-                                   else "") for r in rows if r.get("status", OK) != OK)
+    reasons = collections.Counter(
+        (r.get("stage"), (r.get("reason") or "").splitlines()[0][:160] if r.get("reason") else "")
+        for r in rows
+        if r.get("status", OK) != OK
+    )
     timings: dict[str, list[float]] = {}
     done = []
     for r in rows:
@@ -160,8 +181,19 @@ def summarize(rows: list[Row]) -> dict:
             t = timings.setdefault(k, [0.0, 0])
             t[0] += v
             t[1] += 1
-    by_source = collections.Counter((r.get("source") or "", r.get("status", OK),
-                                     "" if r.get("status", OK) == OK else reason_kind(r.get("stage"), r.get("reason")))
-                                    for r in rows)
-    return {"rows": len(rows), "counts": dict(counts), "reasons": [[s, m, n] for (s, m), n in reasons.items()],
-            "timings": timings, "done_at": done, "by_source": [[*k, n] for k, n in by_source.items()]}
+    by_source = collections.Counter(
+        (
+            r.get("source") or "",
+            r.get("status", OK),
+            "" if r.get("status", OK) == OK else reason_kind(r.get("stage"), r.get("reason")),
+        )
+        for r in rows
+    )
+    return {
+        "rows": len(rows),
+        "counts": dict(counts),
+        "reasons": [[s, m, n] for (s, m), n in reasons.items()],
+        "timings": timings,
+        "done_at": done,
+        "by_source": [[*k, n] for k, n in by_source.items()],
+    }

@@ -10,6 +10,7 @@ and `host_rate_per_min` starts a minute per host, per downloader) are job settin
 into a few readable kinds (`KINDS`), which lead the failed sample's reason ("bot-check: ...") so that `status
 --failed` and the run summary count them.
 """
+
 from __future__ import annotations
 
 import collections
@@ -35,40 +36,50 @@ KINDS = ("unavailable", "private", "bot-check", "geo", "rate-limited", "network"
 # direct media files: the HTTP fetcher (yt-dlp would only add a probe request)
 MEDIA_EXTENSIONS = frozenset(
     ".jpg .jpeg .jpe .png .gif .webp .tif .tiff .bmp .pgm .ppm .pbm .pnm .avif .heic .heif .mp4 .m4v .mov .webm .mkv "
-    ".avi .ts .mts .m2ts .flv .ogv .ogg .mpg .mpeg .3gp .wmv .glb .gltf .ply .stl .obj .tar".split())
+    ".avi .ts .mts .m2ts .flv .ogv .ogg .mpg .mpeg .3gp .wmv .glb .gltf .ply .stl .obj .tar".split()
+)
 
 # (kind, pattern) in order: the first match wins. Patterns are yt-dlp's and the sites' own wording.
 _RULES = [
     ("private", r"private video|this video is private|video is private|members-only|join this channel"),
-    ("bot-check", r"not a bot|confirm your age|age[- ]restricted|inappropriate for some users|sign in to confirm|"
-                  r"use --cookies|login required|requires authentication|http error 403|403: forbidden"),
+    (
+        "bot-check",
+        r"not a bot|confirm your age|age[- ]restricted|inappropriate for some users|sign in to confirm|"
+        r"use --cookies|login required|requires authentication|http error 403|403: forbidden",
+    ),
     ("geo", r"available in your country|geo[- ]?restrict|blocked it in your country|from your location"),
     ("rate-limited", r"http error 429|too many requests|rate[- ]limit"),
-    ("unavailable", r"video unavailable|not available|has been removed|no longer available|does not exist|"
-                    r"http error 404|http error 410|not found|unsupported url|no video formats|"
-                    r"requested format is not available|account .* terminated|copyright|no such (file|object)"),
-    ("network", r"timed out|timeout|connection (refused|reset|aborted)|name or service not known|"
-                r"temporary failure in name resolution|network is unreachable|urlopen error|incompleteread|"
-                r"remote end closed|http error 5\d\d|unable to download|transporterror|ssl"),
+    (
+        "unavailable",
+        r"video unavailable|not available|has been removed|no longer available|does not exist|"
+        r"http error 404|http error 410|not found|unsupported url|no video formats|"
+        r"requested format is not available|account .* terminated|copyright|no such (file|object)",
+    ),
+    (
+        "network",
+        r"timed out|timeout|connection (refused|reset|aborted)|name or service not known|"
+        r"temporary failure in name resolution|network is unreachable|urlopen error|incompleteread|"
+        r"remote end closed|http error 5\d\d|unable to download|transporterror|ssl",
+    ),
 ]
 _RETRY = {"rate-limited", "network"}
 
 
 class YtdlpConfig(Config):
-    IDENTITY: ClassVar[tuple[str, ...]] = ()       # which copy of a video is fetched is not a token setting
-    format: str | None = None                      # a raw yt-dlp format string; overrides the three below
-    max_height: int = Field(360, ge=1)             # the smallest stream at least this high, else the largest below
-    container: str = Field("mp4", pattern=r"^[a-z0-9]+$")   # preferred extension (mp4, webm, ...)
+    IDENTITY: ClassVar[tuple[str, ...]] = ()  # which copy of a video is fetched is not a token setting
+    format: str | None = None  # a raw yt-dlp format string; overrides the three below
+    max_height: int = Field(360, ge=1)  # the smallest stream at least this high, else the largest below
+    container: str = Field("mp4", pattern=r"^[a-z0-9]+$")  # preferred extension (mp4, webm, ...)
     codec: str | None = Field(None, pattern=r"^[a-z0-9.]+$")  # preferred video codec prefix (avc1, vp9, av01)
-    cookies_file: str | None = None                # Netscape cookies.txt (the usual cure for YouTube's bot check)
-    proxy: str | None = None                       # http://, socks5://
-    retries: int = Field(3, ge=0)                  # extra attempts after rate limits and network errors
-    backoff_s: float = Field(5.0, ge=0)            # first backoff; doubles each retry
+    cookies_file: str | None = None  # Netscape cookies.txt (the usual cure for YouTube's bot check)
+    proxy: str | None = None  # http://, socks5://
+    retries: int = Field(3, ge=0)  # extra attempts after rate limits and network errors
+    backoff_s: float = Field(5.0, ge=0)  # first backoff; doubles each retry
     backoff_max_s: float = Field(300.0, ge=0)
     socket_timeout_s: float = Field(30.0, gt=0)
-    host_concurrency: int = Field(2, ge=1)         # downloads in flight per host (per worker)
-    host_rate_per_min: float = Field(30.0, gt=0)   # download starts per minute per host (per worker)
-    max_bytes: int | None = Field(None, gt=0)      # default: fetch.max_bytes
+    host_concurrency: int = Field(2, ge=1)  # downloads in flight per host (per worker)
+    host_rate_per_min: float = Field(30.0, gt=0)  # download starts per minute per host (per worker)
+    max_bytes: int | None = Field(None, gt=0)  # default: fetch.max_bytes
 
     def format_spec(self) -> str:
         """e.g. 'wv*[height>=360][ext=mp4]+wa/w[height>=360][ext=mp4]/...': video2dataset's choice (the smallest
@@ -76,8 +87,9 @@ class YtdlpConfig(Config):
         if self.format:
             return self.format
         h, pref = self.max_height, f"[ext={self.container}]" + (f"[vcodec^={self.codec}]" if self.codec else "")
-        return "/".join([f"wv*[height>=?{h}]{pref}+wa/w[height>=?{h}]{pref}",
-                         f"wv*[height>=?{h}]+wa/w[height>=?{h}]", "bv*+ba/b"])
+        return "/".join(
+            [f"wv*[height>=?{h}]{pref}+wa/w[height>=?{h}]{pref}", f"wv*[height>=?{h}]+wa/w[height>=?{h}]", "bv*+ba/b"]
+        )
 
 
 def route(url: str, downloader: Downloader = "auto") -> str:
@@ -123,9 +135,11 @@ class _Quiet:
     def __init__(self):
         self.errors: list[str] = []
 
-    def debug(self, msg): pass
+    def debug(self, msg):
+        pass
 
-    def info(self, msg): pass
+    def info(self, msg):
+        pass
 
     def warning(self, msg):
         log.debug("yt-dlp: %s", msg)
@@ -141,7 +155,8 @@ class _Hosts:
         self.concurrency, self.interval = concurrency, 60.0 / per_min
         self.lock = threading.Lock()
         self.slots: dict[str, threading.Semaphore] = collections.defaultdict(
-            lambda: threading.BoundedSemaphore(concurrency))
+            lambda: threading.BoundedSemaphore(concurrency)
+        )
         self.next_start: dict[str, float] = {}
 
     def enter(self, host: str, stop: threading.Event) -> None:
@@ -188,7 +203,7 @@ class YtdlpDownloader:
                     raise
             finally:
                 self.hosts.leave(host)
-            wait = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2 ** attempt) * (1 + self.rng.uniform(0, 0.5))
+            wait = min(self.cfg.backoff_max_s, self.cfg.backoff_s * 2**attempt) * (1 + self.rng.uniform(0, 0.5))
             if self.closed.wait(wait):
                 raise YtdlpError("error", "downloader is closed")
         raise AssertionError("unreachable")
@@ -199,10 +214,22 @@ class YtdlpDownloader:
         self.calls += 1
         folder = tempfile.mkdtemp(prefix="v-", dir=self.scratch)
         quiet = _Quiet()
-        opts = {"format": self.cfg.format_spec(), "outtmpl": os.path.join(folder, "video.%(ext)s"),
-                "noplaylist": True, "quiet": True, "no_warnings": True, "noprogress": True, "logger": quiet,
-                "retries": 0, "fragment_retries": 0, "extractor_retries": 0, "socket_timeout": self.cfg.socket_timeout_s,
-                "cachedir": False, "overwrites": True, "continuedl": False}
+        opts = {
+            "format": self.cfg.format_spec(),
+            "outtmpl": os.path.join(folder, "video.%(ext)s"),
+            "noplaylist": True,
+            "quiet": True,
+            "no_warnings": True,
+            "noprogress": True,
+            "logger": quiet,
+            "retries": 0,
+            "fragment_retries": 0,
+            "extractor_retries": 0,
+            "socket_timeout": self.cfg.socket_timeout_s,
+            "cachedir": False,
+            "overwrites": True,
+            "continuedl": False,
+        }
         if self.cfg.cookies_file:
             opts["cookiefile"] = self.cfg.cookies_file
         if self.cfg.proxy:

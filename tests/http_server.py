@@ -17,6 +17,7 @@ times=None: always):
     oversize      serve `size` bytes of zeros (Content-Length `size`), or only claim it with `claim_only`
     redirect      302 to `location` (use two paths redirecting to each other for a loop)
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,7 +32,7 @@ from pathlib import Path
 @dataclass
 class Fault:
     kind: str
-    times: int | None = None   # None: every request
+    times: int | None = None  # None: every request
     code: int = 500
     seconds: float = 1.0
     chunk: int = 1
@@ -46,8 +47,8 @@ class FaultServer:
     def __init__(self, root: str | Path, faults: dict[str, Fault] | None = None):
         self.root = Path(root)
         self.faults = dict(faults or {})
-        self.hits: collections.Counter = collections.Counter()   # GET per path ("HEAD <path>" for HEAD)
-        self.ranges: list[tuple[str, int]] = []                    # (path, first byte) of each range request
+        self.hits: collections.Counter = collections.Counter()  # GET per path ("HEAD <path>" for HEAD)
+        self.ranges: list[tuple[str, int]] = []  # (path, first byte) of each range request
         self._lock = threading.Lock()
         self._stop = threading.Event()
         server = self
@@ -81,8 +82,7 @@ class FaultServer:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name.lstrip('/')}"
@@ -108,8 +108,15 @@ class FaultServer:
             return None
         return target.read_bytes()
 
-    def _send(self, h, code: int, body: bytes, ctype: str = "application/octet-stream", length: int | None = None,
-              headers: dict | None = None) -> None:
+    def _send(
+        self,
+        h,
+        code: int,
+        body: bytes,
+        ctype: str = "application/octet-stream",
+        length: int | None = None,
+        headers: dict | None = None,
+    ) -> None:
         h.send_response(code)
         h.send_header("Content-Type", ctype)
         h.send_header("Content-Length", str(len(body) if length is None else length))
@@ -128,8 +135,9 @@ class FaultServer:
             if start >= len(data):
                 return self._send(h, 416, b"", headers={"Content-Range": f"bytes */{len(data)}"})
             self.ranges.append((path, start))
-            return self._send(h, 206, data[start:],
-                              headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"})
+            return self._send(
+                h, 206, data[start:], headers={"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+            )
         self._send(h, 200, data)
 
     def _fault(self, h, path: str, f: Fault) -> None:
@@ -159,7 +167,7 @@ class FaultServer:
             return self._send(h, 200, data, f.content_type)
         if k == "truncate":
             h.close_connection = True
-            return self._send(h, 200, data[:int(len(data) * f.fraction)], length=len(data))
+            return self._send(h, 200, data[: int(len(data) * f.fraction)], length=len(data))
         if k == "drip":
             h.send_response(200)
             h.send_header("Content-Length", str(len(data)))
@@ -169,7 +177,7 @@ class FaultServer:
                 for i in range(0, len(data), f.chunk):
                     if self._stop.wait(f.seconds):
                         return
-                    h.wfile.write(data[i:i + f.chunk])
+                    h.wfile.write(data[i : i + f.chunk])
                     h.wfile.flush()
             except OSError:  # the client gave up
                 pass

@@ -28,6 +28,7 @@ Layout and choices:
   find processes by it (Ray core workers put themselves in their own process groups, so a process-group kill alone
   misses them). A watchdog process kills the cluster if the test process dies without tearing down.
 """
+
 from __future__ import annotations
 
 import json
@@ -103,10 +104,19 @@ def _signal_all(pids, sig) -> None:
 
 
 class LocalCluster:
-    def __init__(self, tmp_dir: str | os.PathLike | None = None, workers: int = 2, cpus_per_node: int = 1,
-                 head_cpus: int = 0, object_store_mb: int = 256, fast_failure: bool = True,
-                 system_config: dict | None = None, extra_env: dict | None = None, startup_timeout_s: float = 90,
-                 worker_log_monitor: bool = True):
+    def __init__(
+        self,
+        tmp_dir: str | os.PathLike | None = None,
+        workers: int = 2,
+        cpus_per_node: int = 1,
+        head_cpus: int = 0,
+        object_store_mb: int = 256,
+        fast_failure: bool = True,
+        system_config: dict | None = None,
+        extra_env: dict | None = None,
+        startup_timeout_s: float = 90,
+        worker_log_monitor: bool = True,
+    ):
         self.tmp_dir = Path(tmp_dir or tempfile.mkdtemp(prefix="localcluster-"))
         self.workers = workers
         self.cpus_per_node = cpus_per_node
@@ -114,8 +124,12 @@ class LocalCluster:
         self.object_store_bytes = object_store_mb * 1024 * 1024
         self.system_config = dict(system_config or {})
         if fast_failure:
-            self.system_config = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                                  "health_check_failure_threshold": 3, **self.system_config}
+            self.system_config = {
+                "health_check_period_ms": 500,
+                "health_check_timeout_ms": 500,
+                "health_check_failure_threshold": 3,
+                **self.system_config,
+            }
         self.extra_env = dict(extra_env or {})
         self.worker_log_monitor = worker_log_monitor  # False: prints of worker-node tasks no longer reach drivers
         self.startup_timeout_s = startup_timeout_s
@@ -123,16 +137,16 @@ class LocalCluster:
         self.log_dir = self.tmp_dir / "logs"
         self.head_scratch = self.tmp_dir / "scratch" / "head"
         self.scratch_dirs = [self.tmp_dir / "scratch" / f"w{i}" for i in range(workers)]
-        self._ray_root: Path | None = None   # short dir under /tmp holding each node's --temp-dir
-        self._procs: dict[str, subprocess.Popen] = {}   # node -> its `ray start --block`
-        self._temp: dict[str, str] = {}                 # node -> its --temp-dir name (and log name) under _ray_root
+        self._ray_root: Path | None = None  # short dir under /tmp holding each node's --temp-dir
+        self._procs: dict[str, subprocess.Popen] = {}  # node -> its `ray start --block`
+        self._temp: dict[str, str] = {}  # node -> its --temp-dir name (and log name) under _ray_root
         self._node_ids: dict[str, str] = {}
         self._watchdog: subprocess.Popen | None = None
         self._gcs = None
         self._gcs_port = 0
-        self.address = ""        # GCS "ip:port", for ray.init(address=...) and `ray start --address`
+        self.address = ""  # GCS "ip:port", for ray.init(address=...) and `ray start --address`
         self.dashboard_url = ""  # "http://127.0.0.1:port", for `ray job submit --address` / JobSubmissionClient
-        self.startup_s = None    # seconds from start() to every node alive and the dashboard answering
+        self.startup_s = None  # seconds from start() to every node alive and the dashboard answering
 
     # ---- public API ------------------------------------------------------------------------------------------
     def node_ids(self) -> list[str]:
@@ -152,9 +166,13 @@ class LocalCluster:
         """Environment for a subprocess driver: `ray.init()` attaches to this cluster, `ray job submit` finds its
         dashboard. The cluster's own marker and scratch variables are not in it."""
         env = {k: v for k, v in os.environ.items() if k not in (MARKER, "PIPELINE_SCRATCH")}
-        env.update(RAY_ADDRESS=self.address, RAY_API_SERVER_ADDRESS=self.dashboard_url, RAY_AUTH_MODE="disabled",
-                   RAY_USAGE_STATS_ENABLED="0",
-                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        env.update(
+            RAY_ADDRESS=self.address,
+            RAY_API_SERVER_ADDRESS=self.dashboard_url,
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        )
         env.update({k: str(v) for k, v in extra.items()})
         return env
 
@@ -232,11 +250,16 @@ class LocalCluster:
 
     def _node_env(self, node: str, scratch: Path) -> dict:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-        env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-                   RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops a node at once, not after a 30 s drain
-                   PIPELINE_SCRATCH=str(scratch), TMPDIR=str(scratch),
-                   PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # `python`
-                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+        env.update(
+            RAY_AUTH_MODE="disabled",
+            RAY_USAGE_STATS_ENABLED="0",
+            PYTHONUNBUFFERED="1",
+            RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",  # SIGTERM stops a node at once, not after a 30 s drain
+            PIPELINE_SCRATCH=str(scratch),
+            TMPDIR=str(scratch),
+            PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),  # `python`
+            PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        )
         env.update({k: str(v) for k, v in self.extra_env.items()})
         env[MARKER] = f"{self.uid}:{node}"
         return env
@@ -247,30 +270,51 @@ class LocalCluster:
         with open(self.log_dir / f"{temp}.log", "wb") as log:
             self._procs[node] = subprocess.Popen(
                 [RAY_BIN, "start", "--block", "--disable-usage-stats", f"--temp-dir={self._ray_root / temp}", *args],
-                env=self._node_env(node, scratch), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=scratch)
+                env=self._node_env(node, scratch),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=scratch,
+            )
 
     def _spawn_worker(self, i: int, temp: str) -> None:
         # `ray start` turns a loopback address into the host IP itself
-        self._spawn(f"w{i}", temp, [f"--address=127.0.0.1:{self._gcs_port}", f"--num-cpus={self.cpus_per_node}",
-                                    f"--resources={json.dumps({self.resource(i): 1})}",
-                                    f"--object-store-memory={self.object_store_bytes}",
-                                    "--dashboard-agent-listen-port=0",
-                                    f"--include-log-monitor={str(self.worker_log_monitor).lower()}"],
-                    self.scratch_dirs[i])
+        self._spawn(
+            f"w{i}",
+            temp,
+            [
+                f"--address=127.0.0.1:{self._gcs_port}",
+                f"--num-cpus={self.cpus_per_node}",
+                f"--resources={json.dumps({self.resource(i): 1})}",
+                f"--object-store-memory={self.object_store_bytes}",
+                "--dashboard-agent-listen-port=0",
+                f"--include-log-monitor={str(self.worker_log_monitor).lower()}",
+            ],
+            self.scratch_dirs[i],
+        )
 
     def _start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._ray_root = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
-        self._watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), f"{MARKER}={self.uid}:",
-                                           str(self._ray_root)],
-                                          start_new_session=True, stdin=subprocess.DEVNULL)
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), f"{MARKER}={self.uid}:", str(self._ray_root)],
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+        )
         self._gcs_port, dash_port = _free_ports(2)
         self.dashboard_url = f"http://127.0.0.1:{dash_port}"
-        head = ["--head", f"--port={self._gcs_port}", f"--num-cpus={self.head_cpus}",
-                f"--resources={json.dumps({'node_head': 100})}", f"--object-store-memory={self.object_store_bytes}",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}",
-                "--dashboard-agent-listen-port=0"]
+        head = [
+            "--head",
+            f"--port={self._gcs_port}",
+            f"--num-cpus={self.head_cpus}",
+            f"--resources={json.dumps({'node_head': 100})}",
+            f"--object-store-memory={self.object_store_bytes}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash_port}",
+            "--dashboard-agent-listen-port=0",
+        ]
         head += [f"--ray-client-server-port={_free_ports(1)[0]}"]  # it cannot be turned off; keep off 10001
         if self.system_config:
             head.append(f"--system-config={json.dumps(self.system_config)}")

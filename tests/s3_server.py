@@ -19,6 +19,7 @@ The server runs in its own process group with a private data directory; it is st
 SIGKILL after a short grace period (it does not exit promptly on SIGTERM), and on Linux it also dies with the
 process that started it (PR_SET_PDEATHSIG), so a test run that is killed does not leave it behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,18 @@ START_TIMEOUT_S = 60.0
 STOP_GRACE_S = 5.0
 
 # Every listening port `weed mini -h` (4.48) offers; the gRPC ones would default to port + 10000.
-PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
-              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+PORT_FLAGS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
+)
 
 
 def weed_binary() -> str | None:
@@ -98,18 +109,25 @@ class S3Server:
     data_dir: Path | None = None
     log_path: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
-    startup_s: float = 0.0     # from spawning weed to the first object written and read back
+    startup_s: float = 0.0  # from spawning weed to the first object written and read back
 
     def env(self) -> dict[str, str]:
         """The standard AWS_* variables that point any S3 client (pyarrow, boto3, s3fs) at this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": self.region,
-                "AWS_DEFAULT_REGION": self.region, "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": self.region,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def options(self):
         from pipeline.storage import StorageOptions
-        return StorageOptions(endpoint_url=self.endpoint_url, region=self.region, access_key=self.access_key,
-                              secret_key=self.secret_key)
+
+        return StorageOptions(
+            endpoint_url=self.endpoint_url, region=self.region, access_key=self.access_key, secret_key=self.secret_key
+        )
 
     def uri(self, prefix: str = "") -> str:
         prefix = str(prefix).strip("/")
@@ -117,14 +135,24 @@ class S3Server:
 
     def fs(self, **kw):
         import pyarrow.fs as pafs
+
         host = self.endpoint_url.split("://", 1)[1]
-        return pafs.S3FileSystem(endpoint_override=host, scheme="http", access_key=self.access_key,
-                                 secret_key=self.secret_key, region=self.region, **kw)
+        return pafs.S3FileSystem(
+            endpoint_override=host,
+            scheme="http",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+            **kw,
+        )
 
     def storage_options(self) -> dict:
         """fsspec/s3fs `storage_options` (also what Hugging Face `datasets.load_dataset` takes)."""
-        return {"key": self.access_key, "secret": self.secret_key,
-                "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region}}
+        return {
+            "key": self.access_key,
+            "secret": self.secret_key,
+            "client_kwargs": {"endpoint_url": self.endpoint_url, "region_name": self.region},
+        }
 
     def log_tail(self, n: int = 40) -> str:
         try:
@@ -176,8 +204,13 @@ def _http_up(url: str) -> bool:
 def _probe(srv: S3Server) -> None:
     """Creates the bucket if needed and writes, reads and deletes one object (raises until S3 works end to end)."""
     import pyarrow.fs as pafs
-    fs = srv.fs(allow_bucket_creation=True, connect_timeout=2, request_timeout=5,
-                retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
+
+    fs = srv.fs(
+        allow_bucket_creation=True,
+        connect_timeout=2,
+        request_timeout=5,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+    )
     if fs.get_file_info(srv.bucket).type == pafs.FileType.NotFound:
         fs.create_dir(srv.bucket)
     key = f"{srv.bucket}/.probe-{uuid.uuid4().hex[:8]}"
@@ -201,22 +234,46 @@ def seaweed(tmp_dir: str | Path, bucket: str = "test", timeout: float = START_TI
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = tmp_dir / "weed.log"
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    args = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-            "-s3.autoCreateBucket=false",  # like AWS: a typo in a bucket name is an error, not a new bucket
-            "-volume.preStopSeconds=0", f"-bucket={bucket}", *(f"-{k}={v}" for k, v in ports.items())]
+    args = [
+        weed,
+        "mini",
+        f"-dir={data_dir}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-admin.ui=false",
+        "-webdav=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-s3.autoCreateBucket=false",  # like AWS: a typo in a bucket name is an error, not a new bucket
+        "-volume.preStopSeconds=0",
+        f"-bucket={bucket}",
+        *(f"-{k}={v}" for k, v in ports.items()),
+    ]
     # Its unix sockets default to /tmp/seaweedfs-<component>-<port>.sock; keep the ones that have a flag private.
     sock_dir = tmp_dir / "sock"
     if len(str(sock_dir)) < 80:
         sock_dir.mkdir(exist_ok=True)
         args += [f"-s3.localSocket={sock_dir / 's3.sock'}", f"-filer.localSocket={sock_dir / 'filer.sock'}"]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
-    srv = S3Server(endpoint_url=f"http://127.0.0.1:{ports['s3.port']}", bucket=bucket, data_dir=data_dir,
-                   log_path=log_path, ports=ports)
+    srv = S3Server(
+        endpoint_url=f"http://127.0.0.1:{ports['s3.port']}",
+        bucket=bucket,
+        data_dir=data_dir,
+        log_path=log_path,
+        ports=ports,
+    )
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(args, cwd=tmp_dir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=_die_with_parent if _PRCTL else None)
+        proc = subprocess.Popen(
+            args,
+            cwd=tmp_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if _PRCTL else None,
+        )
     srv.pid = proc.pid
     t0 = time.monotonic()
     try:
@@ -224,11 +281,14 @@ def seaweed(tmp_dir: str | Path, bucket: str = "test", timeout: float = START_TI
         last: Exception | None = None
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"weed mini exited with {proc.returncode} before S3 came up; "
-                                   f"log {log_path}:\n{srv.log_tail()}")
+                raise RuntimeError(
+                    f"weed mini exited with {proc.returncode} before S3 came up; log {log_path}:\n{srv.log_tail()}"
+                )
             if time.monotonic() > deadline:
-                raise TimeoutError(f"SeaweedFS S3 did not come up on {srv.endpoint_url} within {timeout:.1f} s "
-                                   f"(last error: {last!r}); log {log_path}:\n{srv.log_tail()}")
+                raise TimeoutError(
+                    f"SeaweedFS S3 did not come up on {srv.endpoint_url} within {timeout:.1f} s "
+                    f"(last error: {last!r}); log {log_path}:\n{srv.log_tail()}"
+                )
             if _http_up(srv.endpoint_url + "/"):
                 try:
                     _probe(srv)

@@ -109,17 +109,23 @@ def test_varlen_attention_paths_agree_with_per_sample_loop():
         seg = Segments.from_lens(lens, "cpu")
         q, k, v = (torch.randn(sum(lens), 2, 8, generator=g) for _ in range(3))
         got = varlen_attention(q, k, v, seg, seg)
-        want = torch.cat([
-            torch.nn.functional.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v))).transpose(0, 1)
-            for a, b in zip(seg.cu[:-1].tolist(), seg.cu[1:].tolist())
-        ])
+        want = torch.cat(
+            [
+                torch.nn.functional.scaled_dot_product_attention(
+                    *(x[a:b].transpose(0, 1) for x in (q, k, v))
+                ).transpose(0, 1)
+                for a, b in zip(seg.cu[:-1].tolist(), seg.cu[1:].tolist())
+            ]
+        )
         assert torch.allclose(got, want, atol=1e-5)
     # cross-attention layout (pooling head): one query per sample over ragged keys
     sq, sk = Segments.from_lens([1, 1, 1], "cpu"), Segments.from_lens([4, 2, 7], "cpu")
     q, k, v = torch.randn(3, 2, 8, generator=g), torch.randn(13, 2, 8, generator=g), torch.randn(13, 2, 8, generator=g)
     got = varlen_attention(q, k, v, sq, sk)
     for i, (a, b) in enumerate(zip(sk.cu[:-1].tolist(), sk.cu[1:].tolist())):
-        want = torch.nn.functional.scaled_dot_product_attention(q[i:i + 1].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1))
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[i : i + 1].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+        )
         assert torch.allclose(got[i], want.transpose(0, 1)[0], atol=1e-5)
 
 
@@ -282,7 +288,7 @@ def test_decoder_kv_cache(model):
     assert torch.allclose(cached[first], plain[first], atol=1e-5)  # first tile sees no cache
     assert not torch.allclose(cached[~first], plain[~first], atol=1e-3)  # later tiles attend to cached K/V
     # the second tile's tokens are shifted behind the 1 cached latent step: t = 1..4
-    second = taps["dec_embed_coords"][first.sum():, 1]
+    second = taps["dec_embed_coords"][first.sum() :, 1]
     assert second.min() == 1 and second.max() == 4
     with pytest.raises(ValueError, match="multiple of 4"):
         model.decode(latent, batch.coords, kv_cache_size=3)
@@ -303,7 +309,9 @@ def test_configs(tmp_path):
     with pytest.raises(ValueError, match="unknown config"):
         ATokenConfig.named("nope")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  model_cfg:\n    arch_cfg:\n      encoder_model_channels: 100\n      encoder_num_heads: 3\n")
+    bad.write_text(
+        "model:\n  model_cfg:\n    arch_cfg:\n      encoder_model_channels: 100\n      encoder_num_heads: 3\n"
+    )
     with pytest.raises(ValueError, match="not divisible"):
         ATokenConfig.from_yaml(bad)
 
@@ -341,5 +349,7 @@ def test_tokenizer_from_files(tmp_path):
     assert np.array_equal(t3.encode(samples)[0]["latent"], t1.encode(samples)[0]["latent"])
     assert t3.identity()["id"] == tokenizer_identity("tiny", tmp_path / "w.safetensors")["id"]
     assert t3.identity()["id"] != tokenizer_identity("tiny-fsq", tmp_path / "w.safetensors")["id"]
-    with pytest.raises(ValueError, match="shape mismatches .*mlp.mlp.0.weight: checkpoint \\(576, 144\\) vs model \\(288, 144\\)"):
+    with pytest.raises(
+        ValueError, match="shape mismatches .*mlp.mlp.0.weight: checkpoint \\(576, 144\\) vs model \\(288, 144\\)"
+    ):
         load_weights(AToken(ATokenConfig.named("mini")), tmp_path / "w.safetensors")

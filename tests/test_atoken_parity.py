@@ -38,8 +38,11 @@ def run_all(model, batch, image: bool):
     with torch.no_grad():
         enc = model.encode(batch, taps=taps)
         out = {
-            "z": torch.cat([enc.mean, enc.logvar], 1), "pooled": enc.pooled, "pooled_norm": enc.pooled_norm,
-            "x_no_proj": enc.tokens, "dec_mean": model.decode(enc.mean, batch.coords, taps=taps),
+            "z": torch.cat([enc.mean, enc.logvar], 1),
+            "pooled": enc.pooled,
+            "pooled_norm": enc.pooled_norm,
+            "x_no_proj": enc.tokens,
+            "dec_mean": model.decode(enc.mean, batch.coords, taps=taps),
         }
         if model.discrete:
             codes, indices = model.quantize(enc.mean)
@@ -79,7 +82,17 @@ def test_outputs_match_official(ref, group):
         errors[what] = float(np.abs(got - want).max())
     bad = {k: v for k, v in errors.items() if v > ATOL}
     assert not bad, f"{name}/{group}: max abs error above {ATOL}: {bad}\nall: {json.dumps(errors, indent=1)}"
-    expected = {"z", "pooled", "pooled_norm", "x_no_proj", "dec_mean", "enc_embed", "enc_block0", "dec_embed", "dec_block0"}
+    expected = {
+        "z",
+        "pooled",
+        "pooled_norm",
+        "x_no_proj",
+        "dec_mean",
+        "enc_embed",
+        "enc_block0",
+        "dec_embed",
+        "dec_block0",
+    }
     assert expected <= set(checked)
     if group != "3d":
         assert any(c.startswith("rec_mean_") for c in checked)
@@ -148,8 +161,14 @@ def test_full_size_key_set(name):
     }
     for key, shape in shapes.items():
         assert tuple(sd[key].shape) == shape, key
-    for absent in ("proj.bias", "decoder.input_layer.bias", "decoder.out_layer.bias", "decoder.blocks.0.norm1.bias",
-                   "decoder.blocks.0.attn.to_qkv.bias", "encoder.blocks.27.norm1.weight"):
+    for absent in (
+        "proj.bias",
+        "decoder.input_layer.bias",
+        "decoder.out_layer.bias",
+        "decoder.blocks.0.norm1.bias",
+        "decoder.blocks.0.attn.to_qkv.bias",
+        "encoder.blocks.27.norm1.weight",
+    ):
         assert absent not in sd
 
 
@@ -181,7 +200,9 @@ def test_checkpoint_formats_and_drop_rule(tmp_path, reference_dir):
     from safetensors.torch import save_file
 
     sd = read_state_dict(reference_dir / "atoken-soc_blocks2_w144_state_dict.pt")
-    save_file(dict(sd, **{"lpips_loss.net.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}), str(tmp_path / "w.safetensors"))
+    save_file(
+        dict(sd, **{"lpips_loss.net.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}), str(tmp_path / "w.safetensors")
+    )
     model = AToken(ATokenConfig.named("mini"))
     load_weights(model, tmp_path / "w.safetensors")
     assert torch.equal(model.proj.weight, sd["proj.weight"])

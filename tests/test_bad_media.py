@@ -2,6 +2,7 @@
 reasons, `python -m atoken reconstruct` on bad input (no traceback) with EXIF orientation, the photo evaluator's
 image types, and MPEG-TS / FLV / OGV containers. HEIC, AVIF, TS, FLV, OGV and MPEG-PS files are made by the tests
 from the real images and videos in ../shared/data (none of those formats is among them)."""
+
 import os
 import subprocess
 import sys
@@ -25,8 +26,9 @@ pillow_heif = pytest.importorskip("pillow_heif")
 
 def run_cli(*args, cwd):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "atoken", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "atoken", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def save_heic(src: Path, dst: Path) -> Path:
@@ -37,6 +39,7 @@ def save_heic(src: Path, dst: Path) -> Path:
 
 
 # ---- HEIC ---------------------------------------------------------------------------------------------------
+
 
 def test_heic_decodes_like_its_source(shared_data, tmp_path):
     src = shared_data / "images" / "Landscape_6.jpg"  # EXIF orientation 6: displays 600x450
@@ -59,6 +62,7 @@ def test_heic_without_pillow_heif_says_what_to_install(shared_data, tmp_path, mo
 
 # ---- readable decoder reasons --------------------------------------------------------------------------------
 
+
 def test_corrupt_matroska_reason_is_readable(shared_data):
     with pytest.raises(DecodeError) as exc:
         decode_file(str(shared_data / "bad" / "fixed_lacing_bad_lace_size.mkv"), "video", DecodeConfig())
@@ -74,16 +78,21 @@ def test_video_without_container_duration_decodes_through_pyav(shared_data):
 
 # ---- python -m atoken reconstruct -----------------------------------------------------------------------------
 
+
 def test_reconstruct_bad_input_is_an_error_line_not_a_traceback(shared_data, tmp_path):
     truncated = tmp_path / "truncated.webm"  # the first 3 KB of a real VP9 file
     truncated.write_bytes((shared_data / "videos" / "Big_Buck_Bunny_180_10s.webm").read_bytes()[:3000])
     text_as_webm = tmp_path / "notes.webm"
     text_as_webm.write_text("these are notes, not a video\n" * 20)
-    for path, text in ((shared_data / "bad" / "fixed_lacing_bad_lace_size.mkv",
-                        "corrupt or truncated video stream (decoder: Cannot create buffer source)"),
-                       (truncated, "cannot read truncated.webm"),
-                       (text_as_webm, "cannot read notes.webm"),
-                       (shared_data / "bad" / "truncated_jpeg.jpg", "image file is truncated")):
+    for path, text in (
+        (
+            shared_data / "bad" / "fixed_lacing_bad_lace_size.mkv",
+            "corrupt or truncated video stream (decoder: Cannot create buffer source)",
+        ),
+        (truncated, "cannot read truncated.webm"),
+        (text_as_webm, "cannot read notes.webm"),
+        (shared_data / "bad" / "truncated_jpeg.jpg", "image file is truncated"),
+    ):
         r = run_cli("reconstruct", path, "--out", tmp_path / "x.png", cwd=tmp_path)
         assert r.returncode == 2, (path.name, r.stdout, r.stderr)
         last = r.stderr.strip().splitlines()[-1]  # (FFmpeg's own log lines may come before it)
@@ -106,6 +115,7 @@ def test_reconstruct_honours_exif_orientation_and_icc(shared_data, tmp_path):
 
 # ---- the photo evaluator -------------------------------------------------------------------------------------
 
+
 def test_evaluator_reads_every_image_type(shared_data, tmp_path):
     with Image.open(shared_data / "images" / "chelsea.png") as im:
         im.save(tmp_path / "chelsea.avif", quality=90)
@@ -120,6 +130,7 @@ def test_evaluator_reads_every_image_type(shared_data, tmp_path):
 
 
 # ---- MPEG-TS, FLV, OGV ---------------------------------------------------------------------------------------
+
 
 def transcode(src: Path, dst: Path, fmt: str, codec: str, frames: int = 30) -> Path:
     with av.open(str(src)) as inp, av.open(str(dst), "w", format=fmt) as out:
@@ -139,9 +150,15 @@ def transcode(src: Path, dst: Path, fmt: str, codec: str, frames: int = 30) -> P
 def containers(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("containers")
     src = shared_data / "videos" / "chaplin.mp4"
-    return {name: transcode(src, root / name, fmt, codec) for name, fmt, codec in (
-        ("clip.ts", "mpegts", "mpeg2video"), ("clip.flv", "flv", "flv"), ("clip.ogv", "ogg", "libvpx"),
-        ("clip.mpg", "mpeg", "mpeg1video"))}
+    return {
+        name: transcode(src, root / name, fmt, codec)
+        for name, fmt, codec in (
+            ("clip.ts", "mpegts", "mpeg2video"),
+            ("clip.flv", "flv", "flv"),
+            ("clip.ogv", "ogg", "libvpx"),
+            ("clip.mpg", "mpeg", "mpeg1video"),
+        )
+    }
 
 
 def test_ts_flv_ogv_are_videos(shared_data, containers):
@@ -183,5 +200,8 @@ def test_folder_source_takes_the_containers(containers):
     folder = containers["clip.ts"].parent
     rows = list(iter_rows(make_source(source_config({"type": "folder", "path": str(folder)}))))
     assert sorted((Path(r["uri"]).name, r["modality"], r["status"]) for r in rows) == [
-        ("clip.flv", "video", "ok"), ("clip.mpg", "video", "ok"), ("clip.ogv", "video", "ok"),
-        ("clip.ts", "video", "ok")]
+        ("clip.flv", "video", "ok"),
+        ("clip.mpg", "video", "ok"),
+        ("clip.ogv", "video", "ok"),
+        ("clip.ts", "video", "ok"),
+    ]

@@ -1,6 +1,7 @@
 """`make checkpoints` (`python -m atoken.download`) against a loopback server that serves small files under the
 official paths: dry run, a download cut in the middle and resumed by a Range request, size checks, SHA256SUMS, the
 licence beside the weights, a no-op rerun, a 404, and the missing-checkpoint error that names the make target."""
+
 import hashlib
 import os
 import subprocess
@@ -30,8 +31,20 @@ def served(tmp_path):
 
 
 def download(srv, dest: Path, *args) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "atoken.download", "--dest", str(dest), "--base-url", srv.url("models/atoken/"),
-           "--licence-url", srv.url("apple/ml-atoken/main/MODEL-LICENSE"), "--timeout", "5", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "atoken.download",
+        "--dest",
+        str(dest),
+        "--base-url",
+        srv.url("models/atoken/"),
+        "--licence-url",
+        srv.url("apple/ml-atoken/main/MODEL-LICENSE"),
+        "--timeout",
+        "5",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -82,8 +95,7 @@ def test_a_missing_file_fails_clearly_and_the_rest_is_fetched(served, tmp_path):
     assert "atoken-sod.pt: failed:" in r.stderr and "HTTP 404" in r.stderr, r.stderr
     assert (dest / "atoken-soc.pt").read_bytes() == blobs["atoken-soc.pt"]
     assert not (dest / "atoken-sod.pt").exists() and not (dest / "atoken-sod.pt.part").exists()
-    bad = subprocess.run([sys.executable, "-m", "atoken.download", "nope.pt"], cwd=REPO, capture_output=True,
-                         text=True)
+    bad = subprocess.run([sys.executable, "-m", "atoken.download", "nope.pt"], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown checkpoint nope.pt" in bad.stderr
 
 

@@ -2,6 +2,7 @@
 scratch dir, no shared cache), a WebVid job read over loopback HTTP and written to a real S3 server:
 - `make submit` (ray job submit) gives the same rows as a local run;
 - losing a worker node in the middle of a job: the same submission completes, 0 lost, 0 duplicated."""
+
 from __future__ import annotations
 
 import csv
@@ -52,11 +53,17 @@ def write_job(tmp: Path, srv, names: list[str], out: str) -> Path:
         w.writerow(["videoid", "contentUrl", "duration", "name"])
         for i, n in enumerate(names):
             w.writerow([str(1000 + i), srv.url(n), "PT00H00M01S", f"clip {i}"])
-    job = {"name": "cluster", "out": out, "sources": [{"type": "webvid", "path": str(csv_path)}],
-           "fetch": {"schemes": ["http"], "retries": 1, "backoff_s": 0.05},
-           "decode": {"fps": 4, "max_frames": 8, "buckets": {"area": 128 * 128, "min_side": 64, "max_side": 256}},
-           "tokenize": {"config": "tiny", "device": "cpu", "batch_rows": 2},
-           "write": {"rows_per_write": 2}, "qa": {"samples": 0}, "ray": {"prepare_actors": 2}}
+    job = {
+        "name": "cluster",
+        "out": out,
+        "sources": [{"type": "webvid", "path": str(csv_path)}],
+        "fetch": {"schemes": ["http"], "retries": 1, "backoff_s": 0.05},
+        "decode": {"fps": 4, "max_frames": 8, "buckets": {"area": 128 * 128, "min_side": 64, "max_side": 256}},
+        "tokenize": {"config": "tiny", "device": "cpu", "batch_rows": 2},
+        "write": {"rows_per_write": 2},
+        "qa": {"samples": 0},
+        "ray": {"prepare_actors": 2},
+    }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
@@ -85,38 +92,66 @@ def test_submit_equals_local_and_survives_a_lost_node(cluster, served, s3_server
     srv, names = served
     expected = {f"webvid-{1000 + i}" for i in range(len(names))}
     local_job = write_job(tmp_path, srv, names, s3_server.uri("cluster-local"))
-    res = subprocess.run([sys.executable, "-m", "pipeline", "run", str(local_job)], cwd=REPO,
-                         env=run_env(s3_server), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", str(local_job)],
+        cwd=REPO,
+        env=run_env(s3_server),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
 
     job = write_job(tmp_path, srv, names, s3_server.uri("cluster-submit"))
-    res = subprocess.run(["make", "-s", "submit", f"JOB={job}", f"RAY_ADDRESS={cluster.dashboard_url}"], cwd=REPO,
-                         env=run_env(s3_server, cluster.env()), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        ["make", "-s", "submit", f"JOB={job}", f"RAY_ADDRESS={cluster.dashboard_url}"],
+        cwd=REPO,
+        env=run_env(s3_server, cluster.env()),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0 and "SUCCEEDED" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
-    a, b = rows_at(s3_server.uri("cluster-local"), s3_server.options()), \
-        rows_at(s3_server.uri("cluster-submit"), s3_server.options())
+    a, b = (
+        rows_at(s3_server.uri("cluster-local"), s3_server.options()),
+        rows_at(s3_server.uri("cluster-submit"), s3_server.options()),
+    )
     assert [r["id"] for r in a] == [r["id"] for r in b] and {r["id"] for r in a} == expected
     for x, y in zip(a, b):
         assert x["coords"] == y["coords"] and x["num_tokens"] == y["num_tokens"] and x["width"] == y["width"]
-        np.testing.assert_allclose(np.asarray(x["latent"], np.float32), np.asarray(y["latent"], np.float32),
-                                   atol=2e-3)
+        np.testing.assert_allclose(np.asarray(x["latent"], np.float32), np.asarray(y["latent"], np.float32), atol=2e-3)
     # both worker nodes did the work (the stage actors spread over them), and no downloaded file is left in a
     # node's scratch dir (PIPELINE_SCRATCH)
     from ray.util.state import list_actors
-    actors = list_actors(address=cluster.dashboard_url, filters=[("class_name", "=", "MapWorker(MapBatches(StageActor))")],
-                         detail=True, limit=1000)
+
+    actors = list_actors(
+        address=cluster.dashboard_url,
+        filters=[("class_name", "=", "MapWorker(MapBatches(StageActor))")],
+        detail=True,
+        limit=1000,
+    )
     workers = set(cluster.node_ids())
     assert {a.node_id for a in actors} >= workers, f"stage actors ran on {[a.node_id for a in actors]}"
     for scratch in cluster.scratch_dirs:
-        left = [p for d in Path(scratch).iterdir() if d.is_dir() and re.fullmatch(r"\d+-[0-9a-f]{8}", d.name)
-                for p in d.rglob("*") if p.is_file()]
+        left = [
+            p
+            for d in Path(scratch).iterdir()
+            if d.is_dir() and re.fullmatch(r"\d+-[0-9a-f]{8}", d.name)
+            for p in d.rglob("*")
+            if p.is_file()
+        ]
         assert not left, left
 
     # a lost node mid-run: the same submission completes, every clip exactly once
     job = write_job(tmp_path, srv, names, s3_server.uri("cluster-kill"))
-    proc = subprocess.Popen(["make", "-s", "submit", f"JOB={job}", f"RAY_ADDRESS={cluster.dashboard_url}"],
-                            cwd=REPO, env=run_env(s3_server, cluster.env()), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        ["make", "-s", "submit", f"JOB={job}", f"RAY_ADDRESS={cluster.dashboard_url}"],
+        cwd=REPO,
+        env=run_env(s3_server, cluster.env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     kill_store = Storage(s3_server.uri("cluster-kill"), s3_server.options())
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # the first commit: work is under way on both nodes
@@ -149,11 +184,19 @@ def test_submit_runs_from_the_upload_on_a_head_elsewhere(shared_data, tmp_path):
     on_cluster.mkdir()
     shutil.copy(REPO / "atoken" / "weights" / "tiny-c.safetensors", on_cluster / "tiny-c.safetensors")
     job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "name": "elsewhere", "out": str(tmp_path / "out"), "sources": [{"type": "folder", "path": str(src)}],
-        "decode": {"buckets": {"area": 64 * 64, "min_side": 32, "max_side": 128}},
-        "tokenize": {"config": "tiny-c", "checkpoint": "checkpoints/tiny-c.safetensors", "device": "cpu"},
-        "qa": {"samples": 0}, "ray": {"cluster_checkpoints": str(on_cluster)}}))
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "name": "elsewhere",
+                "out": str(tmp_path / "out"),
+                "sources": [{"type": "folder", "path": str(src)}],
+                "decode": {"buckets": {"area": 64 * 64, "min_side": 32, "max_side": 128}},
+                "tokenize": {"config": "tiny-c", "checkpoint": "checkpoints/tiny-c.safetensors", "device": "cpu"},
+                "qa": {"samples": 0},
+                "ray": {"cluster_checkpoints": str(on_cluster)},
+            }
+        )
+    )
     made = [d for d in (REPO / "checkpoints", REPO / "out") if not d.exists()]
     markers = [REPO / "checkpoints" / "not-uploaded.pt", REPO / "out" / "not-uploaded.bin"]
     for m in markers:
@@ -161,21 +204,34 @@ def test_submit_runs_from_the_upload_on_a_head_elsewhere(shared_data, tmp_path):
         m.write_bytes(b"x" * 1024)
     head_env = {"PYTHONPATH": ""}  # the cluster's `python` is this venv's (LocalCluster puts it first on PATH)
     try:
-        with tempfile.TemporaryDirectory(prefix="sub", dir="/tmp") as short, \
-                LocalCluster(short, workers=0, head_cpus=2, extra_env=head_env) as c:  # short: unix socket paths
+        with (
+            tempfile.TemporaryDirectory(prefix="sub", dir="/tmp") as short,
+            LocalCluster(short, workers=0, head_cpus=2, extra_env=head_env) as c,
+        ):  # short: unix socket paths
             env = {k: v for k, v in c.env().items() if k != "PYTHONPATH"}
-            res = subprocess.run([sys.executable, "-m", "pipeline", "submit", str(job), "--address", c.dashboard_url],
-                                 cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            res = subprocess.run(
+                [sys.executable, "-m", "pipeline", "submit", str(job), "--address", c.dashboard_url],
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             assert res.returncode == 0 and "SUCCEEDED" in res.stdout, res.stdout[-3000:] + res.stderr[-2000:]
             sub_id = re.search(r"^submitted (\S+) to ", res.stdout, re.M).group(1)
             info = JobSubmissionClient(c.dashboard_url).get_job_info(sub_id)
             assert info.entrypoint == ENTRYPOINT == "python -m pipeline run env:PIPELINE_JOB"
             sent = yaml.safe_load(info.runtime_env["env_vars"]["PIPELINE_JOB"])
             assert sent["tokenize"]["checkpoint"] == str(on_cluster / "tiny-c.safetensors")
-            uploads = [d for d in Path(c._ray_root).rglob("working_dir_files/*") if (d / "pipeline" / "cli.py").is_file()]
+            uploads = [
+                d for d in Path(c._ray_root).rglob("working_dir_files/*") if (d / "pipeline" / "cli.py").is_file()
+            ]
             assert len(uploads) == 1, uploads
             assert not (uploads[0] / "checkpoints").exists() and not (uploads[0] / "out").exists()
-            assert not (uploads[0] / ".git").exists() and (uploads[0] / "atoken" / "weights" / "tiny-c.safetensors").is_file()
+            assert (
+                not (uploads[0] / ".git").exists()
+                and (uploads[0] / "atoken" / "weights" / "tiny-c.safetensors").is_file()
+            )
     finally:
         for m in markers:
             m.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Shard compaction (pipeline/compact.py) on local disk and SeaweedFS: small shards merged into few under the
 commit protocol; the same rows afterwards, readers never see one twice, damaged shards are left alone, and a crash
 in the middle is rolled forward by `recover`."""
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def small_store(storage: Storage, images: int = 24, videos: int = 5) -> Store:
     """One commit per small shard, as many short incremental runs leave them (about 4 fit in a target shard)."""
     store = open_store(storage)
     for i in range(images):
-        commit_rows(store, [row(i, n=24), row(1000 + i, n=24)] + ([row(2000 + i, status="failed")] if i % 4 == 0
-                                                                   else []))
+        commit_rows(
+            store, [row(i, n=24), row(1000 + i, n=24)] + ([row(2000 + i, status="failed")] if i % 4 == 0 else [])
+        )
     for i in range(videos):
         commit_rows(store, [row(3000 + i, "video", n=30)])
     store.checkpoint()
@@ -66,8 +68,9 @@ def test_small_shards_are_merged(storage, monkeypatch):
     small = {p for p, s in store.shards.items() if s.bytes < CFG.shard_bytes // 2}
     assert len(small) == images + 5
     events, commits, real_commit = watch_data(storage, monkeypatch), [], Store.commit
-    monkeypatch.setattr(Store, "commit", lambda self, rec, run: commits.append(real_commit(self, rec, run))
-                        or commits[-1])
+    monkeypatch.setattr(
+        Store, "commit", lambda self, rec, run: commits.append(real_commit(self, rec, run)) or commits[-1]
+    )
     res = compact(store, "compact-1", CFG)
     monkeypatch.undo()
     assert res["problems"] == [] and res["groups"] >= 2 and res["merged_shards"] >= images
@@ -158,8 +161,9 @@ def test_crash_inside_a_compaction_is_rolled_forward(storage, monkeypatch, tmp_p
 
 def test_plan_groups_small_shards_of_one_modality(tmp_path):
     store = small_store(Storage(str(tmp_path / "s")), images=10, videos=3)
-    groups = plan(store, small_bytes=CFG.shard_bytes // 2, target_bytes=3 * store.shards[
-        next(iter(store.shards))].bytes)
+    groups = plan(
+        store, small_bytes=CFG.shard_bytes // 2, target_bytes=3 * store.shards[next(iter(store.shards))].bytes
+    )
     assert groups and all(len(g) > 1 for g in groups)
     for g in groups:
         assert len({store.shards[p].modality for p in g}) == 1

@@ -8,8 +8,17 @@ import pytest
 from PIL import Image
 
 from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
-from pipeline.decode import (DecodeConfig, DecodeError, clean_decoder_error, decode_file, decode_image, frame_count,
-                             sample_indices, target_size, to_rgb8)
+from pipeline.decode import (
+    DecodeConfig,
+    DecodeError,
+    clean_decoder_error,
+    decode_file,
+    decode_image,
+    frame_count,
+    sample_indices,
+    target_size,
+    to_rgb8,
+)
 from pipeline.isolate import IsolateError, Isolator, run_with_timeout
 from pipeline.sources import iter_rows, make_source, source_config
 
@@ -23,6 +32,7 @@ def decoded(path, modality, cfg=CFG, span=None):
 
 
 # ---- buckets -----------------------------------------------------------------------------------------------
+
 
 def test_buckets():
     b = make_buckets(BucketConfig())
@@ -41,9 +51,31 @@ def test_buckets():
 
 # ---- videos ------------------------------------------------------------------------------------------------
 
+
 def test_frame_count_rule():
-    assert [frame_count(n, 16) for n in range(0, 21)] == [0, 1, 2, 3, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12,
-                                                          16, 16, 16, 16, 16]
+    assert [frame_count(n, 16) for n in range(0, 21)] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        4,
+        4,
+        4,
+        8,
+        8,
+        8,
+        8,
+        12,
+        12,
+        12,
+        12,
+        16,
+        16,
+        16,
+        16,
+        16,
+    ]
 
 
 def test_sample_indices_clamped_and_spanned():
@@ -62,14 +94,14 @@ def test_sample_indices_clamped_and_spanned():
 # file -> (frames, orig [h, w], size fed to the tokenizer) with fps 8, max_frames 16. Sources smaller than their
 # bucket are kept at native resolution (decode.upscale: false): cropped to the bucket's aspect, multiples of 16.
 VIDEOS = {
-    "Big_Buck_Bunny_180_10s.webm": (16, [180, 320], (176, 304)),   # bucket (192, 336) would upscale 180 -> 192
+    "Big_Buck_Bunny_180_10s.webm": (16, [180, 320], (176, 304)),  # bucket (192, 336) would upscale 180 -> 192
     "bbb_480p_vp9_opus_1second.webm": (8, [480, 854], (192, 336)),
     "chaplin.mp4": (16, [360, 640], (192, 336)),
     "max-heromode.mp4": (16, [480, 848], (192, 336)),
-    "stub_mjpeg.avi": (3, [120, 160], (112, 144)),   # 3 frames at 10 fps: too short for 4 at 8 fps -> all 3
-    "stub_mp4v.mp4": (4, [120, 160], (112, 144)),    # 160x120: native (bucket 224x288 would upscale it)
+    "stub_mjpeg.avi": (3, [120, 160], (112, 144)),  # 3 frames at 10 fps: too short for 4 at 8 fps -> all 3
+    "stub_mp4v.mp4": (4, [120, 160], (112, 144)),  # 160x120: native (bucket 224x288 would upscale it)
     "video-1080p-60fps-2s.mp4": (16, [1080, 1920], (192, 336)),
-    "video_270.mov": (3, [568, 320], (336, 192)),     # 3 frames in all: every one is kept (tokenizer pads)
+    "video_270.mov": (3, [568, 320], (336, 192)),  # 3 frames in all: every one is kept (tokenizer pads)
     "video_90.mov": (3, [568, 320], (336, 192)),
 }
 
@@ -103,12 +135,14 @@ def test_video_span_cut():
 
 def test_video_timeout_is_recorded():
     with pytest.raises(IsolateError) as exc:
-        run_with_timeout(decode_file, str(DATA / "videos" / "video-1080p-60fps-2s.mp4"), "video", CFG, None,
-                         timeout_s=0.001)
+        run_with_timeout(
+            decode_file, str(DATA / "videos" / "video-1080p-60fps-2s.mp4"), "video", CFG, None, timeout_s=0.001
+        )
     assert str(exc.value) == "decode timed out after 0.001s"
 
 
 # ---- images ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (DATA / "images").iterdir()))
 def test_real_images(name):
@@ -197,8 +231,10 @@ BAD = {  # file -> what happens to it after the folder source + decode_file (3d 
 
 
 def test_bad_files_end_with_recorded_errors():
-    rows = {Path(r["uri"]).name: r for r in iter_rows(make_source(source_config({"type": "folder",
-                                                                                  "path": str(DATA / "bad")})))}
+    rows = {
+        Path(r["uri"]).name: r
+        for r in iter_rows(make_source(source_config({"type": "folder", "path": str(DATA / "bad")})))
+    }
     assert {n for n, r in rows.items() if r["modality"] != "3d"} == set(BAD)
     for name, row in rows.items():
         if name not in BAD:
@@ -231,8 +267,9 @@ def test_decode_file_refuses_what_it_cannot_decode(tmp_path):
     (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
     with pytest.raises(DecodeError, match="^UnidentifiedImageError: cannot identify image"):
         decoded(tmp_path / "x.png", "image")
-    noisy = RuntimeError("[12:34:56] /project/src/video/video_reader.cc:83: ERROR opening: x.mp4\n"
-                         "Stack trace:\n  [bt] (0) libdecord.so")
+    noisy = RuntimeError(
+        "[12:34:56] /project/src/video/video_reader.cc:83: ERROR opening: x.mp4\nStack trace:\n  [bt] (0) libdecord.so"
+    )
     assert clean_decoder_error(noisy) == "RuntimeError: ERROR opening: x.mp4"
 
 
@@ -243,6 +280,7 @@ def _sleep_forever():
 
 def _segfault():
     import faulthandler
+
     faulthandler.disable()  # (pytest's handler, inherited through fork, would print a traceback)
     os.kill(os.getpid(), signal.SIGSEGV)
 

@@ -2,13 +2,13 @@
 real timestamps) whose YouTube-style watch pages are served by a loopback HTTP server and fetched by the real
 yt-dlp; a WebVid CSV read through `url_rewrite` from a local mirror layout and a video2dataset-layout tar, in one
 job; and a WebVid mirror on a real S3 server (SeaweedFS)."""
+
 import csv
 import io
 import json
 import shutil
 import tarfile
 
-import pytest
 
 from pipeline.decode import DecodeConfig, decode_file
 from pipeline.fetch import FetchConfig, Fetcher
@@ -19,8 +19,15 @@ from tests.http_server import Fault, FaultServer
 from tests.test_pipeline_e2e import make_job, outcomes, shard_rows, the_store
 from tests.test_ytdlp import page
 
-PANDA_HEADER = ["videoID", "url", "timestamp", "caption", "matching_score", "desirable_filtering",
-                "shot_boundary_detection"]
+PANDA_HEADER = [
+    "videoID",
+    "url",
+    "timestamp",
+    "caption",
+    "matching_score",
+    "desirable_filtering",
+    "shot_boundary_detection",
+]
 
 
 def panda_row(vid, url, spans, captions, scores):
@@ -39,22 +46,41 @@ def test_panda_job_downloads_each_video_once(ray_local, shared_data, tmp_path, c
     (root / "watch" / "vidB").write_text(page("B", "/media/chaplin.mp4"))
     with FaultServer(root, {"/watch/vidD": Fault("status", code=403)}) as srv:
         rows = [
-            panda_row("vidA", srv.url("watch/vidA"),
-                      [("0:00:00.500", "0:00:02.500"), ("0:00:03.000", "0:00:05.000"), ("0:00:20.000", "0:00:24.000")],
-                      ["a bunny wakes up.", "a bunny stretches.", "past the end."], [0.45, 0.49, 0.43]),
-            panda_row("vidB", srv.url("watch/vidB"), [("0:00:01.000", "0:00:03.000"), ("0:00:04.000", "0:00:06.000")],
-                      ["a man walks.", "a man bows."], [0.51, 0.47]),
-            panda_row("vidC", srv.url("watch/vidC"), [("0:00:01.000", "0:00:02.000"), ("0:00:03.000", "0:00:04.000")],
-                      ["removed", "removed"], [0.4, 0.4]),
+            panda_row(
+                "vidA",
+                srv.url("watch/vidA"),
+                [("0:00:00.500", "0:00:02.500"), ("0:00:03.000", "0:00:05.000"), ("0:00:20.000", "0:00:24.000")],
+                ["a bunny wakes up.", "a bunny stretches.", "past the end."],
+                [0.45, 0.49, 0.43],
+            ),
+            panda_row(
+                "vidB",
+                srv.url("watch/vidB"),
+                [("0:00:01.000", "0:00:03.000"), ("0:00:04.000", "0:00:06.000")],
+                ["a man walks.", "a man bows."],
+                [0.51, 0.47],
+            ),
+            panda_row(
+                "vidC",
+                srv.url("watch/vidC"),
+                [("0:00:01.000", "0:00:02.000"), ("0:00:03.000", "0:00:04.000")],
+                ["removed", "removed"],
+                [0.4, 0.4],
+            ),
             panda_row("vidD", srv.url("watch/vidD"), [("0:00:01.000", "0:00:02.000")], ["bot check"], [0.4]),
         ]
         with open(tmp_path / "panda.csv", "w", newline="") as f:
             csv.writer(f).writerows([PANDA_HEADER, *rows])
-        job = make_job(tmp_path / "out", [{"type": "panda70m", "path": str(tmp_path / "panda.csv")}],
-                       fetch={"downloader": "ytdlp",  # (auto picks yt-dlp for YouTube; loopback pages need the generic extractor)
-                              "ytdlp": {"retries": 0, "host_rate_per_min": 60000}},
-                       ray={"prepare_batch_rows": 2, "prepare_actors": 1},  # a video's 3 clips > one batch
-                       qa={"samples": 0})  # (QA would fetch a video again to compare)
+        job = make_job(
+            tmp_path / "out",
+            [{"type": "panda70m", "path": str(tmp_path / "panda.csv")}],
+            fetch={
+                "downloader": "ytdlp",  # (auto picks yt-dlp for YouTube; loopback pages need the generic extractor)
+                "ytdlp": {"retries": 0, "host_rate_per_min": 60000},
+            },
+            ray={"prepare_batch_rows": 2, "prepare_actors": 1},  # a video's 3 clips > one batch
+            qa={"samples": 0},
+        )  # (QA would fetch a video again to compare)
         summary = run_job(job)
         hits = dict(srv.hits)
     assert hits["/watch/vidA"] == 1 and hits["/watch/vidB"] == 1  # one download per video, for all its clips
@@ -62,8 +88,12 @@ def test_panda_job_downloads_each_video_once(ray_local, shared_data, tmp_path, c
     store = the_store(tmp_path / "out")
     state = outcomes(store)
     ok = {r["id"]: r for r in shard_rows(store, "video")}
-    assert sorted(ok) == ["panda70m-vidA_3000_5000", "panda70m-vidA_500_2500", "panda70m-vidB_1000_3000",
-                          "panda70m-vidB_4000_6000"]
+    assert sorted(ok) == [
+        "panda70m-vidA_3000_5000",
+        "panda70m-vidA_500_2500",
+        "panda70m-vidB_1000_3000",
+        "panda70m-vidB_4000_6000",
+    ]
     for rid, r in ok.items():
         start, end = (int(x) / 1000 for x in rid.rsplit("_", 2)[1:])
         assert r["span_start"] >= start - 1e-6 and r["span_end"] <= end + 1e-6, r
@@ -117,18 +147,33 @@ def test_webvid_mirror_and_video2dataset_tar_job(ray_local, shared_data, tmp_pat
     for vid, name in (("1053841541", "chaplin.mp4"), ("5641526", "Big_Buck_Bunny_180_10s.webm")):
         (mirror / vid / "preview").mkdir(parents=True)
         shutil.copy(shared_data / "videos" / name, mirror / vid / "preview" / f"stock-footage-{vid}.mp4")
-    write_webvid(tmp_path / "webvid.csv", [
-        ["1053841541", f"{ORIGIN}1053841541/preview/stock-footage-1053841541.mp4", "PT00H00M09S", "027701_027750",
-         "Travel blogger"],
-        ["5641526", f"{ORIGIN}5641526/preview/stock-footage-5641526.mp4", "PT00H00M10S", "054101_054150", "Horse"],
-        ["404", f"{ORIGIN}404/preview/stock-footage-404.mp4", "PT00H00M10S", "054101_054150", "not mirrored"]])
+    write_webvid(
+        tmp_path / "webvid.csv",
+        [
+            [
+                "1053841541",
+                f"{ORIGIN}1053841541/preview/stock-footage-1053841541.mp4",
+                "PT00H00M09S",
+                "027701_027750",
+                "Travel blogger",
+            ],
+            ["5641526", f"{ORIGIN}5641526/preview/stock-footage-5641526.mp4", "PT00H00M10S", "054101_054150", "Horse"],
+            ["404", f"{ORIGIN}404/preview/stock-footage-404.mp4", "PT00H00M10S", "054101_054150", "not mirrored"],
+        ],
+    )
     (tmp_path / "v2d").mkdir()
-    make_wds_tar(tmp_path / "v2d" / "00000.tar", {"000000000": ("max-heromode.mp4", "a hero jumps"),
-                                                  "000000001": ("bbb_480p_vp9_opus_1second.webm", "a bunny")},
-                 shared_data)
-    job = make_job(tmp_path / "out", [
-        {"type": "webvid", "path": str(tmp_path / "webvid.csv"), "url_rewrite": {ORIGIN: f"{mirror}/"}},
-        {"type": "webdataset", "path": str(tmp_path / "v2d"), "name": "v2d"}])
+    make_wds_tar(
+        tmp_path / "v2d" / "00000.tar",
+        {"000000000": ("max-heromode.mp4", "a hero jumps"), "000000001": ("bbb_480p_vp9_opus_1second.webm", "a bunny")},
+        shared_data,
+    )
+    job = make_job(
+        tmp_path / "out",
+        [
+            {"type": "webvid", "path": str(tmp_path / "webvid.csv"), "url_rewrite": {ORIGIN: f"{mirror}/"}},
+            {"type": "webdataset", "path": str(tmp_path / "v2d"), "name": "v2d"},
+        ],
+    )
     summary = run_job(job)
     store = the_store(tmp_path / "out")
     rows = {r["id"]: r for r in shard_rows(store, "video")}
@@ -150,12 +195,24 @@ def test_webvid_s3_mirror_path_template(shared_data, tmp_path, s3_server, s3_pre
     """The usual WebVid downloader layout `videos/{page_dir}/{videoid}.mp4` on S3, read in place by the fetcher."""
     mirror = Storage(s3_server.uri(f"{s3_prefix}/webvid/videos"), s3_server.options())
     mirror.write_bytes("027701_027750/1053841541.mp4", (shared_data / "videos" / "chaplin.mp4").read_bytes())
-    write_webvid(tmp_path / "webvid.csv", [
-        ["1053841541", f"{ORIGIN}1053841541/preview/x.mp4", "PT00H00M09S", "027701_027750", "Travel blogger"],
-        ["77", f"{ORIGIN}77/preview/x.mp4", "PT00H00M10S", "", "no page_dir"]])
-    src = make_source(source_config({"type": "webvid", "path": str(tmp_path / "webvid.csv"),
-                                     "base_dir": mirror.uri(""), "path_template": "{page_dir}/{videoid}.mp4"}),
-                      s3_server.options())
+    write_webvid(
+        tmp_path / "webvid.csv",
+        [
+            ["1053841541", f"{ORIGIN}1053841541/preview/x.mp4", "PT00H00M09S", "027701_027750", "Travel blogger"],
+            ["77", f"{ORIGIN}77/preview/x.mp4", "PT00H00M10S", "", "no page_dir"],
+        ],
+    )
+    src = make_source(
+        source_config(
+            {
+                "type": "webvid",
+                "path": str(tmp_path / "webvid.csv"),
+                "base_dir": mirror.uri(""),
+                "path_template": "{page_dir}/{videoid}.mp4",
+            }
+        ),
+        s3_server.options(),
+    )
     rows = {r["id"]: r for r in iter_rows(src)}
     assert rows["webvid-1053841541"]["uri"] == mirror.uri("027701_027750/1053841541.mp4")
     assert rows["webvid-77"]["status"] == "failed" and "template" in rows["webvid-77"]["reason"]

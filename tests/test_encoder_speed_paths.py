@@ -123,7 +123,8 @@ def test_clips_are_patchified_on_the_device_as_one_batch_with_the_same_tokens():
 
     model = _model("tiny-c")
     want = Tokenizer(model, device="cpu", compile=False).encode(
-        [image_to_tokens(c[0]) if len(c) == 1 else video_to_tokens(c) for c in clips])
+        [image_to_tokens(c[0]) if len(c) == 1 else video_to_tokens(c) for c in clips]
+    )
     for max_tokens in (10, 100_000):  # a pass per shape or two; one pass of every shape
         tok = Tokenizer(model, device="cpu", compile=False, max_tokens=max_tokens)
         passes = list(tok.clip_batches(clips))

@@ -1,6 +1,7 @@
 """Exports (pipeline/export.py): WebDataset tars loaded back with `webdataset`, a Lance dataset loaded back with
 `lance`, every value compared with the committed Parquet rows; reruns export only what is new, and a crash between
 an output and its record never leaves a row twice."""
+
 from __future__ import annotations
 
 import json
@@ -92,8 +93,11 @@ def test_export_resumes_exactly_once_after_a_crash(store_path, fmt, monkeypatch,
     again = ex.export(store_path, fmt, dest=dest)
     assert again["skipped"] == first["exported"] + 1 and again["exported"] >= 1
     want = expected(store_path)
-    ids = ([s["json"]["id"] for s in wds_samples(dest)] if fmt == "webdataset"
-           else ex.lance_rows(dest).column("id").to_pylist())
+    ids = (
+        [s["json"]["id"] for s in wds_samples(dest)]
+        if fmt == "webdataset"
+        else ex.lance_rows(dest).column("id").to_pylist()
+    )
     assert sorted(ids) == sorted(want) and len(ids) == 150  # nothing twice, nothing missing
     assert ex.export(store_path, fmt, dest=dest)["exported"] == 0
 
@@ -101,6 +105,19 @@ def test_export_resumes_exactly_once_after_a_crash(store_path, fmt, monkeypatch,
 def test_export_cli(store_path, capsys):
     assert main(["export", store_path, "--format", "webdataset"]) == 0
     assert "exported" in capsys.readouterr().out
-    assert main(["export", store_path, "--format", "webdataset", "--bucket-by", "tokens",
-                 "--dest", f"{store_path}/exports/webdataset"]) == 2  # a different export is there
+    assert (
+        main(
+            [
+                "export",
+                store_path,
+                "--format",
+                "webdataset",
+                "--bucket-by",
+                "tokens",
+                "--dest",
+                f"{store_path}/exports/webdataset",
+            ]
+        )
+        == 2
+    )  # a different export is there
     assert "bucket_by" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The fetcher against a real loopback HTTP server (tests/http_server.py) and the real files in /work/shared/data."""
+
 import hashlib
 import json
 import multiprocessing
@@ -65,8 +66,9 @@ class Server(FaultServer):
 
 
 def cfg_for(tmp_path=None, **kw) -> FetchConfig:
-    base = dict(connect_timeout_s=2.0, read_timeout_s=2.0, deadline_s=10.0, retries=2, backoff_s=0.01,
-                backoff_max_s=0.05)
+    base = dict(
+        connect_timeout_s=2.0, read_timeout_s=2.0, deadline_s=10.0, retries=2, backoff_s=0.01, backoff_max_s=0.05
+    )
     if kw.get("cache") == "local" and tmp_path is not None:
         base["cache_dir"] = str(tmp_path / "cache")
     return FetchConfig(**{**base, **kw})
@@ -97,6 +99,7 @@ def fail(f: Fetcher, uri: str, modality: str = "video") -> str:
 
 # ---- config --------------------------------------------------------------------------------------------------
 
+
 def test_config_defaults_and_validation():
     cfg = FetchConfig()
     assert (cfg.concurrency, cfg.cache, cfg.cache_dir, cfg.cache_max_bytes) == (8, "none", None, 50 << 30)
@@ -104,8 +107,16 @@ def test_config_defaults_and_validation():
     assert FetchConfig.IDENTITY == () and cfg.identity() == {}
     assert FetchConfig(schemes=["http"], cache="s3://bucket/fetch-cache").schemes == ("http",)
     FetchConfig(cache="/shared/nfs/cache")
-    for bad in ({"concurrency": 0}, {"read_timeout_s": 0}, {"retries": -1}, {"max_bytes": 0},
-                {"schemes": ["ftp"]}, {"cache": "ftp://host/cache"}, {"cache_dir_typo": "/x"}, {"copy_local": True}):
+    for bad in (
+        {"concurrency": 0},
+        {"read_timeout_s": 0},
+        {"retries": -1},
+        {"max_bytes": 0},
+        {"schemes": ["ftp"]},
+        {"cache": "ftp://host/cache"},
+        {"cache_dir_typo": "/x"},
+        {"copy_local": True},
+    ):
         with pytest.raises(ConfigError):
             validate(FetchConfig, bad)
     with pytest.raises(ValueError):  # validate_assignment
@@ -113,6 +124,7 @@ def test_config_defaults_and_validation():
 
 
 # ---- http ----------------------------------------------------------------------------------------------------
+
 
 def test_download_to_scratch_headers_and_release(tmp_path):
     with Server(VIDEOS) as srv, fetcher(tmp_path) as f:
@@ -132,8 +144,17 @@ def test_download_to_scratch_headers_and_release(tmp_path):
 
 def test_keep_alive_reuses_the_connection(tmp_path):
     # also across redirect hops and error answers (their small bodies are read so the connection stays usable)
-    with Server(VIDEOS, {"/r1": Fault("redirect", location="/r2"), "/r2": Fault("redirect", location=f"/{CLIP}"),
-                         "/chaplin.mp4": Fault("status", code=503, times=1)}) as srv, fetcher(tmp_path) as f:
+    with (
+        Server(
+            VIDEOS,
+            {
+                "/r1": Fault("redirect", location="/r2"),
+                "/r2": Fault("redirect", location=f"/{CLIP}"),
+                "/chaplin.mp4": Fault("status", code=503, times=1),
+            },
+        ) as srv,
+        fetcher(tmp_path) as f,
+    ):
         for _ in range(3):
             f.release(f.fetch(srv.url(CLIP), "video"))
         fail(f, srv.url("missing.mp4"))
@@ -202,8 +223,10 @@ def test_http_500_retried_to_success(tmp_path):
 
 def test_http_503_gives_up_after_retries_with_backoff(tmp_path):
     # backoff 0.1, 0.2, 0.4 s (no jitter): at least 0.7 s between the first and the last attempt
-    with Server(VIDEOS, {f"/{CLIP}": Fault("status", code=503)}) as srv, \
-            fetcher(tmp_path, cache="local", retries=3, backoff_s=0.1, backoff_max_s=1.0, jitter=0.0) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("status", code=503)}) as srv,
+        fetcher(tmp_path, cache="local", retries=3, backoff_s=0.1, backoff_max_s=1.0, jitter=0.0) as f,
+    ):
         t = time.monotonic()
         reason = fail(f, srv.url(CLIP))
         assert 0.7 <= time.monotonic() - t < 5
@@ -214,23 +237,31 @@ def test_http_503_gives_up_after_retries_with_backoff(tmp_path):
 
 
 def test_429_and_408_are_retried(tmp_path):
-    with Server(VIDEOS, {f"/{CLIP}": Fault("status", code=429, times=1),
-                         "/chaplin.mp4": Fault("status", code=408, times=1)}) as srv, fetcher(tmp_path) as f:
+    with (
+        Server(
+            VIDEOS, {f"/{CLIP}": Fault("status", code=429, times=1), "/chaplin.mp4": Fault("status", code=408, times=1)}
+        ) as srv,
+        fetcher(tmp_path) as f,
+    ):
         f.fetch(srv.url(CLIP), "video")
         f.fetch(srv.url("chaplin.mp4"), "video")
         assert srv.hits[f"/{CLIP}"] == 2 and srv.hits["/chaplin.mp4"] == 2
 
 
 def test_stall_times_out_then_retries(tmp_path):
-    with Server(VIDEOS, {f"/{CLIP}": Fault("stall", seconds=5)}) as srv, \
-            fetcher(tmp_path, read_timeout_s=0.3, retries=1) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("stall", seconds=5)}) as srv,
+        fetcher(tmp_path, read_timeout_s=0.3, retries=1) as f,
+    ):
         t = time.monotonic()
         reason = fail(f, srv.url(CLIP))
         assert time.monotonic() - t < 3
         assert reason.startswith("timeout after 0.3s")
         assert srv.hits[f"/{CLIP}"] == 2
-    with Server(VIDEOS, {f"/{CLIP}": Fault("stall", seconds=5, times=1)}) as srv, \
-            fetcher(tmp_path, read_timeout_s=0.3, retries=1) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("stall", seconds=5, times=1)}) as srv,
+        fetcher(tmp_path, read_timeout_s=0.3, retries=1) as f,
+    ):
         f.fetch(srv.url(CLIP), "video")
         assert srv.hits[f"/{CLIP}"] == 2
     assert_clean(tmp_path)
@@ -238,8 +269,10 @@ def test_stall_times_out_then_retries(tmp_path):
 
 def test_slow_drip_hits_the_deadline(tmp_path):
     # every chunk arrives well within the read timeout, but the whole body would take ~5 s
-    with Server(VIDEOS, {f"/{CLIP}": Fault("drip", chunk=1000, seconds=0.1)}) as srv, \
-            fetcher(tmp_path, read_timeout_s=1.0, deadline_s=0.6, retries=0) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("drip", chunk=1000, seconds=0.1)}) as srv,
+        fetcher(tmp_path, read_timeout_s=1.0, deadline_s=0.6, retries=0) as f,
+    ):
         t = time.monotonic()
         reason = fail(f, srv.url(CLIP))
         assert time.monotonic() - t < 2.5
@@ -248,15 +281,19 @@ def test_slow_drip_hits_the_deadline(tmp_path):
 
 
 def test_truncated_body(tmp_path):
-    with Server(VIDEOS, {f"/{CLIP}": Fault("truncate", fraction=0.5)}) as srv, \
-            fetcher(tmp_path, cache="local", retries=1) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("truncate", fraction=0.5)}) as srv,
+        fetcher(tmp_path, cache="local", retries=1) as f,
+    ):
         reason = fail(f, srv.url(CLIP))
         assert reason.startswith(f"truncated body: got {len(CLIP_BYTES) // 2} of {len(CLIP_BYTES)} bytes")
         assert srv.hits[f"/{CLIP}"] == 2
     assert files(tmp_path / "cache") == []
     assert_clean(tmp_path)
-    with Server(VIDEOS, {f"/{CLIP}": Fault("truncate", fraction=0.5, times=1)}) as srv, \
-            fetcher(tmp_path, cache="local", retries=1) as f:
+    with (
+        Server(VIDEOS, {f"/{CLIP}": Fault("truncate", fraction=0.5, times=1)}) as srv,
+        fetcher(tmp_path, cache="local", retries=1) as f,
+    ):
         assert Path(f.fetch(srv.url(CLIP), "video").path).read_bytes() == CLIP_BYTES
 
 
@@ -281,8 +318,12 @@ def test_connection_refused_is_recorded(tmp_path):
 
 
 def test_wrong_content_type_is_judged_by_magic_bytes(tmp_path):
-    with Server(VIDEOS, {f"/{CLIP}": Fault("content_type", content_type="text/html"),
-                         "/chaplin.mp4": Fault("html")}) as srv, fetcher(tmp_path, cache="local") as f:
+    with (
+        Server(
+            VIDEOS, {f"/{CLIP}": Fault("content_type", content_type="text/html"), "/chaplin.mp4": Fault("html")}
+        ) as srv,
+        fetcher(tmp_path, cache="local") as f,
+    ):
         f.fetch(srv.url(CLIP), "video")
         assert fail(f, srv.url("chaplin.mp4")).startswith("content is not a video (magic bytes 3c21")
         assert srv.hits["/chaplin.mp4"] == 1  # not retried
@@ -296,8 +337,10 @@ def test_wrong_content_type_is_judged_by_magic_bytes(tmp_path):
 
 
 def test_max_bytes(tmp_path):
-    with Server(VIDEOS, {"/big.mp4": Fault("oversize", size=10**9, claim_only=True)}) as srv, \
-            fetcher(tmp_path, cache="local", max_bytes=10_000) as f:
+    with (
+        Server(VIDEOS, {"/big.mp4": Fault("oversize", size=10**9, claim_only=True)}) as srv,
+        fetcher(tmp_path, cache="local", max_bytes=10_000) as f,
+    ):
         assert fail(f, srv.url("big.mp4")) == "exceeds max_bytes (1000000000 > 10000 bytes, Content-Length)"
         assert srv.hits["/big.mp4"] == 1
         assert fail(f, srv.url(CLIP)).startswith("exceeds max_bytes")  # 45 KB body, streamed
@@ -317,14 +360,25 @@ def test_streamed_bytes_over_max_without_content_length(tmp_path):
 
 
 def test_redirects(tmp_path):
-    with Server(VIDEOS, {"/a": Fault("redirect", location="/b"), "/b": Fault("redirect", location="/a"),
-                         "/r1": Fault("redirect", location="/r2"), "/r2": Fault("redirect", location=f"/{CLIP}"),
-                         "/far": Fault("redirect", location="/f1"), "/f1": Fault("redirect", location="/f2"),
-                         "/f2": Fault("redirect", location="/f3"), "/f3": Fault("redirect", location="/f4"),
-                         "/to-file": Fault("redirect", location="file:///etc/passwd"),
-                         "/to-s3": Fault("redirect", location="s3://bucket/x.mp4"),
-                         "/to-https": Fault("redirect", location="https://example.com/x.mp4")}) as srv, \
-            fetcher(tmp_path, max_redirects=3) as f:
+    with (
+        Server(
+            VIDEOS,
+            {
+                "/a": Fault("redirect", location="/b"),
+                "/b": Fault("redirect", location="/a"),
+                "/r1": Fault("redirect", location="/r2"),
+                "/r2": Fault("redirect", location=f"/{CLIP}"),
+                "/far": Fault("redirect", location="/f1"),
+                "/f1": Fault("redirect", location="/f2"),
+                "/f2": Fault("redirect", location="/f3"),
+                "/f3": Fault("redirect", location="/f4"),
+                "/to-file": Fault("redirect", location="file:///etc/passwd"),
+                "/to-s3": Fault("redirect", location="s3://bucket/x.mp4"),
+                "/to-https": Fault("redirect", location="https://example.com/x.mp4"),
+            },
+        ) as srv,
+        fetcher(tmp_path, max_redirects=3) as f,
+    ):
         assert fail(f, srv.url("a")).startswith("redirect loop")
         assert srv.hits["/a"] == 1 and srv.hits["/b"] == 1
         ok = f.fetch(srv.url("r1"), "video")
@@ -332,8 +386,10 @@ def test_redirects(tmp_path):
         assert fail(f, srv.url("far")) == "too many redirects (> 3)"
         assert fail(f, srv.url("to-file")) == "scheme 'file' not allowed (redirect)"
         assert fail(f, srv.url("to-s3")) == "scheme 's3' not allowed (redirect)"
-    with Server(VIDEOS, {"/to-https": Fault("redirect", location="https://example.com/x.mp4")}) as srv, \
-            fetcher(tmp_path, schemes=("http",)) as f:
+    with (
+        Server(VIDEOS, {"/to-https": Fault("redirect", location="https://example.com/x.mp4")}) as srv,
+        fetcher(tmp_path, schemes=("http",)) as f,
+    ):
         assert fail(f, srv.url("to-https")) == "scheme 'https' not allowed (redirect)"
     assert_clean(tmp_path)
 
@@ -362,8 +418,7 @@ def test_schemes_and_local_files(tmp_path):
 def test_concurrent_fetches_of_one_url(tmp_path):
     results = []
     with Server(VIDEOS) as srv, fetcher(tmp_path, cache="local") as f:
-        threads = [threading.Thread(target=lambda: results.append(f.fetch(srv.url(CLIP), "video")))
-                   for _ in range(4)]
+        threads = [threading.Thread(target=lambda: results.append(f.fetch(srv.url(CLIP), "video"))) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
@@ -375,6 +430,7 @@ def test_concurrent_fetches_of_one_url(tmp_path):
 
 # ---- fetch_all -----------------------------------------------------------------------------------------------
 
+
 def test_fetch_all_yields_every_item_once(tmp_path, monkeypatch):
     with Server(VIDEOS, {"/bad.mp4": Fault("status", code=503)}) as srv, fetcher(tmp_path, concurrency=3) as f:
         real = f._attempt
@@ -385,11 +441,17 @@ def test_fetch_all_yields_every_item_once(tmp_path, monkeypatch):
             return real(uri, modality, scheme)
 
         monkeypatch.setattr(f, "_attempt", attempt)
-        items = [("ok", srv.url(CLIP), "video"), ("404", srv.url("nope.mp4"), "video"),
-                 ("503", srv.url("bad.mp4"), "video"), ("ftp", "ftp://x/y.mp4", "video"),
-                 ("local", str(VIDEOS / CLIP), "video"), ("missing", str(tmp_path / "x.mp4"), "video"),
-                 ("boom", srv.url("boom.mp4"), "video"), ("image", srv.url(CLIP), "image"),
-                 ("ok2", srv.url(f"{CLIP}?2"), "video")]
+        items = [
+            ("ok", srv.url(CLIP), "video"),
+            ("404", srv.url("nope.mp4"), "video"),
+            ("503", srv.url("bad.mp4"), "video"),
+            ("ftp", "ftp://x/y.mp4", "video"),
+            ("local", str(VIDEOS / CLIP), "video"),
+            ("missing", str(tmp_path / "x.mp4"), "video"),
+            ("boom", srv.url("boom.mp4"), "video"),
+            ("image", srv.url(CLIP), "image"),
+            ("ok2", srv.url(f"{CLIP}?2"), "video"),
+        ]
         seen = list(f.fetch_all(iter(items)))  # any iterable
         assert sorted(k for k, _ in seen) == sorted(k for k, _, _ in items)
         got = dict(seen)
@@ -415,11 +477,18 @@ def test_fetch_all_stopped_early_leaves_no_files(tmp_path):
     assert_clean(tmp_path)
 
 
-FAILURES = {"/503.mp4": Fault("status", code=503), "/stub_mp4v.mp4": Fault("stall", seconds=3),
-            f"/{CLIP}": Fault("drip", chunk=2000, seconds=0.05), "/stub_mjpeg.avi": Fault("truncate"),
-            "/reset.mp4": Fault("reset"), "/chaplin.mp4": Fault("html"),
-            "/claim.mp4": Fault("oversize", size=10**9, claim_only=True), "/big.mp4": Fault("oversize", size=200_000),
-            "/loop": Fault("redirect", location="/loop2"), "/loop2": Fault("redirect", location="/loop")}
+FAILURES = {
+    "/503.mp4": Fault("status", code=503),
+    "/stub_mp4v.mp4": Fault("stall", seconds=3),
+    f"/{CLIP}": Fault("drip", chunk=2000, seconds=0.05),
+    "/stub_mjpeg.avi": Fault("truncate"),
+    "/reset.mp4": Fault("reset"),
+    "/chaplin.mp4": Fault("html"),
+    "/claim.mp4": Fault("oversize", size=10**9, claim_only=True),
+    "/big.mp4": Fault("oversize", size=200_000),
+    "/loop": Fault("redirect", location="/loop2"),
+    "/loop2": Fault("redirect", location="/loop"),
+}
 
 
 @pytest.mark.parametrize("cache", ["none", "local", "shared"])
@@ -428,20 +497,24 @@ def test_nothing_left_behind_after_failures(tmp_path, cache):
     # redirect loop, 404 (with retries where they apply)
     names = [p.lstrip("/") for p in FAILURES if p != "/loop2"] + ["unsized/200000", "missing.mp4"]
     mode = str(tmp_path / "shared") if cache == "shared" else cache
-    with Server(VIDEOS, FAILURES) as srv, \
-            fetcher(tmp_path, cache=mode, retries=1, read_timeout_s=0.3, deadline_s=0.5, max_bytes=100_000) as f:
+    with (
+        Server(VIDEOS, FAILURES) as srv,
+        fetcher(tmp_path, cache=mode, retries=1, read_timeout_s=0.3, deadline_s=0.5, max_bytes=100_000) as f,
+    ):
         out = dict(f.fetch_all([(n, srv.url(n), "video") for n in names]))
         assert sorted(out) == sorted(names)
         assert all(isinstance(v, FetchError) for v in out.values()), out
         assert out[CLIP].reason.startswith("deadline exceeded") and out["stub_mp4v.mp4"].reason.startswith("timeout")
         assert out["stub_mjpeg.avi"].reason.startswith("truncated") and out["unsized/200000"].reason.startswith(
-            "exceeds max_bytes (> 100000")
+            "exceeds max_bytes (> 100000"
+        )
         assert files(tmp_path / "scratch") == []
     assert_clean(tmp_path)
     assert files(tmp_path / "cache") == [] and files(tmp_path / "shared") == []
 
 
 # ---- cache cap -----------------------------------------------------------------------------------------------
+
 
 def make_pngs(folder: Path, n: int, size: int = 1000) -> list[str]:
     """Small distinct files that pass the image magic check."""
@@ -463,6 +536,7 @@ def test_local_cache_cap_evicts_least_recently_used(tmp_path):
         return hashlib.sha256((tmp_path / "www" / name).read_bytes()).hexdigest()
 
     with Server(tmp_path / "www") as srv, fetcher(tmp_path, cache="local", cache_max_bytes=10_000) as f:
+
         def get(name, keep=False):
             got = f.fetch(srv.url(name), "image")
             if not keep:
@@ -503,6 +577,7 @@ def test_shared_cache_cap(tmp_path):
 
 # ---- shared cache --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("form", ["path", "file-uri"])
 def test_shared_cache_in_a_local_folder(tmp_path, form):
     shared = tmp_path / "shared"
@@ -530,6 +605,7 @@ def test_shared_cache_in_a_local_folder(tmp_path, form):
 
 # ---- object stores -------------------------------------------------------------------------------------------
 
+
 def test_s3_unreachable_is_a_clear_error(tmp_path):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -546,6 +622,7 @@ def test_s3_unreachable_is_a_clear_error(tmp_path):
 
 
 # ---- several processes on one local cache --------------------------------------------------------------------
+
 
 def _child(urls, tmp, n, out):
     cfg = cfg_for(cache="local", cache_dir=str(Path(tmp) / "cache"), cache_max_bytes=6_000)

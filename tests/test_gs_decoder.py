@@ -6,9 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atoken.gs_decoder import (GaussianDecoder, GSDecoderConfig, load_gs_weights, offset_perturbation,
-                               window_attention, window_layout)
-from atoken.splat import SH_C0, Camera, Gaussians, RenderConfig, intrinsics_from_fov, look_at, orbit_cameras, psnr, render
+from atoken.gs_decoder import (
+    GaussianDecoder,
+    GSDecoderConfig,
+    load_gs_weights,
+    offset_perturbation,
+    window_attention,
+    window_layout,
+)
+from atoken.splat import (
+    SH_C0,
+    Camera,
+    Gaussians,
+    RenderConfig,
+    intrinsics_from_fov,
+    look_at,
+    orbit_cameras,
+    psnr,
+    render,
+)
 
 N_KEYS, N_VALUES = 76, 85_887_520
 
@@ -42,13 +58,24 @@ def test_official_key_set_and_sizes_on_meta():
     sd = m.state_dict()
     assert len(sd) == N_KEYS
     assert sum(v.numel() for v in sd.values()) == N_VALUES
-    expected = {"offset_perturbation": (32, 3), "input_layer.weight": (768, 768), "out_layer.weight": (448, 768),
-                "out_layer.bias": (448,)}
+    expected = {
+        "offset_perturbation": (32, 3),
+        "input_layer.weight": (768, 768),
+        "out_layer.weight": (448, 768),
+        "out_layer.bias": (448,),
+    }
     for n in range(12):
         p = f"blocks.{n}."
-        expected.update({p + "norm1.weight": (768,), p + "norm2.weight": (768,), p + "attn.to_qkv.weight": (2304, 768),
-                         p + "attn.to_out.weight": (768, 768), p + "mlp.mlp.0.weight": (3072, 768),
-                         p + "mlp.mlp.2.weight": (768, 3072)})
+        expected.update(
+            {
+                p + "norm1.weight": (768,),
+                p + "norm2.weight": (768,),
+                p + "attn.to_qkv.weight": (2304, 768),
+                p + "attn.to_out.weight": (768, 768),
+                p + "mlp.mlp.0.weight": (3072, 768),
+                p + "mlp.mlp.2.weight": (768, 3072),
+            }
+        )
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected
 
 
@@ -57,7 +84,12 @@ def test_yaml_config_matches_official_values():
     assert (cfg.resolution, cfg.model_channels, cfg.num_blocks, cfg.num_heads, cfg.window_size) == (64, 768, 12, 12, 8)
     rep = cfg.representation
     assert rep.lr["_rotation"] == 0.1 and rep.lr["_xyz"] == 1.0
-    assert (rep.num_gaussians, rep.voxel_size, rep.filter_2d_kernel_size, rep.filter_3d_kernel_size) == (32, 1.5, 0.1, 9e-4)
+    assert (rep.num_gaussians, rep.voxel_size, rep.filter_2d_kernel_size, rep.filter_3d_kernel_size) == (
+        32,
+        1.5,
+        0.1,
+        9e-4,
+    )
     assert (rep.scaling_bias, rep.opacity_bias, cfg.out_channels) == (4e-3, 0.1, 448)
 
 
@@ -183,8 +215,8 @@ def test_bad_inputs_raise_clear_errors():
 def test_tokens_attend_only_within_their_window():
     torch.manual_seed(0)
     m = GaussianDecoder(small_cfg(num_blocks=1)).eval()  # block 0: unshifted 8^3 windows
-    a = [[0, 0, 0], [3, 5, 7], [7, 7, 7]]     # window (0, 0, 0)
-    b = [[8, 0, 0], [12, 3, 1]]               # window (1, 0, 0)
+    a = [[0, 0, 0], [3, 5, 7], [7, 7, 7]]  # window (0, 0, 0)
+    b = [[8, 0, 0], [12, 3, 1]]  # window (1, 0, 0)
     coords = voxel_coords(a + b)
     f = torch.randn(5, 16)
     with torch.no_grad():
@@ -196,7 +228,7 @@ def test_tokens_attend_only_within_their_window():
         f3[0] += 5.0  # perturb a token of window A
         moved_a = m.forward_features(f3, coords)
     torch.testing.assert_close(moved_b[:3], base[:3], rtol=0, atol=1e-6)  # window A untouched
-    assert (moved_b[4] - base[4]).abs().max() > 1e-3                      # its own window partner changed
+    assert (moved_b[4] - base[4]).abs().max() > 1e-3  # its own window partner changed
     assert (moved_a[1:3] - base[1:3]).abs().max() > 1e-3
     torch.testing.assert_close(moved_a[3:], base[3:], rtol=0, atol=1e-6)
 
@@ -227,8 +259,12 @@ def test_shifted_windows_move_the_boundary():
 def test_window_attention_matches_dense_masked_reference():
     """Grouped/padded window attention == full attention with a same-window mask and the softcap, for 2 samples."""
     torch.manual_seed(0)
-    coords = torch.cat([voxel_coords(torch.randint(0, 20, (150, 3)).unique(dim=0), 0),
-                        voxel_coords(torch.randint(0, 20, (90, 3)).unique(dim=0), 1)])
+    coords = torch.cat(
+        [
+            voxel_coords(torch.randint(0, 20, (150, 3)).unique(dim=0), 0),
+            voxel_coords(torch.randint(0, 20, (90, 3)).unique(dim=0), 1),
+        ]
+    )
     N, H, D = len(coords), 2, 8
     q, k, v = (torch.randn(N, H, D) * 3 for _ in range(3))
     for shift in (0, 4):
@@ -252,12 +288,19 @@ def test_window_attention_matches_dense_masked_reference():
 
 def one_gaussian(xyz, rgb, scale, opacity) -> Gaussians:
     dc = (torch.tensor(rgb, dtype=torch.float32) - 0.5) / SH_C0
-    return Gaussians(torch.tensor([xyz], dtype=torch.float32), dc[None], torch.full((1, 3), float(scale)),
-                     torch.tensor([[1.0, 0, 0, 0]]), torch.tensor([[opacity]]))
+    return Gaussians(
+        torch.tensor([xyz], dtype=torch.float32),
+        dc[None],
+        torch.full((1, 3), float(scale)),
+        torch.tensor([[1.0, 0, 0, 0]]),
+        torch.tensor([[opacity]]),
+    )
 
 
 def cat(*gs: Gaussians) -> Gaussians:
-    return Gaussians(*(torch.cat([getattr(g, f) for g in gs]) for f in ("xyz", "color_dc", "scale", "rotation", "opacity")))
+    return Gaussians(
+        *(torch.cat([getattr(g, f) for g in gs]) for f in ("xyz", "color_dc", "scale", "rotation", "opacity"))
+    )
 
 
 def front_camera(dist=2.0, fov_deg=40.0) -> Camera:
@@ -269,24 +312,24 @@ def test_single_gaussian_renders_the_analytic_blob():
     cfg = RenderConfig(resolution=res)
     out = render(one_gaussian([0, 0, 0], [0.2, 0.6, 1.0], s, op), front_camera(dist), cfg)
     f = 0.5 / math.tan(math.radians(20)) * res  # focal length in pixels
-    var = (f * s / dist) ** 2                    # projected variance (px^2)
-    var_f = var + cfg.kernel_size                # plus the 2D filter
-    peak = op * math.sqrt(var**2 / var_f**2)     # mip compensation sqrt(det0/det1)
-    c = res // 2                                 # the optical axis hits the centre of pixel 32
+    var = (f * s / dist) ** 2  # projected variance (px^2)
+    var_f = var + cfg.kernel_size  # plus the 2D filter
+    peak = op * math.sqrt(var**2 / var_f**2)  # mip compensation sqrt(det0/det1)
+    c = res // 2  # the optical axis hits the centre of pixel 32
     assert out.alpha.argmax().item() == c * res + c
     torch.testing.assert_close(out.image[c, c], torch.tensor([0.2, 0.6, 1.0]) * peak, rtol=1e-4, atol=1e-5)
     # radial profile along the centre row: peak * exp(-r^2 / (2 var_f)) where alpha >= 1/255, else 0
     r = torch.arange(res, dtype=torch.float32) - c
-    a = peak * torch.exp(-r**2 / (2 * var_f))
+    a = peak * torch.exp(-(r**2) / (2 * var_f))
     want = torch.where(a >= 1 / 255, a, torch.zeros_like(a))
     torch.testing.assert_close(out.alpha[c], want, rtol=1e-4, atol=1e-5)
-    half = (out.alpha > peak / 2).sum().item()   # area above half max ~ pi * 2 ln2 * var_f
+    half = (out.alpha > peak / 2).sum().item()  # area above half max ~ pi * 2 ln2 * var_f
     assert abs(half - math.pi * 2 * math.log(2) * var_f) < 0.1 * half
     assert out.alpha[0].max() == 0 and out.image.min() >= 0
 
 
 def test_gaussians_occlude_by_depth_regardless_of_input_order():
-    red = one_gaussian([0, 0, 0], [1, 0, 0], 0.2, 0.999)     # nearer (camera at y = -2)
+    red = one_gaussian([0, 0, 0], [1, 0, 0], 0.2, 0.999)  # nearer (camera at y = -2)
     blue = one_gaussian([0, 0.5, 0], [0, 0, 1], 0.2, 0.999)
     cfg = RenderConfig(resolution=33)
     c = 16
@@ -358,8 +401,13 @@ def test_gpu_bf16_decoder_matches_cpu_fp32():
 
 @pytest.mark.gpu
 def test_gpu_render_matches_cpu():
-    g = Gaussians(torch.rand(5000, 3) - 0.5, torch.randn(5000, 3), torch.full((5000, 3), 0.01),
-                  F.normalize(torch.randn(5000, 4), dim=-1), torch.rand(5000, 1))
+    g = Gaussians(
+        torch.rand(5000, 3) - 0.5,
+        torch.randn(5000, 3),
+        torch.full((5000, 3), 0.01),
+        F.normalize(torch.randn(5000, 4), dim=-1),
+        torch.rand(5000, 1),
+    )
     cam = orbit_cameras(3)[1]
     cfg = RenderConfig(resolution=128)
     ref, gpu = render(g, cam, cfg), render(g.to("cuda"), cam, cfg)

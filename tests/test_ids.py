@@ -1,4 +1,5 @@
 """Sample ids (`make_id` / vectorised `make_ids`) and hash buckets (`bucket_of`): no Ray, no data files."""
+
 import random
 import re
 
@@ -14,10 +15,44 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 def varied_keys(n: int = 400, seed: int = 0) -> list[str]:
     """Clean keys, unsafe characters, very long keys, empty keys, dots, unicode: a few hundred of them."""
     rng = random.Random(seed)
-    fixed = ["", ".", "..", "...", ".hidden", "..x", "a.", "a..b", "clip 1", "clip_1", "clip-1", "clip.1",
-             "a/b", "a_b", "a b", "a\\b", "a?b", "../../etc/passwd", "/abs/path", "\x00nul", "tab\there",
-             "line\nbreak", "名字 with spaces", "café", "cafe\u0301", "emoji 🎬 clip", "ÅÄÖ", "x" * 80, "x" * 81,
-             "y" * 300, "é" * 100, "1053841541", "-1hTK0wGrTg_19227_28278", "A-Za-z0-9._-", "\ufffd", "%20"]
+    fixed = [
+        "",
+        ".",
+        "..",
+        "...",
+        ".hidden",
+        "..x",
+        "a.",
+        "a..b",
+        "clip 1",
+        "clip_1",
+        "clip-1",
+        "clip.1",
+        "a/b",
+        "a_b",
+        "a b",
+        "a\\b",
+        "a?b",
+        "../../etc/passwd",
+        "/abs/path",
+        "\x00nul",
+        "tab\there",
+        "line\nbreak",
+        "名字 with spaces",
+        "café",
+        "cafe\u0301",
+        "emoji 🎬 clip",
+        "ÅÄÖ",
+        "x" * 80,
+        "x" * 81,
+        "y" * 300,
+        "é" * 100,
+        "1053841541",
+        "-1hTK0wGrTg_19227_28278",
+        "A-Za-z0-9._-",
+        "\ufffd",
+        "%20",
+    ]
     alphabet = "abcXYZ019._- /\\:?#%é名🎬\t"
     out = list(fixed)
     while len(out) < n:
@@ -28,8 +63,24 @@ def varied_keys(n: int = 400, seed: int = 0) -> list[str]:
 
 # ---- make_id -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["../../etc/passwd", "..", ".", "", "a/b", "a\\b", "/abs/path", "x" * 300,
-                                 "名字 with spaces", "\x00nul", b"caf\xe9", b"\xff\xfe"])
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../../etc/passwd",
+        "..",
+        ".",
+        "",
+        "a/b",
+        "a\\b",
+        "/abs/path",
+        "x" * 300,
+        "名字 with spaces",
+        "\x00nul",
+        b"caf\xe9",
+        b"\xff\xfe",
+    ],
+)
 def test_ids_are_safe_file_names(key):
     rid = make_id("csv", key)
     assert SAFE_ID.match(rid) and "/" not in rid and not rid.split("-", 1)[1].startswith(".")
@@ -51,15 +102,26 @@ def test_clean_keys_stay_readable():
 def test_distinct_raw_keys_never_collide():
     keys = varied_keys()
     assert len({make_id("s", k) for k in set(keys)}) == len(set(keys))
-    pairs = [("clip 1", "clip_1"), ("a/b", "a_b"), ("a b", "a\\b"), (".x", "x"), ("x" * 81, "x" * 82),
-             ("x" * 81 + "a", "x" * 81 + "b"), ("", "."), (b"caf\xe9", b"caf\xe8"), (b"caf\xe9", "café"),
-             (b"caf\xe9", "caf\ufffd"), ("café", "cafe\u0301")]
+    pairs = [
+        ("clip 1", "clip_1"),
+        ("a/b", "a_b"),
+        ("a b", "a\\b"),
+        (".x", "x"),
+        ("x" * 81, "x" * 82),
+        ("x" * 81 + "a", "x" * 81 + "b"),
+        ("", "."),
+        (b"caf\xe9", b"caf\xe8"),
+        (b"caf\xe9", "café"),
+        (b"caf\xe9", "caf\ufffd"),
+        ("café", "cafe\u0301"),
+    ]
     for a, b in pairs:
         assert make_id("s", a) != make_id("s", b), (a, b)
     assert make_id("s", "café") == make_id("s", "café".encode())  # str and its UTF-8 bytes are one key
 
 
 # ---- make_ids (vectorised) == make_id --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("source", ["webvid", "folder", "weird source/name"])
 def test_make_ids_equals_make_id_on_strings(source):
@@ -96,6 +158,7 @@ def test_make_ids_nulls_are_empty_keys():
 
 # ---- buckets -------------------------------------------------------------------------------------------
 
+
 def _fnv1a64_reference(data: bytes) -> int:
     h = 0xCBF29CE484222325
     for b in data:
@@ -106,8 +169,13 @@ def _fnv1a64_reference(data: bytes) -> int:
 def test_bucket_of_is_stable():
     """Buckets are stored in ledgers: these values must never change."""
     values = pa.array(["", "a", "foobar", "webvid-1053841541", "folder-top.png"])
-    assert [int(h) for h in fnv1a64(values)] == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8,
-                                                 0x5204C37B7E1CBF63, 0x1946C67A29B756A]
+    assert [int(h) for h in fnv1a64(values)] == [
+        0xCBF29CE484222325,
+        0xAF63DC4C8601EC8C,
+        0x85944171F73967E8,
+        0x5204C37B7E1CBF63,
+        0x1946C67A29B756A,
+    ]
     assert bucket_of(values, 256).tolist() == [37, 140, 232, 99, 106]
     assert bucket_of(values, 1000).tolist() == [37, 996, 968, 323, 450]
     assert bucket_of(values, 256).dtype == np.int32
@@ -133,6 +201,7 @@ def test_bucket_of_spreads_evenly():
 
 # ---- hostile keys (issue 15: ids that never collide) ------------------------------------------------------
 
+
 def hostile_keys(n: int = 10_000, seed: int = 1) -> list[bytes]:
     """Distinct raw keys built to collide under cleaning: invalid UTF-8, whitespace/case variants, unicode
     normalisation forms, U+FFFD itself, window-shaped keys, and keys equal to another key's cleaned form + hash
@@ -150,8 +219,20 @@ def hostile_keys(n: int = 10_000, seed: int = 1) -> list[bytes]:
     while len(keys) < n:
         i += 1
         base = "".join(rng.choice("abcXYZ019") for _ in range(rng.choice([1, 3, 6]))) + str(i)
-        for k in (base, f" {base}", f"{base} ", f"{base}\t", f" {base} ", base.upper(), base.lower(),
-                  f"{base} x", f"{base}_x", f"{base}/x", f"{base}.w1", f"{base}.w{i}"):
+        for k in (
+            base,
+            f" {base}",
+            f"{base} ",
+            f"{base}\t",
+            f" {base} ",
+            base.upper(),
+            base.lower(),
+            f"{base} x",
+            f"{base}_x",
+            f"{base}/x",
+            f"{base}.w1",
+            f"{base}.w{i}",
+        ):
             add(k)
         accent = f"caf\u00e9{i}"
         for form in ("NFC", "NFD", "NFKC", "NFKD"):
@@ -205,6 +286,7 @@ def test_rule_1_ids_are_unchanged():
 def write_hostile_csv(path, keys: list[bytes], dupes: int = 0) -> int:
     """A url_list/webvid-shaped CSV (`videoid,name,contentUrl`) of the keys, every field quoted; the first `dupes`
     keys appear twice (exact duplicates, which must still be counted as such). Returns the rows written."""
+
     def q(b: bytes) -> bytes:
         return b'"' + b.replace(b'"', b'""') + b'"'
 

@@ -1,4 +1,5 @@
 """Job files: loading, `--set` overrides, one readable line per problem, and the preprocessing identity."""
+
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def folder_job(**over) -> dict:
 
 # ---- loading -------------------------------------------------------------------------------------------
 
+
 def test_every_job_file_loads():
     assert {p.stem for p in JOBS} >= {"demo", "images", "objaverse", "panda70m", "webvid"}
     for path in JOBS:
@@ -43,8 +45,17 @@ def test_every_job_file_loads():
 
 
 def test_set_overrides_and_out():
-    job = load_job(WEBVID, overrides=["decode.fps=8", "sources.0.path=x.csv", "fetch.retries=0",
-                                      "decode.buckets.max_side=256", "ray.prepare_actors=[1, 4]"], out="s3://b/o")
+    job = load_job(
+        WEBVID,
+        overrides=[
+            "decode.fps=8",
+            "sources.0.path=x.csv",
+            "fetch.retries=0",
+            "decode.buckets.max_side=256",
+            "ray.prepare_actors=[1, 4]",
+        ],
+        out="s3://b/o",
+    )
     assert job.decode.fps == 8.0 and job.sources[0].path == "x.csv" and job.fetch.retries == 0
     assert job.decode.buckets.max_side == 256 and job.ray.prepare_actors == (1, 4) and job.out == "s3://b/o"
     # a new key in a section that the file does not have, and an appended list entry
@@ -56,9 +67,11 @@ def test_set_overrides_and_out():
 
 def test_set_errors_are_clear():
     assert problems(path=WEBVID, overrides=["sources.3.path=x.csv"]) == [
-        "--set sources.3.path: '3' is not an index of a list of 1"]
+        "--set sources.3.path: '3' is not an index of a list of 1"
+    ]
     assert problems(path=WEBVID, overrides=["sources.x.path=x.csv"]) == [
-        "--set sources.x.path: 'x' is not an index of a list of 1"]
+        "--set sources.x.path: 'x' is not an index of a list of 1"
+    ]
     assert problems(path=WEBVID, overrides=["decode.fps"]) == ["--set 'decode.fps': expected key.path=value"]
     assert problems(path=REPO / "jobs" / "nope.yaml")[0].endswith("nope.yaml: No such file or directory")
 
@@ -67,17 +80,21 @@ def test_bad_yaml_and_not_a_mapping(tmp_path):
     (tmp_path / "bad.yaml").write_text("out: [unclosed\n")
     assert "not valid YAML" in problems(path=tmp_path / "bad.yaml")[0]
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
-    assert problems(path=tmp_path / "list.yaml") == [f"{tmp_path / 'list.yaml'}: a job file is a mapping of keys, "
-                                                    "got list"]
+    assert problems(path=tmp_path / "list.yaml") == [
+        f"{tmp_path / 'list.yaml'}: a job file is a mapping of keys, got list"
+    ]
 
 
 # ---- one line per problem ----------------------------------------------------------------------------------
 
+
 def test_bad_values_one_line_each():
     lines = problems(path=WEBVID, overrides=["decode.fps=four"])
     assert len(lines) == 1 and lines[0].startswith("decode.fps: got 'four'; ") and "number" in lines[0]
-    lines = problems(path=WEBVID, overrides=["decode.fps=four", "decode.fpz=1", "out=ftp://x", "fetch.retries=-1",
-                                             "sources.0.bogus=1"])
+    lines = problems(
+        path=WEBVID,
+        overrides=["decode.fps=four", "decode.fpz=1", "out=ftp://x", "fetch.retries=-1", "sources.0.bogus=1"],
+    )
     assert len(lines) == 5
     by_key = {line.split(":", 1)[0]: line for line in lines}
     assert set(by_key) == {"decode.fps", "decode.fpz", "out", "fetch.retries", "sources.0.bogus"}
@@ -87,18 +104,21 @@ def test_bad_values_one_line_each():
     assert by_key["fetch.retries"] == "fetch.retries: got -1; Input should be greater than or equal to 0"
 
 
-@pytest.mark.parametrize("source,expected", [
-    ({"type": "nosuch", "path": "a"}, "sources.0.type: got 'nosuch'; expected one of "),
-    ({"type": "Folder", "path": "a"}, "sources.0.type: got 'Folder'; expected one of "),
-    ({"type": "ids", "path": "a"}, "sources.0.type: got 'ids'; expected one of "),          # a helper module
-    ({"type": "tables", "path": "a"}, "sources.0.type: got 'tables'; expected one of "),
-    ({"path": "a"}, "sources.0.type: got ''; expected one of "),
-    ("a.csv", "sources.0: expected a mapping, got 'a.csv'"),
-    ({"type": "folder"}, "sources.0.path: missing; Field required"),
-    ({"type": "webvid", "path": "w.csv", "mirror_dir": "m"}, "sources.0.mirror_dir: got 'm'; unknown key"),
-    ({"type": "url_list", "path": "u.csv", "modality": "audio"}, "sources.0.modality: got 'audio'; "),
-    ({"type": "folder", "path": "a", "limit": 0}, "sources.0.limit: got 0; "),
-])
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        ({"type": "nosuch", "path": "a"}, "sources.0.type: got 'nosuch'; expected one of "),
+        ({"type": "Folder", "path": "a"}, "sources.0.type: got 'Folder'; expected one of "),
+        ({"type": "ids", "path": "a"}, "sources.0.type: got 'ids'; expected one of "),  # a helper module
+        ({"type": "tables", "path": "a"}, "sources.0.type: got 'tables'; expected one of "),
+        ({"path": "a"}, "sources.0.type: got ''; expected one of "),
+        ("a.csv", "sources.0: expected a mapping, got 'a.csv'"),
+        ({"type": "folder"}, "sources.0.path: missing; Field required"),
+        ({"type": "webvid", "path": "w.csv", "mirror_dir": "m"}, "sources.0.mirror_dir: got 'm'; unknown key"),
+        ({"type": "url_list", "path": "u.csv", "modality": "audio"}, "sources.0.modality: got 'audio'; "),
+        ({"type": "folder", "path": "a", "limit": 0}, "sources.0.limit: got 0; "),
+    ],
+)
 def test_bad_sources(source, expected):
     lines = problems(data={"out": "out/x", "sources": [source]})
     assert len(lines) == 1 and lines[0].startswith(expected), lines
@@ -107,8 +127,13 @@ def test_bad_sources(source, expected):
 
 
 def test_several_sources_several_problems():
-    lines = problems(data={"out": "ftp://x", "decode": {"fps": 0},
-                           "sources": [{"type": "nosuch"}, {"type": "folder", "path": "a", "extra": 1}]})
+    lines = problems(
+        data={
+            "out": "ftp://x",
+            "decode": {"fps": 0},
+            "sources": [{"type": "nosuch"}, {"type": "folder", "path": "a", "extra": 1}],
+        }
+    )
     assert len(lines) == 4
     assert lines[0].startswith("sources.0.type: got 'nosuch'")
     assert lines[1] == "sources.1.extra: got 1; unknown key"
@@ -157,12 +182,15 @@ def test_config_models():
         validate(FetchConfig, {"retries": "many", "schemes": ["ftp"], "nope": 1}, prefix="fetch")
     lines = str(exc.value).splitlines()
     assert len(lines) == 3 and lines[0].startswith("fetch.retries: got 'many'; ")
-    assert any(l.startswith("fetch.schemes.0: got 'ftp'; ") for l in lines) and "fetch.nope: got 1; unknown key" in lines
+    assert (
+        any(l.startswith("fetch.schemes.0: got 'ftp'; ") for l in lines) and "fetch.nope: got 1; unknown key" in lines
+    )
     assert validate(FetchConfig, None) == FetchConfig()
     assert validate_job(video_job()).decode == DecodeConfig()
 
 
 # ---- preprocessing identity --------------------------------------------------------------------------------
+
 
 def ident(data: dict, *overrides: str) -> str:
     return preprocess_identity(load_job(data=data, overrides=list(overrides)))["id"]
@@ -172,19 +200,40 @@ def ident(data: dict, *overrides: str) -> str:
 def test_identity_changes_with_what_changes_the_tokens(make):
     base = ident(make())
     assert base == ident(make())  # deterministic
-    for change in ("decode.fps=4", "decode.max_frames=8", "decode.buckets.area=40000", "decode.buckets.max_side=256",
-                   "decode.background=0", "decode.icc_to_srgb=false", "tokenize.logvar=true"):
+    for change in (
+        "decode.fps=4",
+        "decode.max_frames=8",
+        "decode.buckets.area=40000",
+        "decode.buckets.max_side=256",
+        "decode.background=0",
+        "decode.icc_to_srgb=false",
+        "tokenize.logvar=true",
+    ):
         assert ident(make(), change) != base, change
 
 
 @pytest.mark.parametrize("make", [video_job, folder_job])
 def test_identity_ignores_what_does_not(make):
     base = ident(make())
-    for change in ("decode.timeout_s=5", "decode.decoder_threads=4", "decode.isolate=[image, video]",
-                   "fetch.retries=0", "fetch.deadline_s=30", "fetch.concurrency=2", "ray.prepare_batch_rows=64",
-                   "ray.max_task_retries=0", "ray.restarts=0", "write.rows_per_write=7", "tokenize.batch_rows=3",
-                   "tokenize.batch_tokens=4096", "qa.samples=0", "name=other", "out=out/elsewhere",
-                   "mesh.backend=cpu", "mesh.max_faces=10"):
+    for change in (
+        "decode.timeout_s=5",
+        "decode.decoder_threads=4",
+        "decode.isolate=[image, video]",
+        "fetch.retries=0",
+        "fetch.deadline_s=30",
+        "fetch.concurrency=2",
+        "ray.prepare_batch_rows=64",
+        "ray.max_task_retries=0",
+        "ray.restarts=0",
+        "write.rows_per_write=7",
+        "tokenize.batch_rows=3",
+        "tokenize.batch_tokens=4096",
+        "qa.samples=0",
+        "name=other",
+        "out=out/elsewhere",
+        "mesh.backend=cpu",
+        "mesh.max_faces=10",
+    ):
         assert ident(make(), change) == base, change
 
 

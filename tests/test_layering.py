@@ -29,12 +29,18 @@ def pipeline_imports(source: str, package: list[str], where: str = "<src>") -> l
             elif node.level > len(package):  # climbs out of the top package: `from .. import pipeline`
                 base = node.module or node.names[0].name
             else:
-                base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
             names = [base]
-        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
-              and isinstance(node.args[0].value, str)
-              and ((isinstance(node.func, ast.Name) and node.func.id == "__import__")
-                   or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"))):
+        elif (
+            isinstance(node, ast.Call)
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+            and (
+                (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+                or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+            )
+        ):
             names = [node.args[0].value]
         if any(_is_forbidden(n) for n in names):
             hits.append(f"{where}:{node.lineno}: {ast.unparse(node)}")
@@ -48,18 +54,20 @@ def _file_imports(path: Path) -> list[str]:
 
 def test_scanner_sees_imports_everywhere():
     """The scanner itself: top level, inside functions and methods, `from` forms and dynamic imports."""
-    code = ("import os\n"
-            "import pipeline.mesh as m\n"                                  # 2
-            "def f():\n"
-            "    from pipeline.mesh.load import load_mesh\n"               # 4
-            "    import importlib; importlib.import_module('pipeline.rows')\n"  # 5
-            "class C:\n"
-            "    def g(self):\n"
-            "        from pipeline import rows\n"                          # 8
-            "from .. import pipeline\n"                                    # 9: relative, out of atoken/
-            "from . import sparse\n"
-            "from atoken.pipelined import x\n"
-            "import pipelines\n")
+    code = (
+        "import os\n"
+        "import pipeline.mesh as m\n"  # 2
+        "def f():\n"
+        "    from pipeline.mesh.load import load_mesh\n"  # 4
+        "    import importlib; importlib.import_module('pipeline.rows')\n"  # 5
+        "class C:\n"
+        "    def g(self):\n"
+        "        from pipeline import rows\n"  # 8
+        "from .. import pipeline\n"  # 9: relative, out of atoken/
+        "from . import sparse\n"
+        "from atoken.pipelined import x\n"
+        "import pipelines\n"
+    )
     hits = pipeline_imports(code, ["atoken"])
     assert sorted(int(h.split(":")[1]) for h in hits) == [2, 4, 5, 8, 9], hits
     assert pipeline_imports("from .. import pipeline\n", ["atoken", "sub"]) == []  # that is atoken.pipeline
@@ -74,9 +82,11 @@ def test_atoken_never_imports_pipeline():
 
 def test_atoken_cli_and_voxelize_load_without_pipeline():
     """At run time too: importing the package, its CLI and the voxeliser leaves `pipeline` unloaded."""
-    code = ("import sys, atoken, atoken.cli, atoken.voxelize, atoken.gs_decoder, atoken.splat\n"
-            "bad = sorted(m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.'))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, atoken, atoken.cli, atoken.voxelize, atoken.gs_decoder, atoken.splat\n"
+        "bad = sorted(m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.'))\n"
+        "assert not bad, bad\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -1,6 +1,7 @@
 """The ledger (pipeline/ledger.py) on local disk and SeaweedFS: compaction keeps one row per id by priority
 (ok > skipped > failed, then the latest commit), a bucket is read from the row groups that hold it, compaction is
 crash-safe, and levels are merged when there are too many."""
+
 from __future__ import annotations
 
 import pickle
@@ -16,9 +17,16 @@ from tests.test_store import files, storage  # noqa: F401  (fixtures)
 
 
 def outcome(i: int, status: str, bucket: int | None = None, reason: str | None = None) -> dict:
-    return {"id": f"t-{i:05d}", "bucket": i % 10 if bucket is None else bucket, "status": status,
-            "stage": None if status == "ok" else "decode", "reason": reason, "modality": "image", "source": "t",
-            "uri": f"/x/{i}"}
+    return {
+        "id": f"t-{i:05d}",
+        "bucket": i % 10 if bucket is None else bucket,
+        "status": status,
+        "stage": None if status == "ok" else "decode",
+        "reason": reason,
+        "modality": "image",
+        "source": "t",
+        "uri": f"/x/{i}",
+    }
 
 
 def write_fragment(storage: Storage, seq: int, records: list[dict]) -> str:
@@ -40,11 +48,28 @@ def statuses(storage: Storage, buckets=range(10)) -> dict[str, tuple[str, int]]:
 
 
 def test_compact_keeps_one_row_per_id_by_priority_then_latest(storage):
-    write_fragment(storage, 1, [outcome(0, "failed", reason="r1"), outcome(1, "skipped"), outcome(2, "failed"),
-                                outcome(3, "ok"), outcome(4, "ok")])
+    write_fragment(
+        storage,
+        1,
+        [
+            outcome(0, "failed", reason="r1"),
+            outcome(1, "skipped"),
+            outcome(2, "failed"),
+            outcome(3, "ok"),
+            outcome(4, "ok"),
+        ],
+    )
     write_fragment(storage, 2, [outcome(0, "ok"), outcome(1, "failed"), outcome(5, "skipped", reason="old")])
-    write_fragment(storage, 3, [outcome(0, "failed"), outcome(2, "failed", reason="r3"), outcome(3, "ok"),
-                                outcome(5, "skipped", reason="new")])
+    write_fragment(
+        storage,
+        3,
+        [
+            outcome(0, "failed"),
+            outcome(2, "failed", reason="r3"),
+            outcome(3, "ok"),
+            outcome(5, "skipped", reason="new"),
+        ],
+    )
     led = Ledger(storage)
     before = statuses(storage)
     out = compact(storage, led.fragments())
@@ -54,8 +79,8 @@ def test_compact_keeps_one_row_per_id_by_priority_then_latest(storage):
     assert t.schema.equals(ledger_schema())
     rows = {r["id"]: r for r in t.to_pylist()}
     assert len(rows) == t.num_rows == 6  # one row per id
-    assert (rows["t-00000"]["status"], rows["t-00000"]["seq"]) == ("ok", 2)           # ok beats later failures
-    assert (rows["t-00001"]["status"], rows["t-00001"]["seq"]) == ("skipped", 1)      # skipped beats failed
+    assert (rows["t-00000"]["status"], rows["t-00000"]["seq"]) == ("ok", 2)  # ok beats later failures
+    assert (rows["t-00001"]["status"], rows["t-00001"]["seq"]) == ("skipped", 1)  # skipped beats failed
     assert (rows["t-00002"]["status"], rows["t-00002"]["reason"]) == ("failed", "r3")  # same priority: latest
     assert rows["t-00003"]["seq"] == 3 and rows["t-00004"]["seq"] == 1
     assert rows["t-00005"]["reason"] == "new"
@@ -77,8 +102,10 @@ def test_bucket_reads_only_its_row_groups(storage, monkeypatch):
     with storage.open_input(level) as f:
         md = pq.ParquetFile(f).metadata
     col = ledger_schema().get_field_index("bucket")
-    ranges = [(md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
-              for i in range(md.num_row_groups)]
+    ranges = [
+        (md.row_group(i).column(col).statistics.min, md.row_group(i).column(col).statistics.max)
+        for i in range(md.num_row_groups)
+    ]
     assert md.num_row_groups == 16 and ranges == [(b, b) for b in range(16)]  # cut only at bucket boundaries
     write_fragment(storage, 9, [outcome(1000, "ok", bucket=5)])  # and one fragment on top
     read = []
@@ -105,8 +132,10 @@ def test_bucket_reads_only_its_row_groups(storage, monkeypatch):
 
 
 def test_compaction_is_crash_safe(storage, monkeypatch):
-    frags = [write_fragment(storage, k, [outcome(i, "failed" if (i + k) % 3 else "ok") for i in range(k, k + 20)])
-             for k in range(5)]
+    frags = [
+        write_fragment(storage, k, [outcome(i, "failed" if (i + k) % 3 else "ok") for i in range(k, k + 20)])
+        for k in range(5)
+    ]
     before = statuses(storage)
     # a crash while the level is being written: nothing appears, the fragments stay
     real_write = ledger.write_levels

@@ -2,6 +2,7 @@
 licence from its annotations, Panda-70M (none granted), WebVid (withdrawn), local folders (unknown unless the job
 says); `require_licence` skips the others with a reason; the tokenizer weights' licence; the card's summary, also
 for a store written before schema 1.3."""
+
 import gzip
 import json
 import shutil
@@ -37,9 +38,21 @@ def relicence(mirror: Path, uid: str, licence: str) -> None:
                 json.dump(anns, f)
 
 
-@pytest.mark.parametrize("raw,want", [("by", "cc-by"), ("by-nc-sa", "cc-by-nc-sa"), ("cc0", "cc0"),
-                                      ("CC-BY 4.0", "cc-by"), ("CC0 1.0", "cc0"), ("st", "sketchfab-standard"),
-                                      ("ed", "sketchfab-editorial"), ("MIT", "mit"), ("", None), (None, None)])
+@pytest.mark.parametrize(
+    "raw,want",
+    [
+        ("by", "cc-by"),
+        ("by-nc-sa", "cc-by-nc-sa"),
+        ("cc0", "cc0"),
+        ("CC-BY 4.0", "cc-by"),
+        ("CC0 1.0", "cc0"),
+        ("st", "sketchfab-standard"),
+        ("ed", "sketchfab-editorial"),
+        ("MIT", "mit"),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_normalise(raw, want):
     assert normalise(raw) == want
 
@@ -71,7 +84,8 @@ def test_dataset_licences_panda_webvid_folder(tmp_path):
     assert [r["licence"] for r in folder] == ["unknown"] and [r["licence"] for r in stated] == ["cc-by"]
     skipped = read(frozenset({"cc-by"}), type="panda70m", path=str(META / "panda70m_training_format_example.csv"))
     assert {(r["status"], r["reason"]) for r in skipped} == {
-        ("skipped", "require_licence: licence none-granted is not one of cc-by")}
+        ("skipped", "require_licence: licence none-granted is not one of cc-by")
+    }
 
 
 def test_require_licence_is_validated():
@@ -116,8 +130,12 @@ def test_objaverse_job_records_licences_and_skips_by_rule(ray_local, tmp_path):
     m = build_mirror(tmp_path / "mirror")
     uid0, uid1, uid2 = m["uids"]
     relicence(tmp_path / "mirror", uid1, "by-nc")
-    job = make_job(tmp_path / "out", [{"type": "objaverse", "mirror_dir": str(tmp_path / "mirror")}],
-                   qa={"samples": 0}, require_licence=["cc-by", "cc0"])
+    job = make_job(
+        tmp_path / "out",
+        [{"type": "objaverse", "mirror_dir": str(tmp_path / "mirror")}],
+        qa={"samples": 0},
+        require_licence=["cc-by", "cc0"],
+    )
     from pipeline.run import run_job
 
     summary_ = run_job(job)

@@ -1,5 +1,6 @@
 """The run lock (pipeline/lock.py): one live run per store, on local disk and SeaweedFS; stale locks (a dead pid on
 this host, or no heartbeat for `stale_s`) are taken over, by exactly one of several contenders."""
+
 from __future__ import annotations
 
 import errno
@@ -32,8 +33,14 @@ def dead_pid() -> int:
 
 def plant(storage: Storage, **holder) -> dict:
     """A lock file as another run left it."""
-    h = {"host": socket.gethostname(), "pid": os.getpid(), "run": "old-run", "token": os.urandom(8).hex(),
-         "heartbeat": time.time(), **holder}
+    h = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "run": "old-run",
+        "token": os.urandom(8).hex(),
+        "heartbeat": time.time(),
+        **holder,
+    }
     storage.write_bytes(LOCK, json.dumps(h).encode())
     return h
 
@@ -117,6 +124,7 @@ def test_takeover_after_another_contender_won_is_refused(tmp_path):
 
 def test_filesystem_without_hard_links(tmp_path, monkeypatch):
     """FUSE mounts of object stores refuse hard links: the lock falls back to exclusive creates, same rules."""
+
     def no_links(src, dst):
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
@@ -182,6 +190,7 @@ def test_s3_lock_contenders_settle_on_one(s3_server, s3_prefix):
     """Object stores have no exclusive create: the lock is written, left to settle and read back; of contenders
     that write within the settle time, the last writer holds it and the others are refused."""
     import threading
+
     storage = Storage(s3_server.uri(s3_prefix), s3_server.options())
     locks = [lock(storage, f"run-{k}", settle_s=0.5) for k in range(3)]
     results, go = {}, threading.Barrier(3)

@@ -119,7 +119,7 @@ def test_vertex_colors_next_to_material():
 def test_scene_graph_transforms_applied():
     """nested.glb holds 3 identical boxes placed by nested node transforms: they must not overlap."""
     mesh = load_mesh(MESHES / "nested.glb")
-    centres = [mesh.vertices[mesh.faces[i * 12:(i + 1) * 12]].reshape(-1, 3).mean(0) for i in range(3)]
+    centres = [mesh.vertices[mesh.faces[i * 12 : (i + 1) * 12]].reshape(-1, 3).mean(0) for i in range(3)]
     d = [np.linalg.norm(centres[i] - centres[j]) for i in range(3) for j in range(i + 1, 3)]
     assert min(d) > 1e-3
 
@@ -187,11 +187,16 @@ def _strip_gltf(extra=None):
     idx = np.array([0, 1, 2, 3], np.uint16)
     binary = pos.tobytes() + idx.tobytes()
     gltf = {
-        "asset": {"version": "2.0"}, "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+        "asset": {"version": "2.0"},
+        "scene": 0,
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0}],
         "meshes": [{"primitives": [{"attributes": {"POSITION": 0}, "indices": 1, "mode": 5}]}],
         "buffers": [{"byteLength": len(binary)}],
-        "bufferViews": [{"buffer": 0, "byteOffset": 0, "byteLength": 48},
-                        {"buffer": 0, "byteOffset": 48, "byteLength": 8}],
+        "bufferViews": [
+            {"buffer": 0, "byteOffset": 0, "byteLength": 48},
+            {"buffer": 0, "byteOffset": 48, "byteLength": 8},
+        ],
         "accessors": [
             {"bufferView": 0, "componentType": 5126, "count": 4, "type": "VEC3", "min": [0, 0, 0], "max": [1, 1, 0]},
             {"bufferView": 1, "componentType": 5123, "count": 4, "type": "SCALAR"},
@@ -213,8 +218,9 @@ def test_glb_triangle_strip(tmp_path):
 
 
 def test_glb_required_draco_rejected(tmp_path):
-    gltf, binary = _strip_gltf({"extensionsUsed": ["KHR_draco_mesh_compression"],
-                                "extensionsRequired": ["KHR_draco_mesh_compression"]})
+    gltf, binary = _strip_gltf(
+        {"extensionsUsed": ["KHR_draco_mesh_compression"], "extensionsRequired": ["KHR_draco_mesh_compression"]}
+    )
     _write_glb(tmp_path / "draco.glb", gltf, binary)
     with pytest.raises(MeshError, match="KHR_draco_mesh_compression"):
         load_mesh(tmp_path / "draco.glb")

@@ -23,8 +23,14 @@ needs_data = pytest.mark.skipif(not MESHES.is_dir(), reason="../shared/data not 
 def unit_cube() -> MeshData:
     box = trimesh.creation.box(extents=(1, 1, 1))
     n = len(box.vertices)
-    return MeshData(box.vertices.astype(np.float32), box.faces.astype(np.int64), np.full((n, 3), 0.5, np.float32),
-                    np.zeros((n, 2), np.float32), np.full(len(box.faces), -1, np.int32), [])
+    return MeshData(
+        box.vertices.astype(np.float32),
+        box.faces.astype(np.int64),
+        np.full((n, 3), 0.5, np.float32),
+        np.zeros((n, 2), np.float32),
+        np.full(len(box.faces), -1, np.int32),
+        [],
+    )
 
 
 def cams_at(eyes, fov=40.0) -> Cameras:
@@ -37,8 +43,9 @@ def raycast_box(cams: Cameras, res: int):
     out = []
     j, i = np.meshgrid(np.arange(res), np.arange(res))
     for w2c, K in zip(cams.w2c.astype(np.float64), cams.intrinsics.astype(np.float64)):
-        d_cam = np.stack([((j + 0.5) / res - K[0, 2]) / K[0, 0], ((i + 0.5) / res - K[1, 2]) / K[1, 1],
-                          np.ones_like(j, float)], -1)  # z = 1 along the ray
+        d_cam = np.stack(
+            [((j + 0.5) / res - K[0, 2]) / K[0, 0], ((i + 0.5) / res - K[1, 2]) / K[1, 1], np.ones_like(j, float)], -1
+        )  # z = 1 along the ray
         R, t = w2c[:3, :3], w2c[:3, 3]
         o = -R.T @ t
         d = d_cam @ R  # world direction, = R^T d_cam
@@ -107,8 +114,12 @@ def test_chunking_does_not_change_the_result():
     w2c = torch.as_tensor(cams.w2c)
     cam = verts[None] @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]
     K = torch.as_tensor(cams.intrinsics)
-    pix = torch.stack([K[:, None, 0, 0] * cam[..., 0] / cam[..., 2] + 0.5,
-                       K[:, None, 1, 1] * cam[..., 1] / cam[..., 2] + 0.5], -1) * 48
+    pix = (
+        torch.stack(
+            [K[:, None, 0, 0] * cam[..., 0] / cam[..., 2] + 0.5, K[:, None, 1, 1] * cam[..., 1] / cam[..., 2] + 0.5], -1
+        )
+        * 48
+    )
     tri, bary = rasterize_cpu(pix, cam[..., 2], torch.as_tensor(cube.faces), 48, 48, chunk=64, max_pairs=12)
     np.testing.assert_array_equal((tri >= 0).numpy(), a.mask.numpy())
     assert torch.allclose(bary.sum(-1)[tri >= 0], torch.ones(()), atol=1e-5)
@@ -117,9 +128,14 @@ def test_chunking_does_not_change_the_result():
 def test_sphere_silhouette_area():
     sphere = trimesh.creation.icosphere(subdivisions=4)  # 5120 triangles
     n = len(sphere.vertices)
-    mesh = MeshData(sphere.vertices.astype(np.float32), sphere.faces.astype(np.int64),
-                    np.ones((n, 3), np.float32), np.zeros((n, 2), np.float32),
-                    np.full(len(sphere.faces), -1, np.int32), [])
+    mesh = MeshData(
+        sphere.vertices.astype(np.float32),
+        sphere.faces.astype(np.int64),
+        np.ones((n, 3), np.float32),
+        np.zeros((n, 2), np.float32),
+        np.full(len(sphere.faces), -1, np.int32),
+        [],
+    )
     mesh, _ = normalize(mesh)
     res = 128
     out = Renderer(RenderConfig(resolution=res, backend="cpu")).render(mesh, sphere_cameras(4, "s"))
@@ -169,9 +185,14 @@ def test_render_determinism():
 def test_large_mesh_renders():
     sphere = trimesh.creation.icosphere(subdivisions=6)  # 81,920 triangles
     n = len(sphere.vertices)
-    mesh = MeshData(sphere.vertices.astype(np.float32), sphere.faces.astype(np.int64),
-                    np.ones((n, 3), np.float32), np.zeros((n, 2), np.float32),
-                    np.full(len(sphere.faces), -1, np.int32), [])
+    mesh = MeshData(
+        sphere.vertices.astype(np.float32),
+        sphere.faces.astype(np.int64),
+        np.ones((n, 3), np.float32),
+        np.zeros((n, 2), np.float32),
+        np.full(len(sphere.faces), -1, np.int32),
+        [],
+    )
     mesh, _ = normalize(mesh)
     out = Renderer(RenderConfig(resolution=64, backend="cpu")).render(mesh, sphere_cameras(2, "big"))
     assert out.mask.float().mean() > 0.3

@@ -1,5 +1,6 @@
 """End-to-end jobs on a real local Ray cluster (2 CPUs) over real files, written to local disk or a real S3 server
 (SeaweedFS), loaded back with Hugging Face datasets."""
+
 import csv
 import json
 import shutil
@@ -7,7 +8,6 @@ import shutil
 import datasets
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from pipeline.job import validate_job
 from pipeline.ledger import read_all
@@ -22,13 +22,22 @@ BAD = ["truncated.jpg", "fixed_lacing_bad_lace_size.mkv"]  # (no_duration.webm d
 
 
 def make_job(out, sources, **extra):
-    cfg = {"name": "t", "out": str(out), "sources": sources,
-           "decode": {"fps": 4, "max_frames": 8, "timeout_s": 30, "buckets": {"area": 128 * 128, "min_side": 64,
-                                                                               "max_side": 256}},
-           "fetch": {"retries": 2, "backoff_s": 0.05, "read_timeout_s": 1.0, "deadline_s": 5.0},
-           "mesh": {"views": 8, "backend": "cpu"},
-           "tokenize": {"config": "tiny", "batch_tokens": 4096, "batch_rows": 4, "device": "cpu"},
-           "write": {"rows_per_write": 4}, "qa": {"samples": 1}}
+    cfg = {
+        "name": "t",
+        "out": str(out),
+        "sources": sources,
+        "decode": {
+            "fps": 4,
+            "max_frames": 8,
+            "timeout_s": 30,
+            "buckets": {"area": 128 * 128, "min_side": 64, "max_side": 256},
+        },
+        "fetch": {"retries": 2, "backoff_s": 0.05, "read_timeout_s": 1.0, "deadline_s": 5.0},
+        "mesh": {"views": 8, "backend": "cpu"},
+        "tokenize": {"config": "tiny", "batch_tokens": 4096, "batch_rows": 4, "device": "cpu"},
+        "write": {"rows_per_write": 4},
+        "qa": {"samples": 1},
+    }
     for k, v in extra.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return validate_job(cfg)
@@ -78,6 +87,7 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     assert summary.qa["image"]["n"] == 1 and np.isfinite(summary.qa["image"]["psnr"])
     assert 0 < summary.qa["video"]["ssim"] <= 1
     from PIL import Image
+
     with Image.open(f"{store.uri}/qa/image.png") as grid:  # inputs above reconstructions
         assert grid.size[1] == 2 * grid.size[0] and np.asarray(grid).std() > 0
 
@@ -93,8 +103,9 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     portrait = next(r for r in images if r["id"].endswith("portrait-orientation-6.jpg"))
     assert portrait["width"] > portrait["height"]  # stored 700x840, EXIF orientation 6 turns it landscape
     assert (portrait["orig_width"], portrait["orig_height"]) == (840, 700)
-    videos = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/video/*.parquet", split="train",
-                                   streaming=True)
+    videos = datasets.load_dataset(
+        "parquet", data_files=f"{store.uri}/data/video/*.parquet", split="train", streaming=True
+    )
     vids = list(videos)
     assert sorted(v["num_frames"] for v in vids) == [3, 4]  # video_90.mov has 3 frames; the tokenizer pads to 4
     assert all(v["num_tokens"] == (v["height"] // 16) * (v["width"] // 16) for v in vids)
@@ -128,15 +139,19 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
     served.mkdir()
     for name in VIDEOS + ["video_270.mov"]:
         shutil.copy(shared_data / "videos" / name, served / name)
-    faults = {"/video_90.mov": Fault("status", code=500, times=1),   # retried to success
-              "/missing.mp4": Fault("status", code=404),
-              "/video_270.mov": Fault("status", code=404, times=None)}
+    faults = {
+        "/video_90.mov": Fault("status", code=500, times=1),  # retried to success
+        "/missing.mp4": Fault("status", code=404),
+        "/video_270.mov": Fault("status", code=404, times=None),
+    }
     with FaultServer(served, faults) as srv:
         csv_path = tmp_path / "webvid.csv"
-        rows = [["1", srv.url("video_90.mov"), "PT00H00M01S", "p", "a rotated clip"],
-                ["2", srv.url("missing.mp4"), "PT00H00M02S", "p", "gone"],
-                ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "not yet there"],
-                ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "a duplicate row"]]
+        rows = [
+            ["1", srv.url("video_90.mov"), "PT00H00M01S", "p", "a rotated clip"],
+            ["2", srv.url("missing.mp4"), "PT00H00M02S", "p", "gone"],
+            ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "not yet there"],
+            ["3", srv.url("video_270.mov"), "PT00H00M01S", "p", "a duplicate row"],
+        ]
         write_webvid(csv_path, rows)
         job = make_job(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}], qa={"samples": 0})
         plan = run_job(job, dry_run=True)  # plans without fetching
@@ -176,8 +191,11 @@ def test_objaverse_job_end_to_end(ray_local, tmp_path):
     uid0, uid1, uid2 = m["uids"]
     caps = tmp_path / "cap3d.csv"
     caps.write_text(f"{uid1},a small cube with vertex colours\n")
-    job = make_job(tmp_path / "out", [{"type": "objaverse", "mirror_dir": str(tmp_path / "mirror"),
-                                       "captions_csv": str(caps)}], qa={"samples": 1})
+    job = make_job(
+        tmp_path / "out",
+        [{"type": "objaverse", "mirror_dir": str(tmp_path / "mirror"), "captions_csv": str(caps)}],
+        qa={"samples": 1},
+    )
     summary = run_job(job)
     assert summary.counts == {"ok": 2, "failed": 1}
     store = the_store(tmp_path / "out")
@@ -203,8 +221,12 @@ def test_job_to_s3_and_datasets_from_s3(ray_local, shared_data, tmp_path, s3_ser
     shutil.copy(shared_data / "videos" / VIDEOS[1], src / VIDEOS[1])
     shutil.copy(shared_data / "bad" / BAD[0], src / BAD[0])
     out = s3_server.uri(s3_prefix)
-    job = make_job(out, [{"type": "folder", "path": str(src), "name": "s3in"}], qa={"samples": 1},
-                   storage=s3_server.options().model_dump(exclude_none=True))
+    job = make_job(
+        out,
+        [{"type": "folder", "path": str(src), "name": "s3in"}],
+        qa={"samples": 1},
+        storage=s3_server.options().model_dump(exclude_none=True),
+    )
     summary = run_job(job)
     assert summary.counts == {"ok": 3, "failed": 1} and summary.qa["image"]["n"] == 1
     store = the_store(out, s3_server.options())
@@ -212,8 +234,12 @@ def test_job_to_s3_and_datasets_from_s3(ray_local, shared_data, tmp_path, s3_ser
     names = [e.path for e in store.storage.list("", recursive=True)]
     assert any(n.startswith("data/image/") for n in names) and any(n.startswith("ledger/") for n in names)
     assert not any(n.startswith("staging/") for n in names)
-    ds = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/image/*.parquet", split="train",
-                               storage_options=s3_server.storage_options())
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=f"{store.uri}/data/image/*.parquet",
+        split="train",
+        storage_options=s3_server.storage_options(),
+    )
     assert sorted(ds["id"]) == sorted(f"s3in-{n.replace('.', '.')}" for n in IMAGES[:2])
     assert not (tmp_path / "s3:").exists()  # never a local folder named after the scheme
     again = run_job(job)
@@ -235,6 +261,7 @@ def test_changed_preprocessing_goes_to_a_new_version(ray_local, shared_data, tmp
     assert new.read_json("preprocess.json")["settings"]["decode"]["fps"] == 2.0
     # QA decodes with the recorded settings, not the job's current ones
     from pipeline.qa import recorded_configs
+
     decode, _ = recorded_configs(old, make_job(out, [{"type": "folder", "path": str(src)}], decode={"fps": 2}))
     assert decode.fps == 4.0
 

@@ -1,5 +1,6 @@
 """The prepare stage (fetch + decode, fetch + mesh) without Ray: real files from the shared data, a loopback HTTP
 server, fault injection in the isolated decode child, and the scratch folder's clean-up."""
+
 import os
 import shutil
 import time
@@ -57,6 +58,7 @@ def row(uri, modality, id_=None, **kw):
 
 # ---- a local folder --------------------------------------------------------------------------------------
 
+
 def test_local_folder_to_decoded_rows(tmp_path, prepare, scratch):
     src = tmp_path / "in"
     (src / "clips").mkdir(parents=True)
@@ -104,6 +106,7 @@ def test_local_folder_to_decoded_rows(tmp_path, prepare, scratch):
 
 # ---- failures ------------------------------------------------------------------------------------------
 
+
 def test_missing_and_bad_files_fail_with_reasons(tmp_path, prepare):
     (tmp_path / "notes.jpg").write_text("hello, not a picture")
     earlier = fail(row(DATA / "images" / "coffee.png", "image", "earlier"), "source", "bad caption")
@@ -141,8 +144,9 @@ def test_missing_and_bad_files_fail_with_reasons(tmp_path, prepare):
     assert out["coffee.png"]["status"] == "ok"  # the good row of the batch survives
 
 
-@pytest.mark.parametrize("action,reason", [("hang", "decode timed out after 1.5s"),
-                                           ("self", "decode crashed (signal 9, SIGKILL)")])
+@pytest.mark.parametrize(
+    "action,reason", [("hang", "decode timed out after 1.5s"), ("self", "decode crashed (signal 9, SIGKILL)")]
+)
 def test_hanging_or_crashing_decode_is_killed_and_recorded(tmp_path, monkeypatch, prepare, action, reason):
     faults = tmp_path / "faults"
     faults.mkdir()
@@ -164,6 +168,7 @@ def test_hanging_or_crashing_decode_is_killed_and_recorded(tmp_path, monkeypatch
 
 
 # ---- one download for several clips ---------------------------------------------------------------------
+
 
 def test_clips_of_one_video_are_fetched_once(prepare, scratch, monkeypatch):
     released = []

@@ -1,6 +1,7 @@
 """The LocalCluster fixture is a real multi-node cluster: work spreads over the worker nodes, each node's tasks see
 that node's environment and write only into its scratch dir, `ray job submit` works through the dashboard, and a
 task-only Ray Data pipeline survives losing a worker node with every row delivered exactly once."""
+
 from __future__ import annotations
 
 import os
@@ -48,8 +49,12 @@ def _where(batch):
     with os.fdopen(fd, "w") as f:
         f.write(node)
     n = len(batch["id"])
-    return {"id": batch["id"], "node": [node] * n, "scratch": [os.environ.get("PIPELINE_SCRATCH")] * n,
-            "file": [path] * n}
+    return {
+        "id": batch["id"],
+        "node": [node] * n,
+        "scratch": [os.environ.get("PIPELINE_SCRATCH")] * n,
+        "file": [path] * n,
+    }
 
 
 def test_data_job_spreads_over_worker_nodes_with_node_local_scratch(driver):
@@ -79,10 +84,24 @@ def test_job_submit_through_dashboard(cluster, tmp_path):
         "@ray.remote\n"
         "def f():\n"
         "    return os.environ['PIPELINE_SCRATCH']\n"
-        "print('JOB-OK', ray.get(f.options(resources={'node_w1': 0.01}).remote()))\n")
-    r = subprocess.run([str(Path(sys.executable).with_name("ray")), "job", "submit", "--address",
-                        cluster.dashboard_url, "--", sys.executable, str(script)],
-                       env=cluster.env(), capture_output=True, text=True, timeout=120)
+        "print('JOB-OK', ray.get(f.options(resources={'node_w1': 0.01}).remote()))\n"
+    )
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "job",
+            "submit",
+            "--address",
+            cluster.dashboard_url,
+            "--",
+            sys.executable,
+            str(script),
+        ],
+        env=cluster.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"JOB-OK {cluster.scratch_dirs[1]}" in r.stdout, r.stdout[-3000:]
     assert "succeeded" in r.stdout.lower()
@@ -102,8 +121,11 @@ def _plus_one(batch):
 def test_task_pipeline_survives_losing_a_worker_node(driver):
     c = driver
     n, blocks = 240, 24
-    ds = (ray.data.range(n, override_num_blocks=blocks).map_batches(_slow_ident, batch_size=None)
-          .map_batches(_plus_one, batch_size=None))
+    ds = (
+        ray.data.range(n, override_num_blocks=blocks)
+        .map_batches(_slow_ident, batch_size=None)
+        .map_batches(_plus_one, batch_size=None)
+    )
     surv, lost = c.node_ids()
     rows, killed = [], {}
 
@@ -126,9 +148,11 @@ def test_task_pipeline_survives_losing_a_worker_node(driver):
         ids = sorted(r["id"] for r in rows)
         assert ids == list(range(n)), f"{len(ids)} rows, {len(set(ids))} distinct"  # each row exactly once
         assert all(r["x"] == r["id"] + 1 for r in rows)
-        print(f"killed at {killed['at_rows']}/{n} rows; GCS saw the node dead {killed['dead_after_s']:.1f}s after "
-              f"the kill; rows computed on the survivor {sum(r['node'] == surv for r in rows)}, "
-              f"on the lost node {sum(r['node'] == lost for r in rows)}")
+        print(
+            f"killed at {killed['at_rows']}/{n} rows; GCS saw the node dead {killed['dead_after_s']:.1f}s after "
+            f"the kill; rows computed on the survivor {sum(r['node'] == surv for r in rows)}, "
+            f"on the lost node {sum(r['node'] == lost for r in rows)}"
+        )
     finally:
         t.join(60)
         c.restart_worker(1)  # leave the module's cluster whole

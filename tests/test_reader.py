@@ -2,6 +2,7 @@
 commit protocol: resume exactness with torchdata's StatefulDataLoader (1 and 4 workers) and 2 ranks, determinism,
 packing invariants, fp16 end to end, filters, the epoch snapshot, corrupt shards, S3 (SeaweedFS), and decoding a
 real image back to pixels with the tokenizer that made it."""
+
 from __future__ import annotations
 
 import json
@@ -183,7 +184,7 @@ def test_packing_budget_and_layout(store_dir, padded):
             else:
                 cu = b["cu_seqlens"].tolist()
                 assert cu[0] == 0 and cu[-1] == len(b["latent"]) == len(b["coords"])
-                lat, crd = b["latent"][cu[k]:cu[k + 1]], b["coords"][cu[k]:cu[k + 1]]
+                lat, crd = b["latent"][cu[k] : cu[k + 1]], b["coords"][cu[k] : cu[k + 1]]
                 assert (crd[:, 0] == k).all()
                 crd = crd[:, 1:]
             assert np.array_equal(lat.numpy(), np.asarray(r["latent"], np.float16))
@@ -208,11 +209,24 @@ def test_length_bucketing_groups_similar_lengths(store_dir):
 
 def test_fsq_tokens_and_filters(store_dir):
     want = expected(store_dir)
-    kept = ids_of(TokenReader(store_dir, modality=["image", "3d"], batch_size=16, tokens="fsq_indices",
-                              sources=["src0"], has_caption=True, min_tokens=10, max_sample_tokens=50,
-                              where=pc.field("modality") != "3d"))
-    ref = sorted(i for i, r in want.items() if r["modality"] == "image" and r["source"] == "src0" and r["caption"]
-                 and 10 <= r["num_tokens"] <= 50)
+    kept = ids_of(
+        TokenReader(
+            store_dir,
+            modality=["image", "3d"],
+            batch_size=16,
+            tokens="fsq_indices",
+            sources=["src0"],
+            has_caption=True,
+            min_tokens=10,
+            max_sample_tokens=50,
+            where=pc.field("modality") != "3d",
+        )
+    )
+    ref = sorted(
+        i
+        for i, r in want.items()
+        if r["modality"] == "image" and r["source"] == "src0" and r["caption"] and 10 <= r["num_tokens"] <= 50
+    )
     assert ref and sorted(kept) == ref
     b = next(iter(TokenReader(store_dir, batch_size=4, tokens="fsq_indices", columns=["source", "uri"])))
     assert b["fsq_indices"].dtype == torch.int16 and b["fsq_indices"].shape[1] == 8
@@ -253,7 +267,7 @@ def test_a_corrupt_shard_is_named_or_skipped_never_wrong(tmp_path):
     for b in batches:  # what is yielded is exactly what was committed
         cu = b["cu_seqlens"].tolist()
         for k, i in enumerate(b["ids"]):
-            assert np.array_equal(b["latent"][cu[k]:cu[k + 1]].numpy(), np.asarray(want[i]["latent"], np.float16))
+            assert np.array_equal(b["latent"][cu[k] : cu[k + 1]].numpy(), np.asarray(want[i]["latent"], np.float16))
     with pytest.raises(ShardError, match="sha256"):
         list(TokenReader(path, batch_size=8, verify_sha256=True))
 
@@ -271,14 +285,13 @@ def test_versions_are_never_mixed_unless_asked(tmp_path):
 def test_reads_from_s3(s3_server, s3_prefix, store_dir):
     storage = Storage(s3_server.uri(f"{s3_prefix}/reader/v1"), s3_server.options())
     fill(open_store(storage), 0, 60)
-    reader = TokenReader(storage.root, storage_options=s3_server.options().model_dump(), max_tokens=256,
-                         shuffle_seed=1)
+    reader = TokenReader(storage.root, storage_options=s3_server.options().model_dump(), max_tokens=256, shuffle_seed=1)
     got = list(StatefulDataLoader(reader, batch_size=None, num_workers=2))
     local = expected(store_dir)
     assert sorted(ids_of(got)) == sorted(r["id"] for r in map(sample, range(60)))
     b = got[0]
     cu = b["cu_seqlens"].tolist()
-    assert np.array_equal(b["latent"][cu[0]:cu[1]].numpy(), np.asarray(local[b["ids"][0]]["latent"], np.float16))
+    assert np.array_equal(b["latent"][cu[0] : cu[1]].numpy(), np.asarray(local[b["ids"][0]]["latent"], np.float16))
 
 
 def test_decode_a_real_image_with_the_recorded_tokenizer(tmp_path, shared_data):
@@ -296,8 +309,14 @@ def test_decode_a_real_image_with_the_recorded_tokenizer(tmp_path, shared_data):
     store.init({"name": "v", "buckets": 8}, ident, {"id": "pp", "settings": {}})
     store.recover("run-1")
     dims = TokenDims(**ident["dims"])  # the model's widths (the other tests' rows use a 16-wide pooled)
-    r = {**row(0), "coords": rec["coords"], "latent": rec["latent"], "fsq_indices": None, "pooled": rec["pooled"],
-         "tokenizer": ident["id"]}
+    r = {
+        **row(0),
+        "coords": rec["coords"],
+        "latent": rec["latent"],
+        "fsq_indices": None,
+        "pooled": rec["pooled"],
+        "tokenizer": ident["id"],
+    }
     store.commit(ShardWriter(storage.root, {}, "run-1", dims, CFG).write([r]), "run-1")
     reader = TokenReader(storage.root, batch_size=1)
     batch = next(iter(reader))

@@ -2,6 +2,7 @@
 done ids keeps the driver's memory far below the 2 GB budget and gives exact counts (benchmarks/bench_scale.py
 runs the 10M point). The peaks come from /proc (the benchmark samples them; getrusage in a child of a big test
 runner reports the runner's RSS, as it counts the image before exec)."""
+
 import sys
 from pathlib import Path
 

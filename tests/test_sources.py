@@ -1,4 +1,5 @@
 """Sources in-process (no Ray): `iter_rows(make_source(source_config({...})))` gives the descriptor rows."""
+
 import gzip
 import json
 import re
@@ -31,8 +32,18 @@ def read(**cfg) -> list[dict]:
 
 # ---- WebVid ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text,seconds", [("PT00H00M17S", 17.0), ("PT00H01M05S", 65.0), ("PT1H", 3600.0),
-                                          ("PT2.5S", 2.5), ("P1DT1S", 86401.0), ("PT00H00M00S", 0.0)])
+
+@pytest.mark.parametrize(
+    "text,seconds",
+    [
+        ("PT00H00M17S", 17.0),
+        ("PT00H01M05S", 65.0),
+        ("PT1H", 3600.0),
+        ("PT2.5S", 2.5),
+        ("P1DT1S", 86401.0),
+        ("PT00H00M00S", 0.0),
+    ],
+)
 def test_iso_duration(text, seconds):
     assert parse_iso_duration(text) == seconds
 
@@ -52,10 +63,11 @@ def test_webvid_both_column_orders():
     first = a[0]
     assert first["id"] == "webvid-1053841541"
     assert first["caption"] == "Travel blogger shoot a story on top of mountains. young man holds camera in forest."
-    assert first["uri"] == ("https://ak.picdn.net/shutterstock/videos/1053841541/preview/stock-footage-travel-"
-                            "blogger-shoot-a-story-on-top-of-mountains-young-man-holds-camera-in-forest.mp4")
-    assert meta(first) == {"duration": 17.0, "page_dir": "027701_027750", "page_idx": "27732",
-                           "videoid": "1053841541"}
+    assert first["uri"] == (
+        "https://ak.picdn.net/shutterstock/videos/1053841541/preview/stock-footage-travel-"
+        "blogger-shoot-a-story-on-top-of-mountains-young-man-holds-camera-in-forest.mp4"
+    )
+    assert meta(first) == {"duration": 17.0, "page_dir": "027701_027750", "page_idx": "27732", "videoid": "1053841541"}
     assert [meta(r)["duration"] for r in a[:4]] == [17.0, 24.0, 13.0, 16.0]
     # quoted caption with commas
     last = a[-1]
@@ -74,12 +86,14 @@ def test_webvid_both_column_orders():
 
 def test_webvid_bad_rows(tmp_path):
     p = tmp_path / "w.csv"
-    p.write_bytes(b"videoid,name,duration,contentUrl\n"
-                  b"1,ok clip,PT00H00M05S,http://h/1.mp4\n"
-                  b"2,bad duration,five seconds,http://h/2.mp4\n"
-                  b",no id,PT00H00M05S,http://h/3.mp4\n"
-                  b"4,no url,PT00H00M05S,\n"
-                  b"5,caf\xe9 latin-1 byte,,http://h/5.mp4\n")
+    p.write_bytes(
+        b"videoid,name,duration,contentUrl\n"
+        b"1,ok clip,PT00H00M05S,http://h/1.mp4\n"
+        b"2,bad duration,five seconds,http://h/2.mp4\n"
+        b",no id,PT00H00M05S,http://h/3.mp4\n"
+        b"4,no url,PT00H00M05S,\n"
+        b"5,caf\xe9 latin-1 byte,,http://h/5.mp4\n"
+    )
     rows = read(type="webvid", path=str(p))
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed", "ok"]
     assert meta(rows[0])["duration"] == 5.0
@@ -108,8 +122,13 @@ def test_webvid_mirror_template_base_dir_and_parquet(tmp_path):
     # the same table as Parquet, and a folder of CSVs: the same rows
     ref = read(type="webvid", path=csv)
     import pyarrow.csv as pacsv
-    pq.write_table(pacsv.read_csv(csv, convert_options=pacsv.ConvertOptions(
-        column_types={"videoid": pa.string(), "page_idx": pa.string()})), tmp_path / "w.parquet")
+
+    pq.write_table(
+        pacsv.read_csv(
+            csv, convert_options=pacsv.ConvertOptions(column_types={"videoid": pa.string(), "page_idx": pa.string()})
+        ),
+        tmp_path / "w.parquet",
+    )
     assert read(type="webvid", path=str(tmp_path / "w.parquet")) == ref
     (tmp_path / "dir").mkdir()
     shutil.copy(csv, tmp_path / "dir" / "part1.csv")
@@ -124,10 +143,11 @@ def test_webvid_incremental(tmp_path):
     with open(p, "a") as f:
         f.write("999,appended,7,000001_000050,PT00H00M03S,http://h/999.mp4\n")
     after = [r["id"] for r in read(type="webvid", path=str(p))]
-    assert after[:len(before)] == before and after[-1] == "webvid-999"
+    assert after[: len(before)] == before and after[-1] == "webvid-999"
 
 
 # ---- Panda-70M ---------------------------------------------------------------------------------------------
+
 
 def test_timestamps():
     assert parse_timestamp("0:01:20.880") == 80.88
@@ -145,14 +165,16 @@ def test_panda_validation_head():
     assert r["id"] == "panda70m--1hTK0wGrTg_19227_28278"
     assert r["uri"] == "https://www.youtube.com/watch?v=-1hTK0wGrTg"
     assert (r["span_start"], r["span_end"]) == (19.227, 28.278)
-    assert r["caption"] == ("The speaker is standing in front of a purple background, wearing a blue shirt "
-                            "and glasses.")
+    assert r["caption"] == (
+        "The speaker is standing in front of a purple background, wearing a blue shirt and glasses."
+    )
     assert meta(r) == {"clip": 0, "duration": 9.051, "videoid": "-1hTK0wGrTg"}
     assert r["matching_score"] == 0.50927734375  # a typed shard column, not inside the JSON
     assert r["desirable_filtering"] is None and r["shot_boundary_detection"] is None  # not in this layout
     cooking = rows[7]  # caption with an apostrophe, double-quoted in the list literal
-    assert cooking["caption"] == ("A man is cooking in a blue kitchen. he is wearing a chef's hat and appears to "
-                                  "be preparing food.")
+    assert cooking["caption"] == (
+        "A man is cooking in a blue kitchen. he is wearing a chef's hat and appears to be preparing food."
+    )
     assert (cooking["span_start"], cooking["span_end"]) == (150.683, 154.654)
     assert cooking["matching_score"] == 0.468505859375
     last = rows[-1]
@@ -165,26 +187,28 @@ def test_panda_validation_head():
 
 def test_panda_training_format_extra_columns():
     rows = read(type="panda70m", path=str(META / "panda70m_training_format_example.csv"))
-    assert [(r["span_start"], r["span_end"]) for r in rows] == [(80.88, 83.983), (151.151, 154.32),
-                                                                (208.841, 213.68)]
+    assert [(r["span_start"], r["span_end"]) for r in rows] == [(80.88, 83.983), (151.151, 154.32), (208.841, 213.68)]
     assert [r["matching_score"] for r in rows] == [0.451416015625, 0.4990234375, 0.434814453125]
     assert rows[0]["caption"] == "A neuron in a black background."
     # the extra per-clip columns are kept as typed fields (shard columns), each clip with its own entry
     assert [r["desirable_filtering"] for r in rows] == ["1_still_foreground_image", "desirable", "desirable"]
     assert [r["shot_boundary_detection"] for r in rows] == [
-        [[0.0, 3.069]], [[0.0, 3.169]], [[0.0, 2.702], [2.736, 4.838]]]  # seconds, relative to the clip
+        [[0.0, 3.069]],
+        [[0.0, 3.169]],
+        [[0.0, 2.702], [2.736, 4.838]],
+    ]  # seconds, relative to the clip
     assert all("metadata_errors" not in meta(r) for r in rows)
 
 
 def test_panda_malformed_rows(tmp_path):
-    good = ("vidA,https://y/vidA,\"[['0:00:01.000', '0:00:02.500']]\",\"['a cat']\",\"[0.5]\"\n")
+    good = "vidA,https://y/vidA,\"[['0:00:01.000', '0:00:02.500']]\",\"['a cat']\",\"[0.5]\"\n"
     bad = [
-        "vidB,https://y/vidB,\"[['0:00:01.000', '0:00:02.500']\",\"['x']\",\"[0.5]\"\n",              # syntax
-        "vidC,https://y/vidC,\"[['0:00:01.000', '0:00:02.500']]\",\"['x', 'y']\",\"[0.5]\"\n",          # lengths
-        "vidD,https://y/vidD,\"[['0:00:05.000', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",              # end<start
-        "vidE,https://y/vidE,\"__import__('os').system('touch pwned')\",\"['x']\",\"[0.5]\"\n",         # code
-        "vidF,https://y/vidF,\"[['1:20', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",                     # timestamp
-        ",https://y/none,\"[['0:00:01.000', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",                  # no id
+        "vidB,https://y/vidB,\"[['0:00:01.000', '0:00:02.500']\",\"['x']\",\"[0.5]\"\n",  # syntax
+        "vidC,https://y/vidC,\"[['0:00:01.000', '0:00:02.500']]\",\"['x', 'y']\",\"[0.5]\"\n",  # lengths
+        "vidD,https://y/vidD,\"[['0:00:05.000', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",  # end<start
+        "vidE,https://y/vidE,\"__import__('os').system('touch pwned')\",\"['x']\",\"[0.5]\"\n",  # code
+        "vidF,https://y/vidF,\"[['1:20', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",  # timestamp
+        ",https://y/none,\"[['0:00:01.000', '0:00:02.500']]\",\"['x']\",\"[0.5]\"\n",  # no id
     ]
     p = tmp_path / "p.csv"
     p.write_text("videoID,url,timestamp,caption,matching_score\n" + good + "".join(bad) + good.replace("A", "G"))
@@ -224,12 +248,20 @@ def test_panda_incremental(tmp_path):
 # ---- folders -----------------------------------------------------------------------------------------------
 
 BAD_EXPECTED = {  # file -> (status, modality)
-    "block_ends_beyond_cluster.mkv": ("ok", "video"), "broken.png": ("ok", "image"),
-    "chunk_too_big.glb": ("ok", "3d"), "corrupted.mp4": ("ok", "video"), "empty.ply": ("skipped", "unknown"),
-    "empty_file.glb": ("skipped", "unknown"), "fixed_lacing_bad_lace_size.mkv": ("ok", "video"),
-    "invalid_json_chunk.glb": ("ok", "3d"), "invalid_magic.glb": ("skipped", "unknown"),
-    "length_mismatch.glb": ("ok", "3d"), "no_duration.webm": ("ok", "video"),
-    "notenoughindices.obj": ("ok", "3d"), "truncated.jpg": ("ok", "image"), "truncated_jpeg.jpg": ("ok", "image"),
+    "block_ends_beyond_cluster.mkv": ("ok", "video"),
+    "broken.png": ("ok", "image"),
+    "chunk_too_big.glb": ("ok", "3d"),
+    "corrupted.mp4": ("ok", "video"),
+    "empty.ply": ("skipped", "unknown"),
+    "empty_file.glb": ("skipped", "unknown"),
+    "fixed_lacing_bad_lace_size.mkv": ("ok", "video"),
+    "invalid_json_chunk.glb": ("ok", "3d"),
+    "invalid_magic.glb": ("skipped", "unknown"),
+    "length_mismatch.glb": ("ok", "3d"),
+    "no_duration.webm": ("ok", "video"),
+    "notenoughindices.obj": ("ok", "3d"),
+    "truncated.jpg": ("ok", "image"),
+    "truncated_jpeg.jpg": ("ok", "image"),
     "unaligned_chunk.glb": ("ok", "3d"),
 }
 
@@ -242,8 +274,11 @@ def test_folder_bad_files_classified():
     assert rows["empty.ply"]["reason"] == "empty file (0 bytes)" and rows["empty.ply"]["stage"] == "source"
     assert "unrecognised content" in rows["invalid_magic.glb"]["reason"]
     assert rows["broken.png"]["id"] == "folder-broken.png"  # top-level files: the file name
-    assert meta(rows["corrupted.mp4"]) == {"bytes": (DATA / "bad" / "corrupted.mp4").stat().st_size,
-                                           "classified_by": "magic bytes", "format": "mp4"}
+    assert meta(rows["corrupted.mp4"]) == {
+        "bytes": (DATA / "bad" / "corrupted.mp4").stat().st_size,
+        "classified_by": "magic bytes",
+        "format": "mp4",
+    }
     assert meta(rows["notenoughindices.obj"])["classified_by"] == "extension .obj"
 
 
@@ -294,8 +329,12 @@ def test_folder_nested(tmp_path):
     plan = src.plan()
     assert plan.format == "items"
     # each top-level sub-folder is one listing chunk, the top-level files another
-    assert plan.items == [{"dir": "a"}, {"dir": "d"}, {"dir": "empty_dir"},
-                          {"files": [("top.png", (root / "top.png").stat().st_size)]}]
+    assert plan.items == [
+        {"dir": "a"},
+        {"dir": "d"},
+        {"dir": "empty_dir"},
+        {"files": [("top.png", (root / "top.png").stat().st_size)]},
+    ]
     chunk = sorted(r["rel"] for r in src.list_chunk({"dir": "a"}))
     assert chunk == ["a/b/c/deep.glb", "a/b/v.avi", "a/x.png"]  # relative to the root, not to the chunk
     assert src.list_chunk({"dir": "empty_dir"}) == []
@@ -318,18 +357,25 @@ def test_folder_nested(tmp_path):
 
 # ---- url lists ---------------------------------------------------------------------------------------------
 
+
 def test_url_list_csv_columns_and_extras(tmp_path):
     p = tmp_path / "u.csv"
-    p.write_text("url,caption,key,start,end,license,width\n"
-                 "http://h/a.mp4,\"a clip, with comma\",k1,1.5,3,cc-by,640\n"
-                 "http://h/b.mp4,second,k2,0,10,mit,320\n"
-                 ",empty url,k3,0,1,x,1\n"
-                 "http://h/d.mp4,bad span,k4,5,2,y,2\n")
+    p.write_text(
+        "url,caption,key,start,end,license,width\n"
+        'http://h/a.mp4,"a clip, with comma",k1,1.5,3,cc-by,640\n'
+        "http://h/b.mp4,second,k2,0,10,mit,320\n"
+        ",empty url,k3,0,1,x,1\n"
+        "http://h/d.mp4,bad span,k4,5,2,y,2\n"
+    )
     rows = read(type="url_list", path=str(p), key_col="key", span_cols=["start", "end"])
     assert [r["id"] for r in rows] == ["url_list-k1", "url_list-k2", "url_list-k3", "url_list-k4"]
     a = rows[0]
-    assert (a["status"], a["modality"], a["uri"], a["caption"]) == ("ok", "video", "http://h/a.mp4",
-                                                                      "a clip, with comma")
+    assert (a["status"], a["modality"], a["uri"], a["caption"]) == (
+        "ok",
+        "video",
+        "http://h/a.mp4",
+        "a clip, with comma",
+    )
     assert (a["span_start"], a["span_end"]) == (1.5, 3.0)
     assert meta(a) == {"license": "cc-by", "width": "640"}  # every other column kept; the named ones are not
     assert rows[1]["status"] == "ok" and (rows[1]["span_start"], rows[1]["span_end"]) == (0.0, 10.0)
@@ -347,13 +393,15 @@ def test_url_list_csv_columns_and_extras(tmp_path):
 
 def test_url_list_tsv_and_modality(tmp_path):
     p = tmp_path / "u.tsv"
-    p.write_text("link\ttext\tsize\n"
-                 "http://h/a.png\ta, tab\t1\n"
-                 "http://h/b.webm\tb\t2\n"
-                 "http://h/c.glb?sig=1\tc\t3\n"
-                 "http://h/stream\td\t4\n"
-                 "s3://bkt/e.JPEG\te\t5\n"
-                 "http://h/f.obj\tf\t6\n")
+    p.write_text(
+        "link\ttext\tsize\n"
+        "http://h/a.png\ta, tab\t1\n"
+        "http://h/b.webm\tb\t2\n"
+        "http://h/c.glb?sig=1\tc\t3\n"
+        "http://h/stream\td\t4\n"
+        "s3://bkt/e.JPEG\te\t5\n"
+        "http://h/f.obj\tf\t6\n"
+    )
     rows = read(type="url_list", path=str(p), url_col="link", caption_col="text")
     assert [r["modality"] for r in rows] == ["image", "video", "3d", "video", "image", "3d"]  # auto: extension
     assert [r["caption"] for r in rows][:2] == ["a, tab", "b"] and meta(rows[0]) == {"size": "1"}
@@ -367,17 +415,32 @@ def test_url_list_tsv_and_modality(tmp_path):
 
 
 def test_url_list_parquet_and_jsonl(tmp_path):
-    pq.write_table(pa.table({"url": ["http://h/p.jpg", "rel/q.mp4", None], "caption": ["p", "q", "r"],
-                             "n": [1, 2, 3], "score": [0.5, None, 1.25]}), tmp_path / "u.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "url": ["http://h/p.jpg", "rel/q.mp4", None],
+                "caption": ["p", "q", "r"],
+                "n": [1, 2, 3],
+                "score": [0.5, None, 1.25],
+            }
+        ),
+        tmp_path / "u.parquet",
+    )
     rows = read(type="url_list", path=str(tmp_path / "u.parquet"), base_dir="s3://bkt/mirror")
     assert [r["uri"] for r in rows] == ["http://h/p.jpg", "s3://bkt/mirror/rel/q.mp4", ""]
     assert [r["modality"] for r in rows[:2]] == ["image", "video"] and rows[1]["caption"] == "q"
     assert meta(rows[0]) == {"n": "1", "score": "0.5"} and meta(rows[1])["score"] is None
     assert rows[2]["status"] == "failed" and rows[2]["reason"] == "empty url"
     jl = tmp_path / "u.jsonl"
-    jl.write_text("".join(json.dumps(x) + "\n" for x in [
-        {"url": "http://h/a.jpg", "caption": "a", "id": "first", "tags": ["x", "y"]},
-        {"url": "http://h/b.stl", "caption": "b", "id": "second", "tags": []}]))
+    jl.write_text(
+        "".join(
+            json.dumps(x) + "\n"
+            for x in [
+                {"url": "http://h/a.jpg", "caption": "a", "id": "first", "tags": ["x", "y"]},
+                {"url": "http://h/b.stl", "caption": "b", "id": "second", "tags": []},
+            ]
+        )
+    )
     rows = read(type="url_list", path=str(jl), key_col="id")
     assert [r["id"] for r in rows] == ["url_list-first", "url_list-second"]
     assert [r["modality"] for r in rows] == ["image", "3d"] and rows[1]["caption"] == "b"
@@ -400,10 +463,11 @@ def test_url_list_span_columns(tmp_path):
 
 # ---- Objaverse ---------------------------------------------------------------------------------------------
 
+
 def build_mirror(root: Path) -> dict:
     """A local objaverse mirror laid out like ~/.objaverse/hf-objaverse-v1."""
     example = json.loads((META / "objaverse_v1_annotation_example.json").read_text())
-    (uid0, ann0), = example.items()
+    ((uid0, ann0),) = example.items()
     uid1, uid2 = "0" * 31 + "1", "0" * 31 + "2"
     ann1 = {**ann0, "uid": uid1, "name": "second object", "tags": []}
     ann2 = {**ann0, "uid": uid2, "name": "not mirrored", "tags": []}
@@ -423,6 +487,7 @@ def build_mirror(root: Path) -> dict:
 
 def test_objaverse_mirror(tmp_path):
     import objaverse
+
     old = objaverse._VERSIONED_PATH
     m = build_mirror(tmp_path / "mirror")
     uid0, uid1, uid2 = m["uids"]
@@ -462,8 +527,9 @@ def test_objaverse_missing_mirror_without_download(tmp_path):
         read(type="objaverse")
 
 
-@pytest.mark.parametrize("cfg", [{"type": "url_list", "url_col": "contentUrl", "key_col": "videoid"},
-                                 {"type": "webvid"}])
+@pytest.mark.parametrize(
+    "cfg", [{"type": "url_list", "url_col": "contentUrl", "key_col": "videoid"}, {"type": "webvid"}]
+)
 def test_hostile_csv_keys_lose_nothing(tmp_path, cfg):
     """Issue 15: 10k distinct raw keys (invalid UTF-8, cleaned form + hash, whitespace/case/normalisation
     variants) give 10k distinct ids; an old store's rule (1) is still what `id_rule=1` gives."""
@@ -482,9 +548,19 @@ def test_hostile_csv_keys_lose_nothing(tmp_path, cfg):
 WEBVID_TEXT = "videoid,name,contentUrl\n1,café,http://h/1.mp4\n2,naïve ☃,http://h/2.mp4\n"
 
 
-@pytest.mark.parametrize("codec,declared", [("utf-8", "auto"), ("utf-8-sig", "auto"), ("utf-16", "auto"),
-                                            ("utf-16-le", "auto"), ("utf-16-be", "auto"), ("utf-32", "auto"),
-                                            ("cp1252", "cp1252"), ("utf-16", "utf-16")])
+@pytest.mark.parametrize(
+    "codec,declared",
+    [
+        ("utf-8", "auto"),
+        ("utf-8-sig", "auto"),
+        ("utf-16", "auto"),
+        ("utf-16-le", "auto"),
+        ("utf-16-be", "auto"),
+        ("utf-32", "auto"),
+        ("cp1252", "cp1252"),
+        ("utf-16", "utf-16"),
+    ],
+)
 def test_csv_encodings(tmp_path, codec, declared):
     """UTF-8 with or without BOM and UTF-16/32 are detected; other encodings are read as the job file says."""
     text = WEBVID_TEXT.replace("☃", "") if codec == "cp1252" else WEBVID_TEXT
@@ -509,8 +585,10 @@ def test_csv_encoding_errors_are_clear(tmp_path):
 
 def test_rows_that_do_not_parse_fail_alone(tmp_path):
     """A row with too many or too few fields is that row's failure (with the reason); the others are read."""
-    (tmp_path / "w.csv").write_text("videoid,name,contentUrl\n1,a,http://h/1.mp4\n2,b,http://h/2.mp4,x,y\n"
-                                    "3,c\n4,d,http://h/4.mp4\n2,b,http://h/2.mp4,x,y\n")
+    (tmp_path / "w.csv").write_text(
+        "videoid,name,contentUrl\n1,a,http://h/1.mp4\n2,b,http://h/2.mp4,x,y\n"
+        "3,c\n4,d,http://h/4.mp4\n2,b,http://h/2.mp4,x,y\n"
+    )
     rows = read(type="webvid", path=str(tmp_path / "w.csv"))
     ok = sorted(r["id"] for r in rows if r["status"] == "ok")
     bad = [r for r in rows if r["status"] == "failed"]
@@ -518,8 +596,10 @@ def test_rows_that_do_not_parse_fail_alone(tmp_path):
     assert sorted(r["reason"] for r in bad)[0].startswith("unparsable row in w.csv: expected 3 fields, got 2: '3,c'")
     assert len({r["id"] for r in bad}) == 2  # the repeated bad row is one id (a duplicate), the others differ
     for cfg in ({"type": "url_list"}, {"type": "panda70m"}):
-        (tmp_path / "p.csv").write_text("videoID,url,timestamp,caption\nv,http://h/v,\"[['0:00:01.000', "
-                                        "'0:00:02.000']]\",\"['a']\"\nw,http://h/w,oops,\"['b']\",extra\n")
+        (tmp_path / "p.csv").write_text(
+            "videoID,url,timestamp,caption\nv,http://h/v,\"[['0:00:01.000', "
+            "'0:00:02.000']]\",\"['a']\"\nw,http://h/w,oops,\"['b']\",extra\n"
+        )
         rows = read(**cfg, path=str(tmp_path / "p.csv"))
         assert sorted(r["status"] for r in rows) == ["failed", "ok"], cfg
         assert "expected 4 fields, got 5" in next(r["reason"] for r in rows if r["status"] == "failed")
@@ -527,8 +607,9 @@ def test_rows_that_do_not_parse_fail_alone(tmp_path):
 
 def test_long_fields_and_a_10k_clip_row(tmp_path):
     """No field size limit: a 1 MB caption, and a Panda-70M row of 10k clips (lists of ~0.5 MB)."""
-    (tmp_path / "w.csv").write_text('videoid,name,contentUrl\n1,"' + "x" * (1 << 20) + '",http://h/1.mp4\n'
-                                    "2,b,http://h/2.mp4\n")
+    (tmp_path / "w.csv").write_text(
+        'videoid,name,contentUrl\n1,"' + "x" * (1 << 20) + '",http://h/1.mp4\n2,b,http://h/2.mp4\n'
+    )
     rows = read(type="webvid", path=str(tmp_path / "w.csv"))
     assert [len(r["caption"]) for r in rows] == [1 << 20, 1] and all(r["status"] == "ok" for r in rows)
     n = 10_000

@@ -2,6 +2,7 @@
 windows per clip, typed source columns, non-fatal bad metadata, filters and no silent upscaling. Real videos from
 ../shared/data, Panda-70M / WebVid CSVs with the real rows' structure, real decode, tokenize and Parquet loaded back
 with Hugging Face datasets."""
+
 import csv
 import json
 from pathlib import Path
@@ -50,6 +51,7 @@ def read(**cfg):
 
 # ---- windows ------------------------------------------------------------------------------------------------
 
+
 def test_plan_windows_first_centre_all_and_clamping():
     # chaplin.mp4: 241 frames at 25 fps (9.64 s); 8 fps x 16 frames = 2 s windows
     first = plan_windows(241, 25.0, 8.0, 16, [1.0, 9.0])
@@ -57,8 +59,12 @@ def test_plan_windows_first_centre_all_and_clamping():
     centre = plan_windows(241, 25.0, 8.0, 16, [1.0, 9.0], "centre")
     assert [(w.start, w.end) for w in centre.windows] == [(4.0, 6.0)]
     every = plan_windows(241, 25.0, 8.0, 16, [1.0, 9.0], "all", max_windows=8)
-    assert [(w.index, w.start, w.end) for w in every.windows] == [(0, 1.0, 3.0), (1, 3.0, 5.0), (2, 5.0, 7.0),
-                                                                  (3, 7.0, 9.0)]
+    assert [(w.index, w.start, w.end) for w in every.windows] == [
+        (0, 1.0, 3.0),
+        (1, 3.0, 5.0),
+        (2, 5.0, 7.0),
+        (3, 7.0, 9.0),
+    ]
     assert every.windows[1].frames[0] == 75  # 3.0 s x 25 fps
     assert len(plan_windows(241, 25.0, 8.0, 16, [1.0, 9.0], "all", max_windows=2).windows) == 2  # the cap
     tail = plan_windows(241, 25.0, 8.0, 16, [8.0, 48.0])  # a 40 s span in a 9.64 s file
@@ -72,8 +78,11 @@ def test_windows_all_decodes_distinct_frames(shared_data):
     path = str(shared_data / "videos" / "chaplin.mp4")
     out = decode_file(path, "video", DecodeConfig(fps=4, max_frames=8, windows="all", max_windows=3), (1.0, 9.0))
     wins = [out] + out["more_windows"]
-    assert [(w["window_index"], w["window_start"], w["window_end"]) for w in wins] == [(0, 1.0, 3.0), (1, 3.0, 5.0),
-                                                                                         (2, 5.0, 7.0)]
+    assert [(w["window_index"], w["window_start"], w["window_end"]) for w in wins] == [
+        (0, 1.0, 3.0),
+        (1, 3.0, 5.0),
+        (2, 5.0, 7.0),
+    ]
     assert all(w["pixels"].shape[0] == w["num_frames"] == 8 and w["fps"] == 4.0 for w in wins)
     assert not np.array_equal(wins[0]["pixels"], wins[1]["pixels"])
     first = decode_file(path, "video", DecodeConfig(fps=4, max_frames=8), (1.0, 9.0))
@@ -84,22 +93,29 @@ def test_windows_all_decodes_distinct_frames(shared_data):
 
 # ---- a Panda-70M CSV end to end -----------------------------------------------------------------------------
 
+
 def _panda_csv(path: Path):
     """The official 7-column training layout; two source videos, several clips each, real timestamp format."""
     rows = [
-        {"videoID": "chaplin", "url": "chaplin.mp4",
-         "timestamp": "[['0:00:01.000', '0:00:07.000'], ['0:00:08.500', '0:00:48.000'], ['0:00:19.227', '0:00:28.278']]",
-         "caption": "['A man walks.', 'A crowd.', 'Past the end.']",
-         "matching_score": "[0.451416015625, 0.4990234375, 0.434814453125]",
-         "desirable_filtering": "['desirable', '1_still_foreground_image', 'desirable']",
-         "shot_boundary_detection": "[[['0:00:00.000', '0:00:03.069']], [['0:00:00.000', '0:00:03.169']], "
-                                    "[['0:00:00.000', '0:00:02.702'], ['0:00:02.736', '0:00:04.838']]]"},
-        {"videoID": "bunny", "url": "Big_Buck_Bunny_180_10s.webm",
-         "timestamp": "[['0:00:00.500', '0:00:03.000'], ['0:00:04.000', '0:00:09.000']]",
-         "caption": "['A rabbit.', 'A tree.']",
-         "matching_score": "[0.3, 0.5]",
-         "desirable_filtering": "['desirable', 'desirable']",
-         "shot_boundary_detection": "[[['0:00:00.000', 'garbage']]]"},  # malformed and too short: recorded only
+        {
+            "videoID": "chaplin",
+            "url": "chaplin.mp4",
+            "timestamp": "[['0:00:01.000', '0:00:07.000'], ['0:00:08.500', '0:00:48.000'], ['0:00:19.227', '0:00:28.278']]",
+            "caption": "['A man walks.', 'A crowd.', 'Past the end.']",
+            "matching_score": "[0.451416015625, 0.4990234375, 0.434814453125]",
+            "desirable_filtering": "['desirable', '1_still_foreground_image', 'desirable']",
+            "shot_boundary_detection": "[[['0:00:00.000', '0:00:03.069']], [['0:00:00.000', '0:00:03.169']], "
+            "[['0:00:00.000', '0:00:02.702'], ['0:00:02.736', '0:00:04.838']]]",
+        },
+        {
+            "videoID": "bunny",
+            "url": "Big_Buck_Bunny_180_10s.webm",
+            "timestamp": "[['0:00:00.500', '0:00:03.000'], ['0:00:04.000', '0:00:09.000']]",
+            "caption": "['A rabbit.', 'A tree.']",
+            "matching_score": "[0.3, 0.5]",
+            "desirable_filtering": "['desirable', 'desirable']",
+            "shot_boundary_detection": "[[['0:00:00.000', 'garbage']]]",
+        },  # malformed and too short: recorded only
     ]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -162,6 +178,7 @@ def test_min_matching_score_skips_before_download(shared_data, tmp_path):
 
 # ---- WebVid: typed columns, bad metadata never fatal ----------------------------------------------------------
 
+
 def test_webvid_typed_columns_and_malformed_duration(shared_data, tmp_path):
     with open(shared_data / "metadata" / "test_webvid.csv", newline="") as f:
         real = list(csv.DictReader(f))[:3]
@@ -178,6 +195,7 @@ def test_webvid_typed_columns_and_malformed_duration(shared_data, tmp_path):
 
 
 # ---- filters and sizes ----------------------------------------------------------------------------------------
+
 
 def test_filters_skip_with_the_rule(shared_data, prepare):
     from pipeline.rows import new_row
@@ -211,8 +229,9 @@ def test_no_silent_upscaling(shared_data):
 
 def test_window_and_upscale_settings_change_the_preprocessing_identity(tmp_path):
     def ident(**decode):
-        job = validate_job({"out": str(tmp_path / "o"), "sources": [{"type": "folder", "path": str(tmp_path)}],
-                            "decode": decode})
+        job = validate_job(
+            {"out": str(tmp_path / "o"), "sources": [{"type": "folder", "path": str(tmp_path)}], "decode": decode}
+        )
         return preprocess_identity(job)
 
     base = ident()

@@ -1,4 +1,5 @@
 """The Stage contract (pipeline/stage.py) and the row helpers (pipeline/rows.py), without Ray."""
+
 import time
 
 import pytest
@@ -33,6 +34,7 @@ class Double(Stage):
 
 class Batched(Stage):
     """A stage that works on whole batches and cannot handle a bad row inside one."""
+
     name = "batched"
 
     def __init__(self, wrong_count=False):
@@ -49,6 +51,7 @@ class Batched(Stage):
 
 # ---- row helpers -----------------------------------------------------------------------------------------
 
+
 def test_row_helpers():
     r = new_row("s-1", "image", "s", x=3)
     assert is_ok(r) and r["stage"] == "source" and r["reason"] is None and r["status"] == OK
@@ -61,11 +64,20 @@ def test_row_helpers():
     assert skipped["status"] == SKIPPED and not is_ok(skipped)
     assert describe(ValueError("bad  ")) == "ValueError: bad" and describe(KeyError()) == "KeyError"
     rec = outcome({**failed, "bucket": 7, "pixels": object()})
-    assert rec == {"id": "s-1", "bucket": 7, "status": FAILED, "stage": "fetch", "reason": "http 404",
-                   "modality": "image", "source": "s", "uri": None}
+    assert rec == {
+        "id": "s-1",
+        "bucket": 7,
+        "status": FAILED,
+        "stage": "fetch",
+        "reason": "http 404",
+        "modality": "image",
+        "source": "s",
+        "uri": None,
+    }
 
 
 # ---- Stage ---------------------------------------------------------------------------------------------
+
 
 def test_ok_rows_get_stage_and_timings():
     st = Double()

@@ -2,6 +2,7 @@
 (root or version folder, --failed/--stage/--reason/--json), a no-op rerun that starts nothing, and error tails
 that say what to do. The jobs run through the real CLI (a subprocess: stdout is not a terminal) on a real local
 Ray cluster with the embedded tiny-c model."""
+
 import io
 import json
 import os
@@ -53,8 +54,14 @@ def _env():
 
 
 def _cli(*args, timeout=900):
-    return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *map(str, args)],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +73,22 @@ def done_job(shared_data, tmp_path_factory):
     for name in IMAGES:
         shutil.copy(shared_data / "images" / name, src / name)
     shutil.copy(shared_data / "bad" / BAD, src / BAD)
-    job = {"name": "t", "out": str(tmp / "out"), "sources": [{"type": "folder", "path": str(src), "name": "local"}],
-           "decode": {"fps": 4, "max_frames": 8, "timeout_s": 30,
-                      "buckets": {"area": 128 * 128, "min_side": 64, "max_side": 256}},
-           "tokenize": {"config": "tiny-c", "batch_tokens": 4096, "batch_rows": 1, "device": "cpu"},
-           "write": {"rows_per_write": 1}, "qa": {"samples": 1}, "ray": {"num_cpus": 2},
-           "progress": {"every_s": 1}}
+    job = {
+        "name": "t",
+        "out": str(tmp / "out"),
+        "sources": [{"type": "folder", "path": str(src), "name": "local"}],
+        "decode": {
+            "fps": 4,
+            "max_frames": 8,
+            "timeout_s": 30,
+            "buckets": {"area": 128 * 128, "min_side": 64, "max_side": 256},
+        },
+        "tokenize": {"config": "tiny-c", "batch_tokens": 4096, "batch_rows": 1, "device": "cpu"},
+        "write": {"rows_per_write": 1},
+        "qa": {"samples": 1},
+        "ray": {"num_cpus": 2},
+        "progress": {"every_s": 1},
+    }
     path = tmp / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     run = _cli("run", path)
@@ -129,8 +146,9 @@ def test_status_failed_filters_and_json(done_job, capsys):
     rep = json.loads(_status(capsys, out, "--json"))
     assert rep["tokenizer"]["config"] == "tiny-c" and rep["outcomes"] == {"failed": 1, "ok": 2}, rep
     assert [r["id"] for r in rep["failed"]] == [f"local-{BAD}"] and rep["failed"][0]["uri"].endswith(BAD)
-    assert rep["modalities"]["image"]["rows"] == 2 and rep["by_stage"] == [{"status": "failed", "stage": "decode",
-                                                                           "n": 1}]
+    assert rep["modalities"]["image"]["rows"] == 2 and rep["by_stage"] == [
+        {"status": "failed", "stage": "decode", "n": 1}
+    ]
 
 
 def test_noop_rerun_starts_nothing_and_a_new_file_is_done(done_job, shared_data):
@@ -162,9 +180,12 @@ def test_noop_rerun_starts_nothing_and_a_new_file_is_done(done_job, shared_data)
 
 
 def test_error_tails_are_specific(tmp_path):
-    job = {"name": "t", "out": str(tmp_path / "out"),
-           "sources": [{"type": "webvid", "path": str(tmp_path / "missing.csv")}],
-           "tokenize": {"config": "atoken-soc", "checkpoint": "checkpoints/atoken-soc.pt"}}
+    job = {
+        "name": "t",
+        "out": str(tmp_path / "out"),
+        "sources": [{"type": "webvid", "path": str(tmp_path / "missing.csv")}],
+        "tokenize": {"config": "atoken-soc", "checkpoint": "checkpoints/atoken-soc.pt"},
+    }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     res = _cli("run", path, timeout=300)

@@ -1,8 +1,8 @@
 """pipeline.storage against local disk and a real S3 server (SeaweedFS, tests/s3_server.py): the same tests on both."""
+
 from __future__ import annotations
 
 import gc
-import hashlib
 import os
 import pickle
 import subprocess
@@ -91,8 +91,13 @@ def test_list(store):
         store.write_bytes(rel, b"x" * n)
     assert [e.path for e in store.list()] == ["a.txt"]  # files only, not directories
     top = store.list(recursive=True)
-    assert [(e.path, e.size) for e in top] == [("a.txt", 1), ("d/a.txt", 4), ("d/b.txt", 2), ("d/e/c.txt", 3),
-                                               ("dd/x.txt", 5)]
+    assert [(e.path, e.size) for e in top] == [
+        ("a.txt", 1),
+        ("d/a.txt", 4),
+        ("d/b.txt", 2),
+        ("d/e/c.txt", 3),
+        ("dd/x.txt", 5),
+    ]
     assert all(e.mtime and abs(e.mtime - time.time()) < 600 for e in top)
     assert [e.path for e in store.list("d")] == ["d/a.txt", "d/b.txt"]  # relative to the root, not to "d"
     assert [e.path for e in store.list("d/", recursive=True)] == ["d/a.txt", "d/b.txt", "d/e/c.txt"]
@@ -119,7 +124,7 @@ def test_open_output_visible_only_after_close(store, size):
     f = store.open_output("out/o.bin")
     assert isinstance(f, OutputFile)
     for i in range(0, size, 4 * MB):
-        f.write(data[i:i + 4 * MB])
+        f.write(data[i : i + 4 * MB])
     f.flush()
     time.sleep(0.3)  # on S3, parts of a multipart upload are being sent in the background
     assert f.tell() == size
@@ -226,10 +231,9 @@ def test_pickled_storage_works(store):
 def test_pickled_storage_in_a_fresh_process(store):
     """What a Ray worker gets: the options travel in the pickle, no AWS_* variables needed."""
     store.write_bytes("in", b"ping")
-    code = ("import pickle, sys; s = pickle.load(sys.stdin.buffer); s.write_bytes('out', s.read_bytes('in') + b'!')")
+    code = "import pickle, sys; s = pickle.load(sys.stdin.buffer); s.write_bytes('out', s.read_bytes('in') + b'!')"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(store), env=env, cwd=REPO, check=True,
-                   timeout=60)
+    subprocess.run([sys.executable, "-c", code], input=pickle.dumps(store), env=env, cwd=REPO, check=True, timeout=60)
     assert store.read_bytes("out") == b"ping!"
 
 
@@ -252,6 +256,7 @@ def test_parquet_round_trip(store):
     assert files(store) == ["shards/part-0.parquet"]
     # pyarrow.dataset reads through the same filesystem
     import pyarrow.dataset as ds
+
     assert ds.dataset(store.path("shards"), filesystem=store.fs, format="parquet").count_rows() == 1000
 
 
@@ -271,9 +276,13 @@ def test_hf_datasets_loads_shards_from_s3(s3_server, s3_prefix, tmp_path):
     pytest.importorskip("s3fs")
     store = Storage(s3_server.uri(s3_prefix), s3_server.options())
     t = write_shards(store)
-    ds = datasets.load_dataset("parquet", data_files=s3_server.uri(f"{s3_prefix}/shards/*.parquet"),
-                               storage_options=s3_server.storage_options(), cache_dir=str(tmp_path / "hf"),
-                               split="train")
+    ds = datasets.load_dataset(
+        "parquet",
+        data_files=s3_server.uri(f"{s3_prefix}/shards/*.parquet"),
+        storage_options=s3_server.storage_options(),
+        cache_dir=str(tmp_path / "hf"),
+        split="train",
+    )
     assert ds.num_rows == t.num_rows and sorted(ds["id"]) == sorted(t.column("id").to_pylist())
 
 
@@ -321,10 +330,15 @@ def test_missing_bucket_and_bad_credentials(s3_server):
 def test_unsupported_scheme_fails_before_any_io(uri, monkeypatch):
     def no_io(*a, **k):
         raise AssertionError("a filesystem was built for an unsupported location")
+
     for name in ("LocalFileSystem", "S3FileSystem", "GcsFileSystem", "PyFileSystem"):
         monkeypatch.setattr(pafs, name, no_io)
-    for call in (lambda: Storage(uri), lambda: filesystem(uri), lambda: open_uri(uri),
-                 lambda: check_uri(uri, writable=True)):
+    for call in (
+        lambda: Storage(uri),
+        lambda: filesystem(uri),
+        lambda: open_uri(uri),
+        lambda: check_uri(uri, writable=True),
+    ):
         with pytest.raises(StorageError) as e:
             call()
         msg = str(e.value)
@@ -334,10 +348,16 @@ def test_unsupported_scheme_fails_before_any_io(uri, monkeypatch):
 @pytest.mark.parametrize("uri", ["hf://datasets/org/name", "https://example.com/data", "http://127.0.0.1:9/x"])
 def test_read_only_locations(uri):
     store = Storage(uri)  # builds a filesystem but does no I/O
-    for write in (lambda: store.write_bytes("a", b"1"), lambda: store.open_output("a"),
-                  lambda: store.move("a", "b"), lambda: store.copy("a", "b"), lambda: store.delete("a"),
-                  lambda: store.delete_dir("a"), lambda: store.makedirs("a"),
-                  lambda: store.child("c").write_bytes("a", b"")):
+    for write in (
+        lambda: store.write_bytes("a", b"1"),
+        lambda: store.open_output("a"),
+        lambda: store.move("a", "b"),
+        lambda: store.copy("a", "b"),
+        lambda: store.delete("a"),
+        lambda: store.delete_dir("a"),
+        lambda: store.makedirs("a"),
+        lambda: store.child("c").write_bytes("a", b""),
+    ):
         with pytest.raises(StorageError, match="read-only"):
             write()
     with pytest.raises(StorageError, match="unsupported output"):

@@ -9,6 +9,7 @@ must see only whole files and no id twice (`reader_ids`).
 The helpers at the top (`row`, `storage`, `open_store`, `writer`, `reader_ids`, ...) are shared with
 tests/test_ledger.py, test_lock.py, test_writer.py and test_compact.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,16 +40,36 @@ SHARD_RE = re.compile(r"^data/(image|video|3d)/part-\d{6}-\d+\.parquet$")
 def row(i: int, modality: str = "image", n: int = 3, status: str = "ok", buckets: int = 8, **extra) -> dict:
     """A finished row as the tokenize stage leaves it (ok), or a failed/skipped one (no token columns)."""
     rng = np.random.default_rng(i)
-    r = {"id": f"t-s{i:05d}", "bucket": i % buckets, "modality": modality, "source": "t", "uri": f"/x/{i}",
-         "caption": f"cap {i} ✓\x07", "span_start": None, "span_end": None, "meta": "{}", "status": status,
-         "stage": "tokenize" if status == "ok" else "decode", "reason": None if status == "ok" else f"bad frame {i}",
-         "tokenizer": TOK, "preprocess": PRE}
+    r = {
+        "id": f"t-s{i:05d}",
+        "bucket": i % buckets,
+        "modality": modality,
+        "source": "t",
+        "uri": f"/x/{i}",
+        "caption": f"cap {i} ✓\x07",
+        "span_start": None,
+        "span_end": None,
+        "meta": "{}",
+        "status": status,
+        "stage": "tokenize" if status == "ok" else "decode",
+        "reason": None if status == "ok" else f"bad frame {i}",
+        "tokenizer": TOK,
+        "preprocess": PRE,
+    }
     if status == "ok":
-        r.update(coords=rng.integers(0, 9, (n, 4)).astype(np.int16),
-                 latent=rng.normal(size=(n, DIMS.latent)).astype(np.float16), logvar=None,
-                 fsq_indices=rng.integers(0, 4096, (n, DIMS.fsq_groups)).astype(np.int16),
-                 pooled=rng.normal(size=DIMS.embed).astype(np.float16), width=32, height=32, num_frames=1, fps=0.0,
-                 span_start=1.5, span_end=2.5)
+        r.update(
+            coords=rng.integers(0, 9, (n, 4)).astype(np.int16),
+            latent=rng.normal(size=(n, DIMS.latent)).astype(np.float16),
+            logvar=None,
+            fsq_indices=rng.integers(0, 4096, (n, DIMS.fsq_groups)).astype(np.int16),
+            pooled=rng.normal(size=DIMS.embed).astype(np.float16),
+            width=32,
+            height=32,
+            num_frames=1,
+            fps=0.0,
+            span_start=1.5,
+            span_end=2.5,
+        )
     r.update(extra)
     return r
 
@@ -69,8 +90,11 @@ def storage(request, tmp_path) -> Storage:
 def open_store(storage: Storage, run_id: str = RUN) -> Store:
     """What the driver does under the lock: init the identity files, then recover."""
     store = Store(storage)
-    store.init({"name": "v", "buckets": 8}, {"id": TOK, "config": "test", "weights_sha256": "0" * 64},
-               {"id": PRE, "settings": {}})
+    store.init(
+        {"name": "v", "buckets": 8},
+        {"id": TOK, "config": "test", "weights_sha256": "0" * 64},
+        {"id": PRE, "settings": {}},
+    )
     store.recover(run_id)
     return store
 
@@ -126,9 +150,11 @@ def fresh_state(storage: Storage) -> tuple[dict, dict, int]:
 # ---- commit and load ----------------------------------------------------------------------------------------
 def test_commit_load_checkpoint_verify(storage):
     store = open_store(storage)
-    batches = [[row(0), row(1, "video"), row(2, status="failed")],
-               [row(3), row(4), row(5, "3d"), row(6, status="skipped")],
-               [row(7, "video")]]
+    batches = [
+        [row(0), row(1, "video"), row(2, status="failed")],
+        [row(3), row(4), row(5, "3d"), row(6, status="skipped")],
+        [row(7, "video")],
+    ]
     commits = [commit_rows(store, b) for b in batches]
     assert [c["seq"] for c in commits] == [0, 1, 2]
     everything = files(storage)
@@ -136,7 +162,8 @@ def test_commit_load_checkpoint_verify(storage):
     assert shards and all(SHARD_RE.match(p) for p in shards), shards
     assert all(p.startswith(("data/", f"{LOG}/")) for p in everything if p.endswith(".parquet"))
     assert set(everything) - set(shards) == {"version.json", "tokenizer.json", "preprocess.json"} | {
-        p for p in everything if p.startswith((f"{MANIFEST}/", f"{LOG}/"))}
+        p for p in everything if p.startswith((f"{MANIFEST}/", f"{LOG}/"))
+    }
     for p in shards:  # each shard holds one modality, the one its folder names
         mods = set(pq.read_table(storage.path(p), filesystem=storage.fs, columns=["modality"]).column(0).to_pylist())
         assert mods == {p.split("/")[1]}
@@ -210,8 +237,9 @@ def test_hf_datasets_loads_the_shards(storage, request, tmp_path):
     if not storage.local:
         pytest.importorskip("s3fs")
         kw["storage_options"] = request.getfixturevalue("s3_server").storage_options()
-    ds = datasets.load_dataset("parquet", data_files=storage.uri("data/image/*.parquet"), split="train",
-                               cache_dir=str(tmp_path / "hf"), **kw)
+    ds = datasets.load_dataset(
+        "parquet", data_files=storage.uri("data/image/*.parquet"), split="train", cache_dir=str(tmp_path / "hf"), **kw
+    )
     assert len(ds) == 6
     assert ds.features["latent"].feature.feature.dtype == "float16"
     table = ds.with_format("arrow")[:]
@@ -362,8 +390,11 @@ def test_foreign_files_in_data_are_quarantined(storage):
     with pytest.raises(AssertionError, match="twice|not a shard"):  # what a reader would suffer meanwhile
         reader_ids(storage)
     out = Store(storage).recover("run-2")
-    assert sorted(out.quarantined) == ["data/image/notes.txt", "data/image/part-000000-0 (copy).parquet",
-                                       "data/video/foreign.parquet"]
+    assert sorted(out.quarantined) == [
+        "data/image/notes.txt",
+        "data/image/part-000000-0 (copy).parquet",
+        "data/video/foreign.parquet",
+    ]
     q = files(storage, "quarantine")
     assert len(q) == 3 and all(re.match(r"quarantine/\d+/data/", p) for p in q)
     assert reader_ids(storage) == ["t-s00000", "t-s00001"]
@@ -380,7 +411,7 @@ def test_verify_reports_damage(storage):
     assert verify(storage) == []
     paths = sorted(store.shards)
     flip_byte(storage, paths[0])  # data/image/part-000000-0
-    storage.delete(paths[1])      # data/image/part-000002-0
+    storage.delete(paths[1])  # data/image/part-000002-0
     problems = verify(storage)
     assert f"hash mismatch {paths[0]}" in problems
     assert f"missing shard {paths[1]}" in problems
@@ -407,6 +438,7 @@ def test_recover_after_ledger_compaction_reports_no_false_problems(storage):
     """Records that outlive a ledger compaction (a crash before the run's checkpoint) still name fragments that
     are now in a level: that is not a missing file."""
     from pipeline.ledger import compact
+
     store = open_store(storage)
     for i in range(3):
         commit_rows(store, [row(i)])
@@ -474,8 +506,9 @@ def test_commit_cost_does_not_grow_with_history(storage, monkeypatch):
     store = open_store(storage)
     w = writer(storage)
     records = [w.write([row(i, n=1)]) for i in range(n)]
-    calls: dict[str, list[str]] = {k: [] for k in ("write_bytes", "open_output", "list", "read_bytes", "open_input",
-                                                   "copy")}
+    calls: dict[str, list[str]] = {
+        k: [] for k in ("write_bytes", "open_output", "list", "read_bytes", "open_input", "copy")
+    }
     for name in calls:
         real = getattr(Storage, name)
 

@@ -13,25 +13,49 @@ from atoken.config import ATokenConfig
 from atoken.losses import GramLoss, kl_loss, psnr, ssim
 from atoken.model import AToken
 from atoken.sparse import image_to_tokens, video_to_tokens
-from atoken.train import (StageConfig, TrainConfig, Trainer, load_eval_photos, lr_factor, main, make_batch)
+from atoken.train import StageConfig, TrainConfig, Trainer, load_eval_photos, lr_factor, main, make_batch
 from atoken.train_data import DataConfig, SceneGenerator, TrainStream, from_tokens, to_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
 
-SMALL_MODEL = dict(encoder_model_channels=72, encoder_num_blocks=1, encoder_num_heads=1, encoder_mlp_channels=144,
-                   decoder_model_channels=72, decoder_num_blocks=1, decoder_num_heads=1, decoder_mlp_channels=144)
+SMALL_MODEL = dict(
+    encoder_model_channels=72,
+    encoder_num_blocks=1,
+    encoder_num_heads=1,
+    encoder_mlp_channels=144,
+    decoder_model_channels=72,
+    decoder_num_blocks=1,
+    decoder_num_heads=1,
+    decoder_mlp_channels=144,
+)
 
 
 def small_cfg(tmp_path, **over) -> TrainConfig:
     cfg = TrainConfig(
-        name="t", model=dict(SMALL_MODEL),
-        data=DataConfig(image_size=32, video_size=32, video_frames=8, video_ratio=0.25, pool_size=8, refresh=4,
-                        min_shapes=3, max_shapes=8),
+        name="t",
+        model=dict(SMALL_MODEL),
+        data=DataConfig(
+            image_size=32,
+            video_size=32,
+            video_frames=8,
+            video_ratio=0.25,
+            pool_size=8,
+            refresh=4,
+            min_shapes=3,
+            max_shapes=8,
+        ),
         continuous=StageConfig(steps=4, max_minutes=5, lr=3e-3, warmup_steps=2, kl_weight=1e-6),
         fsq=StageConfig(steps=3, max_minutes=5, lr=1e-3, warmup_steps=1),
-        batch_size=4, device="cpu", log_every=1000, eval_images=4, eval_batch=4,
-        out_dir=str(tmp_path / "runs"), weights_dir=str(tmp_path / "weights"), config_dir=str(tmp_path / "configs"))
+        batch_size=4,
+        device="cpu",
+        log_every=1000,
+        eval_images=4,
+        eval_batch=4,
+        out_dir=str(tmp_path / "runs"),
+        weights_dir=str(tmp_path / "weights"),
+        config_dir=str(tmp_path / "configs"),
+    )
     return dataclasses.replace(cfg, **over)
 
 
@@ -49,9 +73,11 @@ def _threads():
 
 # ----------------------------------------------------------------------------- data
 
+
 def test_to_tokens_matches_sparse_converters():
-    gen = SceneGenerator(DataConfig(image_size=32, video_size=32, video_frames=8, min_shapes=2, max_shapes=4),
-                         log=quiet)
+    gen = SceneGenerator(
+        DataConfig(image_size=32, video_size=32, video_frames=8, min_shapes=2, max_shapes=4), log=quiet
+    )
     g = gen.generator(0)
     img = gen.images(g, 2)
     vid = gen.videos(g, (img.permute(0, 3, 1, 2) + 1) / 2)
@@ -75,8 +101,18 @@ def test_stream_deterministic_resumable_and_never_reads_test_data():
 
     sys.addaudithook(hook)  # audit hooks cannot be removed; `active` turns it off after the test
     try:
-        cfg = DataConfig(image_size=32, video_size=32, video_frames=8, video_ratio=0.25, pool_size=8, refresh=4,
-                         refresh_every=2, min_shapes=3, max_shapes=8, seed=3)
+        cfg = DataConfig(
+            image_size=32,
+            video_size=32,
+            video_frames=8,
+            video_ratio=0.25,
+            pool_size=8,
+            refresh=4,
+            refresh_every=2,
+            min_shapes=3,
+            max_shapes=8,
+            seed=3,
+        )
         a = TrainStream(cfg, log=quiet)
         seq = [a.batch(s, 4) for s in range(8)]
         b = TrainStream(cfg, log=quiet)  # fresh stream asked for step 5 directly (as after a resume)
@@ -103,6 +139,7 @@ def test_stream_rejects_bad_config():
 
 # ----------------------------------------------------------------------------- losses and schedule
 
+
 def test_losses_and_metrics():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert psnr(x, x).min() > 90 and torch.allclose(ssim(x, x), torch.ones(2))
@@ -127,6 +164,7 @@ def test_lr_schedule():
 
 
 # ----------------------------------------------------------------------------- training
+
 
 def test_training_reduces_loss_on_fixed_batch(tmp_path):
     cfg = small_cfg(tmp_path, continuous=StageConfig(steps=40, lr=3e-3, warmup_steps=3, kl_weight=1e-6))
@@ -188,6 +226,7 @@ def test_cli_both_stages_export_official_weights(tmp_path):
         model = AToken(arch)
         load_weights(model, w, strict=True)
         from safetensors.torch import load_file
+
         sd = load_file(str(w))
         assert set(sd) == set(model.state_dict())
         assert all(v.dtype == torch.float16 for v in sd.values())

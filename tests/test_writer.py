@@ -1,6 +1,7 @@
 """The shard writer (pipeline/writer.py) on local disk and SeaweedFS: shards cut by bytes, row groups near
 row_group_bytes, page checksums, records that match the staged files, outcomes in the ledger fragment only,
 one modality per shard, and the run summary figures."""
+
 from __future__ import annotations
 
 import hashlib
@@ -42,7 +43,7 @@ def test_cut_reaches_target_and_respects_cap():
             if k < len(ranges) - 1:  # every range but the last closed for a reason
                 assert total >= target or total + int(sizes[b]) > cap
             if b - a > 1:
-                assert int(sizes[a:b - 1].sum()) < target  # closed as soon as the target was reached
+                assert int(sizes[a : b - 1].sum()) < target  # closed as soon as the target was reached
     assert cut(np.array([], np.int64), 10, 20) == []
 
 
@@ -106,14 +107,23 @@ def test_record_matches_the_staged_files_and_checksums_are_on(storage):
 
 
 def test_outcomes_go_to_the_ledger_and_modalities_to_their_own_shards(storage):
-    rows = [row(0), row(1, "video"), row(2, status="failed"), row(3, "3d"), row(4, status="skipped"), row(5),
-            row(6, "video", status="failed"), row(7, "3d")]
+    rows = [
+        row(0),
+        row(1, "video"),
+        row(2, status="failed"),
+        row(3, "3d"),
+        row(4, status="skipped"),
+        row(5),
+        row(6, "video", status="failed"),
+        row(7, "3d"),
+    ]
     rec = writer(storage, cfg=CFG).write(rows)
     by_mod = {}
     for s in rec["shards"]:
         t = read_table(storage, s["staging"])
         assert set(t.column("modality").to_pylist()) == {s["modality"]} and s["staging"].endswith(
-            f"/{s['modality']}-0.parquet")
+            f"/{s['modality']}-0.parquet"
+        )
         by_mod[s["modality"]] = t.column("id").to_pylist()
     assert by_mod == {"image": ["t-s00000", "t-s00005"], "video": ["t-s00001"], "3d": ["t-s00003", "t-s00007"]}
     led = read_table(storage, rec["ledger"]).to_pylist()
@@ -131,11 +141,13 @@ def test_outcomes_go_to_the_ledger_and_modalities_to_their_own_shards(storage):
 
 
 def test_summarize_counts_reasons_and_timings():
-    rows = [row(0, timings={"decode": 0.5, "tokenize": 0.25, "_done": 100.0}),
-            row(1, timings={"decode": 1.5, "tokenize": 0.75, "_done": 101.0}),
-            row(2, status="failed", reason="DecodeError: bad frame\nTraceback ...", timings={"decode": 2.0}),
-            row(3, status="failed", reason="DecodeError: bad frame\nother"),
-            row(4, status="skipped", stage="source", reason="x" * 400)]
+    rows = [
+        row(0, timings={"decode": 0.5, "tokenize": 0.25, "_done": 100.0}),
+        row(1, timings={"decode": 1.5, "tokenize": 0.75, "_done": 101.0}),
+        row(2, status="failed", reason="DecodeError: bad frame\nTraceback ...", timings={"decode": 2.0}),
+        row(3, status="failed", reason="DecodeError: bad frame\nother"),
+        row(4, status="skipped", stage="source", reason="x" * 400),
+    ]
     s = summarize(rows)
     assert s["rows"] == 5 and s["counts"] == {"ok": 2, "failed": 2, "skipped": 1}
     assert sorted(map(tuple, s["reasons"])) == [("decode", "DecodeError: bad frame", 2), ("source", "x" * 160, 1)]

@@ -1,6 +1,7 @@
 """yt-dlp downloads, not mocked: the real yt-dlp (generic extractor) against a loopback HTTP server (127.0.0.1)
 serving real test videos, HTML pages with <video>/<source> tags, bot-check (403/429) pages, a slow body and 404s.
 Also the routing rule and the error classification."""
+
 import hashlib
 import shutil
 import time
@@ -11,8 +12,10 @@ from pipeline.fetch import FetchConfig, Fetcher
 from pipeline.ytdlp import YtdlpConfig, YtdlpDownloader, YtdlpError, classify, reason_kind, route
 from tests.http_server import Fault, FaultServer
 
-PAGE = ('<!doctype html><html><head><title>{title}</title></head><body><h1>{title}</h1>'
-        '<video controls width="320">{tag}</video></body></html>')
+PAGE = (
+    "<!doctype html><html><head><title>{title}</title></head><body><h1>{title}</h1>"
+    '<video controls width="320">{tag}</video></body></html>'
+)
 
 
 def page(title: str, src: str, source_tag: bool = True) -> str:
@@ -31,8 +34,11 @@ def site(tmp_path, shared_data):
     (root / "watch" / "a").write_text(page("clip a", "/media/chaplin.mp4"))
     (root / "watch" / "b").write_text(page("clip b", "/media/Big_Buck_Bunny_180_10s.webm", source_tag=False))
     (root / "watch" / "gone").write_text(page("gone", "/media/missing.mp4"))
-    faults = {"/watch/bot403": Fault("status", code=403), "/watch/bot429": Fault("status", code=429),
-              "/media/slow.mp4": Fault("drip", chunk=1024, seconds=2.0)}
+    faults = {
+        "/watch/bot403": Fault("status", code=403),
+        "/watch/bot429": Fault("status", code=429),
+        "/media/slow.mp4": Fault("drip", chunk=1024, seconds=2.0),
+    }
     shutil.copy(root / "media" / "chaplin.mp4", root / "media" / "slow.mp4")
     (root / "watch" / "slow").write_text(page("slow", "/media/slow.mp4"))
     with FaultServer(root, faults) as srv:
@@ -80,8 +86,7 @@ def test_html_pages_and_direct_video_through_yt_dlp(site, tmp_path, shared_data)
     """A page with <source>, a page with <video src>, and a direct file (forced to yt-dlp) all arrive whole."""
     srv, root = site
     with Fetcher(fast(), str(tmp_path / "scratch")) as f:  # (downloader: ytdlp; auto would use HTTP here)
-        got = {k: f.fetch(srv.url(p), "video") for k, p in
-               (("a", "watch/a"), ("b", "watch/b"))}
+        got = {k: f.fetch(srv.url(p), "video") for k, p in (("a", "watch/a"), ("b", "watch/b"))}
         assert sha(got["a"].path) == sha(root / "media" / "chaplin.mp4")
         assert sha(got["b"].path) == sha(root / "media" / "Big_Buck_Bunny_180_10s.webm")
         assert got["b"].path.endswith(".webm")
@@ -104,8 +109,13 @@ def test_errors_become_readable_kinds(site, tmp_path):
                 f.fetch(srv.url(p), "video")
             reasons[p] = str(err.value)
     kinds = {p: r.split(":", 1)[0] for p, r in reasons.items()}
-    assert kinds == {"watch/missing": "unavailable", "watch/bot403": "bot-check", "watch/bot429": "rate-limited",
-                     "watch/gone": "unavailable", "watch/slow": "network"}, reasons
+    assert kinds == {
+        "watch/missing": "unavailable",
+        "watch/bot403": "bot-check",
+        "watch/bot429": "rate-limited",
+        "watch/gone": "unavailable",
+        "watch/slow": "network",
+    }, reasons
     assert "HTTP Error 429" in reasons["watch/bot429"] and "after 2 attempts" in reasons["watch/bot429"]
     # rate limits and network errors are retried once (retries: 1); 404s and bot checks are not
     assert srv.hits["/watch/bot429"] == 2 and srv.hits["/watch/bot403"] == 1 and srv.hits["/watch/missing"] == 1
@@ -140,8 +150,15 @@ def panda_csv(path, url, spans):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["videoID", "url", "timestamp", "caption", "matching_score"])
-        w.writerow(["vidA", url, repr([list(s) for s in spans]), repr([f"clip {i}" for i in range(len(spans))]),
-                    repr([0.5] * len(spans))])
+        w.writerow(
+            [
+                "vidA",
+                url,
+                repr([list(s) for s in spans]),
+                repr([f"clip {i}" for i in range(len(spans))]),
+                repr([0.5] * len(spans)),
+            ]
+        )
 
 
 def test_prepare_downloads_once_deletes_after_unless_cached(site, tmp_path, monkeypatch):

@@ -9,7 +9,19 @@ from .render import RenderConfig, Renderer, RenderOutput, render
 from .stage import MeshConfig, MeshStage
 
 __all__ = [
-    "Cameras", "sphere_cameras", "MeshData", "MeshError", "load_mesh", "normalize", "RenderConfig", "Renderer",
-    "RenderOutput", "render", "MeshConfig", "MeshStage", "occupied_voxels", "patch_features",
+    "Cameras",
+    "sphere_cameras",
+    "MeshData",
+    "MeshError",
+    "load_mesh",
+    "normalize",
+    "RenderConfig",
+    "Renderer",
+    "RenderOutput",
+    "render",
+    "MeshConfig",
+    "MeshStage",
+    "occupied_voxels",
+    "patch_features",
     "voxel_features",
 ]

@@ -144,20 +144,24 @@ def check_obj(path: Path) -> tuple[int, int]:
             refs = parts[1:]
             num_f += max(0, len(refs) - 2)
             if len(refs) < 3:
-                raise MeshError(f"{path.name}: malformed OBJ: face on line {lineno} has {len(refs)} vertices (needs >= 3)")
+                raise MeshError(
+                    f"{path.name}: malformed OBJ: face on line {lineno} has {len(refs)} vertices (needs >= 3)"
+                )
             for r in refs:
                 try:
                     i = int(r.split("/")[0])
                 except ValueError:
                     raise MeshError(f"{path.name}: malformed OBJ: bad face reference {r!r} on line {lineno}") from None
                 if i == 0 or i > num_v or -i > num_v:
-                    raise MeshError(f"{path.name}: malformed OBJ: face on line {lineno} references vertex {i}, "
-                                    f"only {num_v} defined")
+                    raise MeshError(
+                        f"{path.name}: malformed OBJ: face on line {lineno} references vertex {i}, only {num_v} defined"
+                    )
     return num_v, num_f
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Size budget, from the header (glTF accessors, PLY/STL headers, OBJ counts) before the full load
+
 
 @dataclass
 class MeshBudget:
@@ -225,8 +229,15 @@ def check_budget(path: Path, budget: MeshBudget, gltf: dict | None = None, count
         raise MeshError(f"{name}: file of {size / 2**20:.1f} MiB exceeds max_bytes={budget.max_bytes / 2**20:.0f} MiB")
     suffix = path.suffix.lower()
     if counts is None:
-        counts = (_gltf_counts(gltf) if gltf is not None else _ply_counts(path) if suffix == ".ply" else
-                  _stl_counts(path) if suffix == ".stl" else (0, 0))
+        counts = (
+            _gltf_counts(gltf)
+            if gltf is not None
+            else _ply_counts(path)
+            if suffix == ".ply"
+            else _stl_counts(path)
+            if suffix == ".stl"
+            else (0, 0)
+        )
     v, f = counts
     if budget.max_faces is not None and f > budget.max_faces:
         raise MeshError(f"{name}: {f} triangles exceeds max_faces={budget.max_faces} (from the file's header)")

@@ -9,7 +9,9 @@ from PIL import Image
 
 def vertex_colored_torus(sections: int = 48) -> trimesh.Trimesh:
     """A torus whose vertex colours vary with the angle around it."""
-    m = trimesh.creation.torus(major_radius=1.0, minor_radius=0.35, major_sections=sections, minor_sections=sections // 2)
+    m = trimesh.creation.torus(
+        major_radius=1.0, minor_radius=0.35, major_sections=sections, minor_sections=sections // 2
+    )
     ang = np.arctan2(m.vertices[:, 1], m.vertices[:, 0])
     rgb = np.stack([0.5 + 0.5 * np.cos(ang), 0.5 + 0.5 * np.cos(ang + 2.1), 0.5 + 0.5 * np.cos(ang + 4.2)], 1)
     m.visual = trimesh.visual.ColorVisuals(m, vertex_colors=(rgb * 255).astype(np.uint8))

@@ -43,12 +43,22 @@ def _edge_coeffs(tp: torch.Tensor) -> torch.Tensor:
     return torch.stack(coeffs, 1)
 
 
-def rasterize_cpu(pix: torch.Tensor, z: torch.Tensor, faces: torch.Tensor, height: int, width: int,
-                  near: float = 1e-3, chunk: int = 1 << 21, max_pairs: int = 1 << 21):
+def rasterize_cpu(
+    pix: torch.Tensor,
+    z: torch.Tensor,
+    faces: torch.Tensor,
+    height: int,
+    width: int,
+    near: float = 1e-3,
+    chunk: int = 1 << 21,
+    max_pairs: int = 1 << 21,
+):
     """Return tri_id long [B, H, W] (-1 = background) and bary float32 [B, H, W, 3]."""
     group = max(1, max_pairs // max(1, faces.shape[0]))
-    outs = [_rasterize_views(pix[i : i + group], z[i : i + group], faces, height, width, near, chunk)
-            for i in range(0, pix.shape[0], group)]
+    outs = [
+        _rasterize_views(pix[i : i + group], z[i : i + group], faces, height, width, near, chunk)
+        for i in range(0, pix.shape[0], group)
+    ]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
@@ -86,7 +96,7 @@ def _rasterize_views(pix, z, faces, height, width, near, chunk, tile: int = 16):
     c = coef[item_pair]
     xa, xb = (x0 + 0.5).double()[:, None], (x1 - 0.5).double()[:, None]
     ya, yb = (y0 + 0.5).double()[:, None], (y1 - 0.5).double()[:, None]
-    best = (c[..., 2] + torch.maximum(c[..., 0] * xa, c[..., 0] * xb) + torch.maximum(c[..., 1] * ya, c[..., 1] * yb))
+    best = c[..., 2] + torch.maximum(c[..., 0] * xa, c[..., 0] * xb) + torch.maximum(c[..., 1] * ya, c[..., 1] * yb)
     keep = (best >= 0).all(-1)
     item_pair, x0, y0, x1, y1 = item_pair[keep], x0[keep], y0[keep], x1[keep], y1[keep]
     coef = coef.float()
@@ -106,8 +116,10 @@ def _rasterize_views(pix, z, faces, height, width, near, chunk, tile: int = 16):
             py = y0[it, None] + dy  # [n, bh]
             cx, cy = (px.float() + 0.5)[:, None, :], (py.float() + 0.5)[:, :, None]
             cf = coef[p]
-            w = [cf[:, i, 0, None, None] * cx + (cf[:, i, 1, None, None] * cy + cf[:, i, 2, None, None])
-                 for i in range(3)]  # 3 x [n, bh, bw]
+            w = [
+                cf[:, i, 0, None, None] * cx + (cf[:, i, 1, None, None] * cy + cf[:, i, 2, None, None])
+                for i in range(3)
+            ]  # 3 x [n, bh, bw]
             inside = (w[0] >= 0) & (w[1] >= 0) & (w[2] >= 0)
             inside &= (px < x1[it, None])[:, None, :] & (py < y1[it, None])[:, :, None]
             idx = inside.view(-1).nonzero().squeeze(1)  # flat indices: 1-D gathers are much faster on CPU

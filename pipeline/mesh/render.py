@@ -56,8 +56,12 @@ def sample_texture(stack: torch.Tensor, tex: torch.Tensor, uv: torch.Tensor) -> 
     def at(yy, xx):
         return stack[tex, yy, xx]
 
-    return (at(y0, x0) * (1 - fx) * (1 - fy) + at(y0, x1) * fx * (1 - fy)
-            + at(y1, x0) * (1 - fx) * fy + at(y1, x1) * fx * fy)
+    return (
+        at(y0, x0) * (1 - fx) * (1 - fy)
+        + at(y0, x1) * fx * (1 - fy)
+        + at(y1, x0) * (1 - fx) * fy
+        + at(y1, x1) * fx * fy
+    )
 
 
 def texture_stack(textures: list, device) -> torch.Tensor:

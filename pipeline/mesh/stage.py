@@ -34,9 +34,9 @@ class MeshConfig(Config):
     visibility_tol: float = Field(2.0, gt=0)  # voxel sizes, visible_mean only
     max_faces: int = Field(5_000_000, ge=1)  # larger meshes fail with a clear reason instead of exhausting memory
     max_vertices: int = Field(10_000_000, ge=1)  # checked, like max_faces, from the header before loading
-    max_file_mb: int = Field(1024, ge=1)     # larger files are refused unread
-    timeout_s: float = Field(120.0, ge=0)    # wall-clock limit of loading one file, in a killable child (0: in-process)
-    memory_mb: int = Field(8192, ge=0)       # memory cap of that child (0 = none)
+    max_file_mb: int = Field(1024, ge=1)  # larger files are refused unread
+    timeout_s: float = Field(120.0, ge=0)  # wall-clock limit of loading one file, in a killable child (0: in-process)
+    memory_mb: int = Field(8192, ge=0)  # memory cap of that child (0 = none)
 
     def budget(self) -> MeshBudget:
         return MeshBudget(max_faces=self.max_faces, max_vertices=self.max_vertices, max_bytes=self.max_file_mb << 20)
@@ -65,13 +65,30 @@ class MeshStage:
         if not out.mask.any():
             raise MeshError("renders are empty (no triangle covers any pixel)")
         coords = occupied_voxels(out.depth, out.mask, cams.w2c, cams.intrinsics)
-        feats = voxel_features(out.rgb, coords, cams.w2c, cams.intrinsics, mode=cfg.feature_mode,
-                               depth=out.depth, mask=out.mask, visibility_tol=cfg.visibility_tol)
+        feats = voxel_features(
+            out.rgb,
+            coords,
+            cams.w2c,
+            cams.intrinsics,
+            mode=cfg.feature_mode,
+            depth=out.depth,
+            mask=out.mask,
+            visibility_tol=cfg.visibility_tol,
+        )
         settings = {
-            "views": cfg.views, "resolution": cfg.resolution, "fov_deg": cfg.fov_deg, "radius": cfg.radius,
-            "backend": out.backend, "feature_mode": cfg.feature_mode, "grid": GRID, "feature_res": 256, "patch": 16,
+            "views": cfg.views,
+            "resolution": cfg.resolution,
+            "fov_deg": cfg.fov_deg,
+            "radius": cfg.radius,
+            "backend": out.backend,
+            "feature_mode": cfg.feature_mode,
+            "grid": GRID,
+            "feature_res": 256,
+            "patch": 16,
             "cameras": "hammersley sphere, per-asset offset from sha256(id); OpenCV w2c, normalised intrinsics",
-            "shading": "unlit base colour", "normalize": norm, **{k: v for k, v in mesh.info.items()},
+            "shading": "unlit base colour",
+            "normalize": norm,
+            **{k: v for k, v in mesh.info.items()},
         }
         if cfg.feature_mode == "visible_mean":
             settings["visibility_tol"] = cfg.visibility_tol

@@ -11,6 +11,7 @@ workers over Arrow tables:
 Ids, buckets and the resume filter are the wiring's business (`pipeline/ray_job.py`), and `iter_rows()` runs the
 same steps in-process, without Ray, for tests and small tools. A new source is one new module here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -32,9 +33,9 @@ _TYPE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class SourceConfig(Config):
     type: str
-    name: str | None = None                        # name in ids and shards (default: the type)
-    limit: int | None = Field(None, ge=1)          # at most N samples (a sample of the source, not "the first N")
-    licence: str | None = None                     # its samples' licence where they state none (pipeline/licences.py)
+    name: str | None = None  # name in ids and shards (default: the type)
+    limit: int | None = Field(None, ge=1)  # at most N samples (a sample of the source, not "the first N")
+    licence: str | None = None  # its samples' licence where they state none (pipeline/licences.py)
 
     @field_validator("licence")
     @classmethod
@@ -52,10 +53,11 @@ class SourceConfig(Config):
 class Read:
     """How Ray Data reads a source: `csv`/`parquet`/`json` files (paths inside `filesystem_uri`'s filesystem),
     or `items` (small listing chunks expanded by `Source.list_chunk` on the workers)."""
+
     format: Literal["csv", "parquet", "json", "items"]
     uris: list[str] = field(default_factory=list)
     items: list[Any] = field(default_factory=list)
-    columns: list[str] | None = None               # csv: header names, all read as binary (decoded on workers)
+    columns: list[str] | None = None  # csv: header names, all read as binary (decoded on workers)
     encodings: dict[str, str] = field(default_factory=dict)  # csv: uri -> codec (tables.detect_encoding)
 
 
@@ -64,8 +66,13 @@ class Source:
     branches: ClassVar[tuple[str, ...]] = ("media",)  # what it can yield: media (images, videos) and/or 3d
     licence: ClassVar[str] = "unknown"  # the dataset's licence or terms, for rows that state none of their own
 
-    def __init__(self, cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None,
-                 require_licence: frozenset[str] | None = None):
+    def __init__(
+        self,
+        cfg: SourceConfig,
+        storage: StorageOptions | None = None,
+        id_rule: int | None = None,
+        require_licence: frozenset[str] | None = None,
+    ):
         from pipeline.sources.ids import ID_RULE, check_rule
 
         self.cfg = cfg
@@ -114,8 +121,11 @@ def available() -> list[str]:
     import pkgutil
 
     here = __path__  # noqa: F821 (package attribute)
-    return sorted(m.name for m in pkgutil.iter_modules(here) if not m.name.startswith("_") and m.name != "ids"
-                  and m.name != "tables")
+    return sorted(
+        m.name
+        for m in pkgutil.iter_modules(here)
+        if not m.name.startswith("_") and m.name != "ids" and m.name != "tables"
+    )
 
 
 def source_config(data: dict, index: int = 0) -> SourceConfig:
@@ -125,12 +135,17 @@ def source_config(data: dict, index: int = 0) -> SourceConfig:
     return validate(mod.Source.Config, data, prefix=f"sources.{index}")
 
 
-def make_source(cfg: SourceConfig, storage: StorageOptions | None = None, id_rule: int | None = None,
-                require_licence: frozenset[str] | None = None) -> Source:
+def make_source(
+    cfg: SourceConfig,
+    storage: StorageOptions | None = None,
+    id_rule: int | None = None,
+    require_licence: frozenset[str] | None = None,
+) -> Source:
     return source_module(cfg.type).Source(cfg, storage, id_rule, require_licence)
 
 
 # ---- helpers shared by the source modules --------------------------------------------------------------------
+
 
 def text_column(table: pa.Table, name: str) -> pa.Array:
     """A column as UTF-8 strings (binary CSV columns decoded; invalid bytes become U+FFFD); absent -> nulls."""
@@ -143,12 +158,13 @@ def text_column(table: pa.Table, name: str) -> pa.Array:
         try:
             return col.cast(pa.string())
         except pa.ArrowInvalid:
-            return pa.array([None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()],
-                            pa.string())
+            return pa.array([None if v is None else v.decode("utf-8", "replace") for v in col.to_pylist()], pa.string())
     if pa.types.is_nested(col.type):  # lists, structs, maps (Parquet, JSON lines) have no cast: JSON text
         import json
-        return pa.array([None if v is None else json.dumps(v, sort_keys=True, default=str)
-                         for v in col.to_pylist()], pa.string())
+
+        return pa.array(
+            [None if v is None else json.dumps(v, sort_keys=True, default=str) for v in col.to_pylist()], pa.string()
+        )
     return pc.cast(col, pa.string())
 
 
@@ -156,8 +172,16 @@ def key_column(table: pa.Table, name: str, id_rule: int) -> pa.Array:
     """A key column for `make_ids`: its raw bytes (binary CSV columns undecoded) under id rule 2, the decoded text
     under rule 1 (what stores written before rule 2 hashed)."""
     col = table.column(name).combine_chunks() if name in table.column_names else None
-    if id_rule > 1 and col is not None and (pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
-                                            or pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+    if (
+        id_rule > 1
+        and col is not None
+        and (
+            pa.types.is_binary(col.type)
+            or pa.types.is_large_binary(col.type)
+            or pa.types.is_string(col.type)
+            or pa.types.is_large_string(col.type)
+        )
+    ):
         return col
     return text_column(table, name)
 
@@ -183,8 +207,9 @@ def keyed(source: Source, raw: pa.Table) -> pa.Table:
     if bad.num_rows:
         out = source.keys(bad.drop_columns([ROW_ERROR]))
         if out.num_rows != bad.num_rows:
-            raise RuntimeError(f"source {source.name}: keys() gave {out.num_rows} rows for {bad.num_rows} "
-                               "unparsed rows")
+            raise RuntimeError(
+                f"source {source.name}: keys() gave {out.num_rows} rows for {bad.num_rows} unparsed rows"
+            )
         parts.append(out.append_column(ROW_ERROR, bad.column(ROW_ERROR)))
     return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
 
@@ -204,8 +229,11 @@ def described(source: Source, rows: pa.Table) -> list[Row]:
     ids, buckets = rows.column("id").to_pylist(), rows.column("bucket").to_pylist()
     modality = getattr(source.cfg, "modality", "auto")
     modality = modality if modality != "auto" else "3d" if tuple(source.branches) == ("3d",) else "video"
-    bad = [(i, fail(new_row(ids[i], modality, source.name, uri="", bucket=buckets[i]), "source", e))
-           for i, e in enumerate(errors) if e is not None]
+    bad = [
+        (i, fail(new_row(ids[i], modality, source.name, uri="", bucket=buckets[i]), "source", e))
+        for i, e in enumerate(errors)
+        if e is not None
+    ]
     if len(out) != len(good):  # a source that expands rows in describe: its rows first
         return out + [r for _, r in bad]
     merged: list[Row] = [None] * len(errors)  # type: ignore[list-item]

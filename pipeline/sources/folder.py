@@ -4,6 +4,7 @@ Listed on the workers in chunks (one per top-level sub-folder, and the top-level
 never holds the file list. Files are classified by content (magic bytes; extension only for OBJ/STL/glTF);
 unrecognised or empty files become `skipped` samples with the reason. Ids are `<source>-<relative path>`.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ class Source(BaseSource):
         dirs = sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
         files = sorted((i.base_name, i.size) for i in infos if i.type == pafs.FileType.File)
         items = [{"dir": d} for d in dirs]
-        items += [{"files": files[i:i + FILES_PER_CHUNK]} for i in range(0, len(files), FILES_PER_CHUNK)]
+        items += [{"files": files[i : i + FILES_PER_CHUNK]} for i in range(0, len(files), FILES_PER_CHUNK)]
         return Read("items", items=items)
 
     def list_chunk(self, item: dict) -> list[dict]:
@@ -55,8 +56,9 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         rel = text_column(raw, "rel")
         ids = make_ids(self.name, key_column(raw, "rel", self.id_rule), self.id_rule)
-        return pa.table({"id": ids, "group": ids, "order": rel, "rel": rel,
-                         "size": raw.column("size").cast(pa.int64())})
+        return pa.table(
+            {"id": ids, "group": ids, "order": rel, "rel": rel, "size": raw.column("size").cast(pa.int64())}
+        )
 
     def describe(self, rows: pa.Table) -> list[Row]:
         root = self._root()
@@ -70,7 +72,8 @@ class Source(BaseSource):
             except OSError as exc:
                 fmt, modality, how = None, None, f"unreadable: {exc}"
             meta = {"format": fmt, "bytes": size, "classified_by": how if fmt else None}
-            row = new_row(rid, modality or "unknown", self.name, uri=uri, bucket=bucket,
-                          meta=json.dumps(meta, sort_keys=True))
+            row = new_row(
+                rid, modality or "unknown", self.name, uri=uri, bucket=bucket, meta=json.dumps(meta, sort_keys=True)
+            )
             out.append(row if fmt else skip(row, "source", how))
         return out

@@ -15,6 +15,7 @@ Id rules (a store records its rule in version.json as `id_rule`; a store without
 Buckets: FNV-1a (64 bit) of the UTF-8 bytes, modulo the store's bucket count. They are stored in the ledger,
 so the function must never change; `bucket_of` is plain numpy over the Arrow buffers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,10 +26,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 MAX_KEY_CHARS = 80
-ID_RULE = 2                # the rule new stores get
+ID_RULE = 2  # the rule new stores get
 ID_RULES = (1, 2)
-_DIGEST = {1: 10, 2: 16}   # hex chars of the raw key's hash
-_RESERVED = r"(?:^|-)[0-9a-f]{16}$|\.w[0-9]+$"   # rule 2: clean keys shaped like a hashed or a window id
+_DIGEST = {1: 10, 2: 16}  # hex chars of the raw key's hash
+_RESERVED = r"(?:^|-)[0-9a-f]{16}$|\.w[0-9]+$"  # rule 2: clean keys shaped like a hashed or a window id
 _RESERVED_RE = re.compile(_RESERVED)
 _UNSAFE = "[^A-Za-z0-9._-]+"
 _UNSAFE_RE = re.compile(_UNSAFE)
@@ -57,7 +58,7 @@ def make_id(source: str, key: str | bytes, rule: int = ID_RULE) -> str:
     text = raw.decode("utf-8", "replace")
     safe = _UNSAFE_RE.sub("_", text).lstrip(".")
     if safe.encode() != raw or len(safe) > MAX_KEY_CHARS or not safe or (rule > 1 and _RESERVED_RE.search(safe)):
-        digest = hashlib.sha256(raw).hexdigest()[:_DIGEST[rule]]
+        digest = hashlib.sha256(raw).hexdigest()[: _DIGEST[rule]]
         safe = f"{safe[:MAX_KEY_CHARS]}-{digest}" if safe else digest
     return f"{source_prefix(source)}-{safe}"
 
@@ -76,8 +77,10 @@ def make_ids(source: str, keys: pa.Array | pa.ChunkedArray, rule: int = ID_RULE)
         text = keys
     text = pc.fill_null(text, "")
     safe = pc.utf8_ltrim(pc.replace_substring_regex(text, _UNSAFE, "_"), ".")
-    changed = pc.or_(pc.not_equal(safe, text), pc.or_(pc.greater(pc.utf8_length(safe), MAX_KEY_CHARS),
-                                                      pc.equal(pc.utf8_length(safe), 0)))
+    changed = pc.or_(
+        pc.not_equal(safe, text),
+        pc.or_(pc.greater(pc.utf8_length(safe), MAX_KEY_CHARS), pc.equal(pc.utf8_length(safe), 0)),
+    )
     if check_rule(rule) > 1:
         changed = pc.or_(changed, pc.match_substring_regex(safe, _RESERVED))
     ids = pc.binary_join_element_wise(source_prefix(source) + "-", safe, "")

@@ -6,6 +6,7 @@ Each object's `licence` is its own from the annotations (`by` -> `cc-by`, ...; p
 object's uri is its GLB; a missing one becomes its Hugging Face URL when downloads are allowed (the
 fetch stage downloads it with its retries and cache), else a failed sample. Optional Cap3D-style captions.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,11 +32,11 @@ _RAW = ("uid", "path", "mirrored", "known", "name", "license", "tags", "face_cou
 
 class Config(SourceConfig):
     type: Literal["objaverse"] = "objaverse"
-    mirror_dir: str                          # plays the role of ~/.objaverse/hf-objaverse-v1
-    uids: list[str] | None = None            # None: every uid in object-paths.json.gz
-    captions_csv: str | None = None          # Cap3D-style `uid,caption` (header optional)
-    allow_download: bool = False             # let objaverse fetch a missing index/metadata; missing GLBs get a URL
-    list_parts: int = Field(16, ge=1)        # listing chunks
+    mirror_dir: str  # plays the role of ~/.objaverse/hf-objaverse-v1
+    uids: list[str] | None = None  # None: every uid in object-paths.json.gz
+    captions_csv: str | None = None  # Cap3D-style `uid,caption` (header optional)
+    allow_download: bool = False  # let objaverse fetch a missing index/metadata; missing GLBs get a URL
+    list_parts: int = Field(16, ge=1)  # listing chunks
 
 
 @contextmanager
@@ -43,6 +44,7 @@ def objaverse_at(mirror_dir: str):
     """The objaverse package pointed at a mirror for the duration of a call (it reads _VERSIONED_PATH at call
     time); the previous value is restored afterwards."""
     import objaverse
+
     old = objaverse._VERSIONED_PATH
     objaverse._VERSIONED_PATH = str(mirror_dir)
     try:
@@ -65,15 +67,22 @@ def read_captions(uri: str, storage=None) -> dict[str, str]:
         extra.extend(rec for rec in csv.reader(io.StringIO(row.text)) if len(rec) >= 2)
         return "skip"
 
-    table = pacsv.read_csv(pa.py_buffer(data), read_options=pacsv.ReadOptions(
-        autogenerate_column_names=True, block_size=CSV_BLOCK_BYTES), parse_options=pacsv.ParseOptions(
-        newlines_in_values=True, invalid_row_handler=wide), convert_options=pacsv.ConvertOptions(
-        column_types={"f0": pa.binary(), "f1": pa.binary()})) if data.strip() else None
+    table = (
+        pacsv.read_csv(
+            pa.py_buffer(data),
+            read_options=pacsv.ReadOptions(autogenerate_column_names=True, block_size=CSV_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=wide),
+            convert_options=pacsv.ConvertOptions(column_types={"f0": pa.binary(), "f1": pa.binary()}),
+        )
+        if data.strip()
+        else None
+    )
     rows = []
     if table is not None and table.num_columns >= 2:
         rows = zip(*(table.column(c).to_pylist() for c in ("f0", "f1")))
-    recs = [(a.decode("utf-8", "replace"), b.decode("utf-8", "replace")) for a, b in rows] + \
-        [(r[0], r[1]) for r in extra]
+    recs = [(a.decode("utf-8", "replace"), b.decode("utf-8", "replace")) for a, b in rows] + [
+        (r[0], r[1]) for r in extra
+    ]
     return {a.strip(): b.strip() for a, b in recs if a != "uid"}
 
 
@@ -95,27 +104,36 @@ class Source(BaseSource):
             uids = sorted(object_paths) if cfg.uids is None else list(dict.fromkeys(cfg.uids))
             mine = [u for u, part in zip(uids, _parts(uids, object_paths, item["of"])) if part == item["part"]]
             known = [u for u in mine if u in object_paths]
-            wanted = [u for u in known if cfg.allow_download
-                      or (mirror / "metadata" / f"{object_paths[u].split('/')[1]}.json.gz").exists()]
+            wanted = [
+                u
+                for u in known
+                if cfg.allow_download or (mirror / "metadata" / f"{object_paths[u].split('/')[1]}.json.gz").exists()
+            ]
             annotations = objaverse.load_annotations(wanted) if wanted else {}
             local = objaverse.load_objects([u for u in known if (mirror / object_paths[u]).exists()])
         rows = []
         for uid in mine:
             ann = annotations.get(uid, {})
-            rows.append({
-                "uid": uid, "path": str(Path(local[uid]).resolve()) if uid in local else object_paths.get(uid, ""),
-                "mirrored": uid in local, "known": uid in object_paths, "name": ann.get("name"),
-                "license": ann.get("license"), "face_count": ann.get("faceCount"),
-                "tags": json.dumps([t.get("name") for t in ann.get("tags", []) if isinstance(t, dict)]),
-                "caption": captions.get(uid) or ann.get("name") or "",
-                "caption_from": "captions_csv" if uid in captions else ("name" if ann.get("name") else None)})
+            rows.append(
+                {
+                    "uid": uid,
+                    "path": str(Path(local[uid]).resolve()) if uid in local else object_paths.get(uid, ""),
+                    "mirrored": uid in local,
+                    "known": uid in object_paths,
+                    "name": ann.get("name"),
+                    "license": ann.get("license"),
+                    "face_count": ann.get("faceCount"),
+                    "tags": json.dumps([t.get("name") for t in ann.get("tags", []) if isinstance(t, dict)]),
+                    "caption": captions.get(uid) or ann.get("name") or "",
+                    "caption_from": "captions_csv" if uid in captions else ("name" if ann.get("name") else None),
+                }
+            )
         return rows
 
     def keys(self, raw: pa.Table) -> pa.Table:
         uid = text_column(raw, "uid")
         ids = make_ids(self.name, key_column(raw, "uid", self.id_rule), self.id_rule)
-        return pa.table({"id": ids, "group": ids, "order": uid,
-                         **{c: raw.column(c) for c in _RAW}})
+        return pa.table({"id": ids, "group": ids, "order": uid, **{c: raw.column(c) for c in _RAW}})
 
     def describe(self, rows: pa.Table) -> list[Row]:
         out = []
@@ -126,15 +144,30 @@ class Source(BaseSource):
                 uri = HF_OBJAVERSE + r["path"]
             else:
                 uri = ""
-            meta = {"uid": r["uid"], "name": r["name"], "license": r["license"], "tags": json.loads(r["tags"]),
-                    "face_count": r["face_count"], "caption_from": r["caption_from"]}
-            row = new_row(r["id"], "3d", self.name, uri=uri, caption=r["caption"], bucket=r["bucket"],
-                          meta=json.dumps(meta, sort_keys=True, default=str), licence=normalise(r["license"]))
+            meta = {
+                "uid": r["uid"],
+                "name": r["name"],
+                "license": r["license"],
+                "tags": json.loads(r["tags"]),
+                "face_count": r["face_count"],
+                "caption_from": r["caption_from"],
+            }
+            row = new_row(
+                r["id"],
+                "3d",
+                self.name,
+                uri=uri,
+                caption=r["caption"],
+                bucket=r["bucket"],
+                meta=json.dumps(meta, sort_keys=True, default=str),
+                licence=normalise(r["license"]),
+            )
             if not r["known"]:
                 row = fail(row, "source", f"uid {r['uid']} not in object-paths.json.gz")
             elif not uri:
-                row = fail(row, "source", f"object {r['path']} not in mirror {self.cfg.mirror_dir} and downloads "
-                                          "disabled")
+                row = fail(
+                    row, "source", f"object {r['path']} not in mirror {self.cfg.mirror_dir} and downloads disabled"
+                )
             out.append(row)
         return out
 

@@ -4,6 +4,7 @@ one row per source video, parallel Python-literal lists per clip (read with `ast
 One sample per clip, id `<source>-<videoID>_<start_ms>_<end_ms>`; the clips of one video share a group (one
 download). A malformed row gives one failed sample with the reason.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,7 +18,7 @@ from pydantic import field_validator, model_validator
 
 from pipeline.licences import NONE_GRANTED
 from pipeline.rows import Row, fail, new_row, skip
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, text_column, texts
+from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, texts
 from pipeline.sources.ids import key_bytes, make_id
 from pipeline.sources.tables import Encoding, csv_header, detect_encoding, format_of, resolve_files
 from pipeline.sources.webvid import check_template, mirror_uri
@@ -31,11 +32,11 @@ _CLIP_COLUMNS = ("url", "videoid", "clip", "span_start", "span_end", "caption", 
 class Config(SourceConfig):
     type: Literal["panda70m"] = "panda70m"
     path: str | list[str]
-    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
-    base_dir: str | None = None            # resolves relative urls (a local or remote mirror)
+    encoding: Encoding = "auto"  # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
+    base_dir: str | None = None  # resolves relative urls (a local or remote mirror)
     min_matching_score: float | None = None  # filter: clips scoring lower are skipped before any download
-    path_template: str | None = None       # a mirror under base_dir, e.g. "{videoID}.mp4" (one file per video)
-    url_rewrite: dict[str, str] = {}       # URL prefix -> mirror prefix (see pipeline/sources/webvid.py)
+    path_template: str | None = None  # a mirror under base_dir, e.g. "{videoID}.mp4" (one file per video)
+    url_rewrite: dict[str, str] = {}  # URL prefix -> mirror prefix (see pipeline/sources/webvid.py)
 
     @field_validator("path_template")
     @classmethod
@@ -159,8 +160,11 @@ class Source(BaseSource):
                     raise ValueError("empty videoID or url")
                 clips = clips_of(rec)
             except (ValueError, TypeError) as exc:
-                whole = repr([raw.column(c)[i].as_py() for c in raw.column_names]) if rule > 1 else \
-                    json.dumps(rec, sort_keys=True)
+                whole = (
+                    repr([raw.column(c)[i].as_py() for c in raw.column_names])
+                    if rule > 1
+                    else json.dumps(rec, sort_keys=True)
+                )
                 digest = hashlib.sha256(whole.encode("utf-8", "surrogateescape")).hexdigest()[:10]
                 clips, error = [(None, None, "", None, {})], f"videoID {vid!r}: {exc}"
                 keys = [(kvid if vid else b"row") + f"_bad-{digest}".encode()]
@@ -169,13 +173,27 @@ class Source(BaseSource):
                 keys = [kvid + f"_{round(s * 1000)}_{round(e * 1000)}".encode() for s, e, *_ in clips]
             group = make_id(self.name, kvid if vid else keys[0], rule)
             for k, (key, (start, end, caption, score, extra)) in enumerate(zip(keys, clips)):
-                for name, value in (("id", make_id(self.name, key, rule)), ("group", group), ("order", url),
-                                    ("url", url), ("videoid", vid), ("clip", k), ("span_start", start),
-                                    ("span_end", end), ("caption", caption), ("matching_score", score),
-                                    ("extra", json.dumps(extra, sort_keys=True, default=str)), ("error", error)):
+                for name, value in (
+                    ("id", make_id(self.name, key, rule)),
+                    ("group", group),
+                    ("order", url),
+                    ("url", url),
+                    ("videoid", vid),
+                    ("clip", k),
+                    ("span_start", start),
+                    ("span_end", end),
+                    ("caption", caption),
+                    ("matching_score", score),
+                    ("extra", json.dumps(extra, sort_keys=True, default=str)),
+                    ("error", error),
+                ):
                     out[name].append(value)
-        types = {"clip": pa.int32(), "span_start": pa.float64(), "span_end": pa.float64(),
-                 "matching_score": pa.float64()}
+        types = {
+            "clip": pa.int32(),
+            "span_start": pa.float64(),
+            "span_end": pa.float64(),
+            "matching_score": pa.float64(),
+        }
         table = pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in out.items()})
         return table
 
@@ -184,8 +202,16 @@ class Source(BaseSource):
         out = []
         for r in recs:
             uri = mirror_uri(r["url"], {"videoID": r["videoid"], "videoid": r["videoid"]}, self.cfg)
-            row = new_row(r["id"], "video", self.name, uri=uri, bucket=r["bucket"], caption=r["caption"],
-                          span_start=r["span_start"], span_end=r["span_end"])
+            row = new_row(
+                r["id"],
+                "video",
+                self.name,
+                uri=uri,
+                bucket=r["bucket"],
+                caption=r["caption"],
+                span_start=r["span_start"],
+                span_end=r["span_end"],
+            )
             extra = json.loads(r["extra"] or "{}")
             row.update(typed_metadata(r["matching_score"], extra))
             meta = {"videoid": r["videoid"], "clip": r["clip"], **extra}

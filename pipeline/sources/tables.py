@@ -1,5 +1,6 @@
 """Reading table sources (CSV, TSV, Parquet, JSON lines) from any storage, on the driver (headers only) and
 in-process (`read_local`, the no-Ray path). Ray Data reads the same files in the wiring."""
+
 from __future__ import annotations
 
 import codecs
@@ -16,12 +17,20 @@ from pydantic import AfterValidator
 
 from pipeline.storage import Storage, StorageOptions, filesystem, open_uri, split_uri
 
-FORMATS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".jsonl": "json", ".json": "json",
-           ".csv.gz": "csv", ".tsv.gz": "csv", ".jsonl.gz": "json"}
-CSV_BLOCK_BYTES = 64 << 20   # a CSV row may be this long; ~one block of rows per parse step
-HEAD_BYTES = 1 << 16         # what encoding detection and headers read
-ROW_ERROR = "_row_error"     # CSV rows that did not parse: why (null for the others)
-UNPARSED = b"\x00unparsed-" # the marker in every column of such a row (+ a hash of its text)
+FORMATS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv.gz": "csv",
+    ".tsv.gz": "csv",
+    ".jsonl.gz": "json",
+}
+CSV_BLOCK_BYTES = 64 << 20  # a CSV row may be this long; ~one block of rows per parse step
+HEAD_BYTES = 1 << 16  # what encoding detection and headers read
+ROW_ERROR = "_row_error"  # CSV rows that did not parse: why (null for the others)
+UNPARSED = b"\x00unparsed-"  # the marker in every column of such a row (+ a hash of its text)
 
 
 def format_of(uri: str) -> str | None:
@@ -32,8 +41,13 @@ def format_of(uri: str) -> str | None:
     return None
 
 
-def resolve_files(paths: str | list[str], options: StorageOptions | None = None, matches=format_of,
-                  one: str = "source file", many: str = "table files") -> list[str]:
+def resolve_files(
+    paths: str | list[str],
+    options: StorageOptions | None = None,
+    matches=format_of,
+    one: str = "source file",
+    many: str = "table files",
+) -> list[str]:
     """URIs of the files named by a path, a directory (every file under it that `matches`) or a glob (`*`, `?`).
     `one` / `many` name them in the errors."""
     out = []
@@ -66,6 +80,7 @@ def _head(uri: str, options: StorageOptions | None, size: int = HEAD_BYTES) -> b
     if uri.lower().endswith(".gz") and head:
         import gzip
         import zlib
+
         try:
             head = gzip.GzipFile(fileobj=io.BytesIO(head)).read1(size)
         except (EOFError, OSError, zlib.error):
@@ -79,8 +94,9 @@ def check_encoding(name: str) -> str:
         try:
             codecs.lookup(name)
         except LookupError:
-            raise ValueError(f"unknown encoding {name!r} (auto, or a Python codec such as utf-8, utf-16, "
-                             "latin-1, cp1252)") from None
+            raise ValueError(
+                f"unknown encoding {name!r} (auto, or a Python codec such as utf-8, utf-16, latin-1, cp1252)"
+            ) from None
     return name
 
 
@@ -96,11 +112,17 @@ def detect_encoding(uri: str, options: StorageOptions | None = None, declared: s
         try:
             codecs.getincrementaldecoder(declared)().decode(head, final=False)
         except UnicodeDecodeError as exc:
-            raise ValueError(f"{uri}: not {declared} (byte {exc.start}: {exc.reason}); "
-                             "fix the source's `encoding:`") from None
+            raise ValueError(
+                f"{uri}: not {declared} (byte {exc.start}: {exc.reason}); fix the source's `encoding:`"
+            ) from None
         return declared
-    for bom, name in ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf8"),
-                      (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")):
+    for bom, name in (
+        (codecs.BOM_UTF32_LE, "utf-32"),
+        (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF8, "utf8"),
+        (codecs.BOM_UTF16_LE, "utf-16"),
+        (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
         if head.startswith(bom):
             return name
     even, odd = head[0:2000:2], head[1:2000:2]
@@ -110,8 +132,10 @@ def detect_encoding(uri: str, options: StorageOptions | None = None, declared: s
         return "utf-16-be"
     header = head.split(b"\n", 1)[0] if b"\n" in head or len(head) < HEAD_BYTES else b""
     if not _is_utf8(header):
-        raise ValueError(f"{uri}: not UTF-8 (its header line has invalid bytes); set the source's `encoding:` "
-                         "(e.g. latin-1, cp1252, utf-16)")
+        raise ValueError(
+            f"{uri}: not UTF-8 (its header line has invalid bytes); set the source's `encoding:` "
+            "(e.g. latin-1, cp1252, utf-16)"
+        )
     return "utf8"  # bad bytes in a row: its id hashes them raw, its text has U+FFFD (name latin-1 etc. in `encoding:`)
 
 
@@ -133,8 +157,7 @@ def csv_header(uri: str, options: StorageOptions | None = None, encoding: str | 
     return next(csv.reader(line, delimiter=delimiter(uri)), []) if line else []
 
 
-def table_columns(uri: str, fmt: str, options: StorageOptions | None = None,
-                  encoding: str | None = None) -> list[str]:
+def table_columns(uri: str, fmt: str, options: StorageOptions | None = None, encoding: str | None = None) -> list[str]:
     """Column names of a table file: the CSV header, the Parquet schema, or the first JSON record's keys."""
     if fmt == "csv":
         return csv_header(uri, options, encoding)
@@ -143,6 +166,7 @@ def table_columns(uri: str, fmt: str, options: StorageOptions | None = None,
             return pq.ParquetFile(f).schema_arrow.names
         first = f.read(1 << 20).split(b"\n", 1)[0]
     import json
+
     return list(json.loads(first)) if first.strip() else []
 
 
@@ -152,7 +176,8 @@ def csv_options(uri: str, columns: list[str], encoding: str = "utf8") -> dict:
     return dict(
         read_options=pacsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=False, encoding=encoding),
         parse_options=pacsv.ParseOptions(delimiter=delimiter(uri), newlines_in_values=True),
-        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns}, strings_can_be_null=False))
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in columns}, strings_can_be_null=False),
+    )
 
 
 class _BadRows:
@@ -198,10 +223,17 @@ def _unparsed(rows: list, uri: str, schema: pa.Schema) -> pa.Table:
         text = r.text if isinstance(r.text, str) else str(r.text)
         digest = hashlib.sha256(name + b"\0" + text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
         markers.append(UNPARSED + digest.encode())
-        errors.append(f"unparsable row in {split_uri(uri)[1]}: expected {r.expected_columns} fields, got "
-                      f"{r.actual_columns}: {text[:200]!r}")
-    cols = {f.name: pa.array(markers, pa.binary()).cast(f.type) if f.type in (pa.binary(), pa.string())
-            else pa.nulls(len(rows), f.type) for f in schema if f.name != ROW_ERROR}
+        errors.append(
+            f"unparsable row in {split_uri(uri)[1]}: expected {r.expected_columns} fields, got "
+            f"{r.actual_columns}: {text[:200]!r}"
+        )
+    cols = {
+        f.name: pa.array(markers, pa.binary()).cast(f.type)
+        if f.type in (pa.binary(), pa.string())
+        else pa.nulls(len(rows), f.type)
+        for f in schema
+        if f.name != ROW_ERROR
+    }
     return pa.table({**cols, ROW_ERROR: pa.array(errors, pa.string())}, schema=schema)
 
 

@@ -3,6 +3,7 @@ with named url, caption, key and span columns; the other columns are kept in `me
 
 `modality: auto` picks by the URL's extension (mesh formats -> 3d, image formats -> image, else video).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,10 +27,10 @@ _STD = ("id", "group", "order", "bucket")
 class Config(SourceConfig):
     type: Literal["url_list"] = "url_list"
     path: str | list[str]
-    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
+    encoding: Encoding = "auto"  # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
     url_col: str = "url"
     caption_col: str | None = "caption"
-    key_col: str | None = None               # the id key (default: the url)
+    key_col: str | None = None  # the id key (default: the url)
     span_cols: tuple[str, str] | None = None  # start and end seconds of a clip
     modality: Literal["auto", "image", "video", "3d"] = "auto"
     extra_columns: list[str] | Literal["all"] = "all"
@@ -104,9 +105,15 @@ class Source(BaseSource):
             uri = resolve((r.get(f"n:{cfg.url_col}") or "").strip(), cfg.base_dir)
             modality = modality_of(uri) if cfg.modality == "auto" else cfg.modality
             meta = {k[2:]: v for k, v in r.items() if k.startswith("x:")}
-            row = new_row(r["id"], modality, self.name, uri=uri, bucket=r["bucket"],
-                          caption=(r.get(f"n:{cfg.caption_col}") or "") if cfg.caption_col else "",
-                          meta=json.dumps(meta, sort_keys=True, default=str))
+            row = new_row(
+                r["id"],
+                modality,
+                self.name,
+                uri=uri,
+                bucket=r["bucket"],
+                caption=(r.get(f"n:{cfg.caption_col}") or "") if cfg.caption_col else "",
+                meta=json.dumps(meta, sort_keys=True, default=str),
+            )
             try:
                 if not uri:
                     raise ValueError(f"empty {cfg.url_col}")

@@ -7,6 +7,7 @@ by its byte range. The prepare stage then copies just that range (`tar://<member
 `pipeline/fetch.py`). Compressed tars have no byte ranges: they fail with a reason. Ids are `<source>-<key>`
 (video2dataset's keys carry the shard number, so they are unique across tars).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,7 @@ from pipeline.sources.ids import make_ids
 from pipeline.sources.tables import resolve_files
 from pipeline.storage import open_uri, split_uri
 
-TEXT_BYTES = 1 << 20          # a caption or metadata member larger than this is not read
+TEXT_BYTES = 1 << 20  # a caption or metadata member larger than this is not read
 _COLUMNS = ("tar", "key", "member", "offset", "size", "caption", "json", "error")
 _TAR_EXT = (".tar",)
 _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
@@ -31,14 +32,19 @@ _COMPRESSED = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst")
 
 class Config(SourceConfig):
     type: Literal["webdataset"] = "webdataset"
-    path: str | list[str]                   # tar file(s), a folder of them (recursive) or a glob
-    caption_ext: str = "txt"                # the member that holds the caption
-    meta_ext: str = "json"                  # the member that holds per-sample metadata (kept in `meta`)
+    path: str | list[str]  # tar file(s), a folder of them (recursive) or a glob
+    caption_ext: str = "txt"  # the member that holds the caption
+    meta_ext: str = "json"  # the member that holds per-sample metadata (kept in `meta`)
 
 
 def _tars(paths: str | list[str], options) -> list[str]:
-    return resolve_files(paths, options, matches=lambda p: p.lower().endswith(_TAR_EXT + _COMPRESSED),
-                         one="webdataset tar", many="tar files")
+    return resolve_files(
+        paths,
+        options,
+        matches=lambda p: p.lower().endswith(_TAR_EXT + _COMPRESSED),
+        one="webdataset tar",
+        many="tar files",
+    )
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -59,8 +65,20 @@ def read_members(uri: str, options=None, caption_ext: str = "txt", meta_ext: str
                 if not m.isfile():
                     continue
                 key, ext = _split(m.name)
-                s = samples.setdefault(key, {"tar": uri, "key": key, "member": None, "offset": None, "size": None,
-                                             "caption": None, "json": None, "error": None, "media": []})
+                s = samples.setdefault(
+                    key,
+                    {
+                        "tar": uri,
+                        "key": key,
+                        "member": None,
+                        "offset": None,
+                        "size": None,
+                        "caption": None,
+                        "json": None,
+                        "error": None,
+                        "media": [],
+                    },
+                )
                 if ext in (caption_ext, meta_ext):
                     text = tar.extractfile(m).read(TEXT_BYTES + 1)
                     if len(text) > TEXT_BYTES:
@@ -80,15 +98,26 @@ def _finish(samples: dict[str, dict]) -> list[dict]:
         if len(media) == 1:
             s["member"], s["offset"], s["size"] = media[0]
         elif not s["error"]:
-            s["error"] = (f"sample {s['key']} has no media member" if not media else
-                          f"sample {s['key']} has {len(media)} media members: {[m[0] for m in media]}")
+            s["error"] = (
+                f"sample {s['key']} has no media member"
+                if not media
+                else f"sample {s['key']} has {len(media)} media members: {[m[0] for m in media]}"
+            )
         out.append(s)
     return out
 
 
 def _error_row(uri: str, error: str) -> dict:
-    return {"tar": uri, "key": f"{split_uri(uri)[1]}-unreadable", "member": None, "offset": None, "size": None,
-            "caption": None, "json": None, "error": error}
+    return {
+        "tar": uri,
+        "key": f"{split_uri(uri)[1]}-unreadable",
+        "member": None,
+        "offset": None,
+        "size": None,
+        "caption": None,
+        "json": None,
+        "error": error,
+    }
 
 
 class Source(BaseSource):
@@ -104,8 +133,10 @@ class Source(BaseSource):
     def keys(self, raw: pa.Table) -> pa.Table:
         ids = make_ids(self.name, key_column(raw, "key", self.id_rule), self.id_rule)
         cols = {c: text_column(raw, c) for c in _COLUMNS if c not in ("offset", "size")}
-        ints = {c: raw.column(c).cast(pa.int64()) if c in raw.column_names else pa.nulls(raw.num_rows, pa.int64())
-                for c in ("offset", "size")}
+        ints = {
+            c: raw.column(c).cast(pa.int64()) if c in raw.column_names else pa.nulls(raw.num_rows, pa.int64())
+            for c in ("offset", "size")
+        }
         return pa.table({"id": ids, "group": ids, "order": cols["tar"], **cols, **ints})
 
     def describe(self, rows: pa.Table) -> list[Row]:
@@ -114,8 +145,14 @@ class Source(BaseSource):
             fmt = EXTENSIONS.get("." + (r["member"] or "").rsplit(".", 1)[-1].lower()) if r["member"] else None
             uri = tar_uri(r["tar"], r["member"], r["offset"], r["size"]) if r["member"] else r["tar"]
             meta: dict = {"tar": r["tar"], "member": r["member"], "key": r["key"]}
-            row = new_row(r["id"], MODALITY.get(fmt, "video") if fmt else "video", self.name, uri=uri,
-                          bucket=r["bucket"], caption=(r["caption"] or "").strip() or None)
+            row = new_row(
+                r["id"],
+                MODALITY.get(fmt, "video") if fmt else "video",
+                self.name,
+                uri=uri,
+                bucket=r["bucket"],
+                caption=(r["caption"] or "").strip() or None,
+            )
             error = r["error"]
             if r["json"]:
                 try:

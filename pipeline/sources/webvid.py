@@ -8,6 +8,7 @@ The original URLs are gone (403), so WebVid is read from a mirror, in one of thr
   "/data/webvid/"}`; the longest matching prefix wins; a URL that no prefix matches is kept);
 and `base_dir` alone resolves relative `contentUrl`s.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,19 +26,21 @@ from typing import Literal
 
 COLUMNS = ("videoid", "name", "contentUrl", "duration", "page_idx", "page_dir")
 REQUIRED = ("videoid", "name", "contentUrl")
-_ISO_DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?"
-                           r"(?:(\d+(?:\.\d+)?)S)?)?$")
+_ISO_DURATION = re.compile(
+    r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?"
+    r"(?:(\d+(?:\.\d+)?)S)?)?$"
+)
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
 class Config(SourceConfig):
     type: Literal["webvid"] = "webvid"
-    path: str | list[str]                  # CSV/Parquet file(s), a folder of them or a glob; local or remote
-    encoding: Encoding = "auto"            # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
-    base_dir: str | None = None            # resolves relative contentUrls (a local or remote mirror)
-    url_template: str | None = None        # e.g. "s3://bucket/videos/{page_dir}/{videoid}.mp4"
-    path_template: str | None = None       # under base_dir, e.g. "{page_dir}/{videoid}.mp4"
-    url_rewrite: dict[str, str] = {}       # URL prefix -> mirror prefix (local path, s3://, https://)
+    path: str | list[str]  # CSV/Parquet file(s), a folder of them or a glob; local or remote
+    encoding: Encoding = "auto"  # CSV/TSV text: auto (BOM, else UTF-8) or a codec (latin-1, utf-16, ...)
+    base_dir: str | None = None  # resolves relative contentUrls (a local or remote mirror)
+    url_template: str | None = None  # e.g. "s3://bucket/videos/{page_dir}/{videoid}.mp4"
+    path_template: str | None = None  # under base_dir, e.g. "{page_dir}/{videoid}.mp4"
+    url_rewrite: dict[str, str] = {}  # URL prefix -> mirror prefix (local path, s3://, https://)
 
     @field_validator("url_template", "path_template")
     @classmethod
@@ -70,7 +73,7 @@ def rewrite(url: str, mapping: dict[str, str]) -> str:
     """`url` with its longest matching prefix in `mapping` replaced (unchanged when none matches)."""
     for prefix in sorted(mapping, key=len, reverse=True):
         if url.startswith(prefix):
-            return mapping[prefix] + url[len(prefix):]
+            return mapping[prefix] + url[len(prefix) :]
     return url
 
 
@@ -135,20 +138,26 @@ class Source(BaseSource):
             rec = {c: cols[c][i] for c in COLUMNS}
             uri = self._uri(rec)
             meta = {"videoid": rec["videoid"], **{k: rec[k] for k in ("page_idx", "page_dir") if rec[k]}}
-            row = new_row(rid, "video", self.name, uri=uri, caption=rec["name"], bucket=rows.column("bucket")[i].as_py())
+            row = new_row(
+                rid, "video", self.name, uri=uri, caption=rec["name"], bucket=rows.column("bucket")[i].as_py()
+            )
             try:
                 if not rec["videoid"]:
                     raise ValueError("empty videoid")
                 if not uri:
-                    raise ValueError("empty contentUrl" if not rec["contentUrl"] else
-                                     "a field of the mirror template is empty")
+                    raise ValueError(
+                        "empty contentUrl" if not rec["contentUrl"] else "a field of the mirror template is empty"
+                    )
                 row.update(page_dir=rec["page_dir"] or None, duration=None)  # typed shard columns
                 if rec["duration"]:
                     try:
                         meta["duration"] = row["duration"] = parse_iso_duration(rec["duration"])
                     except ValueError as exc:  # metadata nothing needs: kept raw, noted, never fatal
-                        meta.update(duration_raw=rec["duration"], duration_error=str(exc),
-                                    metadata_errors={"duration": str(exc)})
+                        meta.update(
+                            duration_raw=rec["duration"],
+                            duration_error=str(exc),
+                            metadata_errors={"duration": str(exc)},
+                        )
             except ValueError as exc:
                 row = fail(row, "source", f"videoid {rec['videoid']!r}: {exc}")
             row["meta"] = json.dumps(meta, sort_keys=True)

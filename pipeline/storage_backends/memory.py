@@ -2,6 +2,7 @@
 
 Not for jobs on a cluster (each process has its own memory), so it is read-only as a job location.
 """
+
 from __future__ import annotations
 
 import pyarrow.fs as pafs

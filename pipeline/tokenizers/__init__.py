@@ -15,6 +15,7 @@
 
 A new tokenizer is one new module here; the shard schema takes its widths from `identity()["dims"]`.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -3,6 +3,7 @@
 Images and videos are patchified (4 x 16 x 16 x 3) on the model's device from uint8 pixels; 3D rows are
 64^3 voxel features. Batches are packed into forward passes of at most `batch_tokens` tokens.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -36,8 +37,14 @@ class Model:
 
         self.cfg = cfg
         compile = {"auto": None, "on": True, "off": False}[cfg.compile]
-        self.tokenizer = Tokenizer.from_files(cfg.config, cfg.checkpoint, device=device, max_tokens=cfg.batch_tokens,
-                                              attention=cfg.attention, compile=compile)
+        self.tokenizer = Tokenizer.from_files(
+            cfg.config,
+            cfg.checkpoint,
+            device=device,
+            max_tokens=cfg.batch_tokens,
+            attention=cfg.attention,
+            compile=compile,
+        )
         self.device = self.tokenizer.device
         print(f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}", flush=True)
 
@@ -60,8 +67,10 @@ class Model:
         tokens = [i for i, p in enumerate(packed) if not isinstance(p, np.ndarray)]
         out: list[dict | None] = [None] * len(packed)
         lv = self.cfg.logvar
-        for idx, enc in ((clips, self.tokenizer.encode_clips([packed[i] for i in clips], with_logvar=lv)),
-                         (tokens, self.tokenizer.encode([packed[i] for i in tokens], with_logvar=lv))):
+        for idx, enc in (
+            (clips, self.tokenizer.encode_clips([packed[i] for i in clips], with_logvar=lv)),
+            (tokens, self.tokenizer.encode([packed[i] for i in tokens], with_logvar=lv)),
+        ):
             for i, e in zip(idx, enc):
                 out[i] = e
         return out
@@ -74,17 +83,18 @@ class Model:
         coords = np.asarray(rec["coords"], np.int64)
         kv = self.cfg.kv_cache_size
         if rec.get("fsq_indices") is not None:
-            feats = self.tokenizer.decode_indices([(np.asarray(rec["fsq_indices"], np.int64), coords)],
-                                                  kv_cache_size=kv)[0]
+            feats = self.tokenizer.decode_indices(
+                [(np.asarray(rec["fsq_indices"], np.int64), coords)], kv_cache_size=kv
+            )[0]
         else:
             feats = self.tokenizer.decode([(np.asarray(rec["latent"], np.float32), coords)], kv_cache_size=kv)[0]
         feats = torch.from_numpy(feats)
         if rec["modality"] == "3d":
             ref = np.asarray(prepared["voxel_feats"], np.float32)
-            return ref, ((feats[:, :ref.shape[1]].numpy() + 1) / 2).clip(0, 1)
+            return ref, ((feats[:, : ref.shape[1]].numpy() + 1) / 2).clip(0, 1)
         out = ((tokens_to_video(feats, torch.as_tensor(coords)).numpy() + 1) / 2).clip(0, 1)
         ref = prepared["pixels"].astype(np.float32) / 255.0
         t = min(len(ref), len(out)) if rec["modality"] == "video" else 1
         h, w = out.shape[1:3]
         top, left = (ref.shape[1] - h) // 2, (ref.shape[2] - w) // 2  # the tokenizer's centre crop
-        return ref[:t, top:top + h, left:left + w], out[:t]
+        return ref[:t, top : top + h, left : left + w], out[:t]

@@ -1,6 +1,7 @@
 """Reliability suite helpers: jobs run as real `python -m pipeline run` subprocesses (so kill -9 and SIGINT really
 reach a driver with its own local Ray cluster), an in-process Ray cluster for the jobs that need no kill, store
 checks (local disk or S3), and the figures collected for the report."""
+
 from __future__ import annotations
 
 import collections
@@ -29,15 +30,26 @@ REPORT_DIR = REPO / "out" / "reliability"
 FIGURES = pytest.StashKey[dict]()
 
 # small real inputs: a crash lands between shards, a run stays short on 2 cores
-IMAGES = ["camera.png", "cell.png", "coins.png", "hopper_gray.jpg", "text.png", "brick.png", "logo.png",
-          "rocket.jpg", "retina.jpg", "clock_motion.png"]
+IMAGES = [
+    "camera.png",
+    "cell.png",
+    "coins.png",
+    "hopper_gray.jpg",
+    "text.png",
+    "brick.png",
+    "logo.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "clock_motion.png",
+]
 VIDEOS = ["video_90.mov", "bbb_480p_vp9_opus_1second.webm"]
 MESHES = ["BoxVertexColors.glb"]
 
 
 def ray_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PIPELINE_PROGRESS="0",
-               PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", PIPELINE_PROGRESS="0", PYTHONPATH=str(REPO)
+    )
     for k in [k for k in env if k.startswith(("PIPELINE_FAULT", "AWS_"))] + ["RAY_ADDRESS"]:
         env.pop(k, None)
     env.update(extra or {})
@@ -47,14 +59,23 @@ def ray_env(extra: dict | None = None) -> dict:
 def job_dict(out, sources: list[dict], **extra) -> dict:
     """A small CPU job: tiny tokenizer, small buckets, 2 rows per writer call (each call commits its shards),
     one row per prepare batch (so the fetch/decode fault points count rows), short timeouts."""
-    cfg = {"name": "rel", "out": str(out), "sources": sources,
-           "decode": {"fps": 4, "max_frames": 8, "timeout_s": 30,
-                      "buckets": {"area": 64 * 64, "min_side": 32, "max_side": 128}},
-           "fetch": {"retries": 1, "backoff_s": 0.05, "read_timeout_s": 1.0, "deadline_s": 4.0},
-           "mesh": {"views": 8, "backend": "cpu"},
-           "tokenize": {"config": "tiny", "batch_rows": 2, "device": "cpu"},
-           "write": {"rows_per_write": 2}, "qa": {"samples": 0},
-           "ray": {"num_cpus": 2, "prepare_batch_rows": 1}}
+    cfg = {
+        "name": "rel",
+        "out": str(out),
+        "sources": sources,
+        "decode": {
+            "fps": 4,
+            "max_frames": 8,
+            "timeout_s": 30,
+            "buckets": {"area": 64 * 64, "min_side": 32, "max_side": 128},
+        },
+        "fetch": {"retries": 1, "backoff_s": 0.05, "read_timeout_s": 1.0, "deadline_s": 4.0},
+        "mesh": {"views": 8, "backend": "cpu"},
+        "tokenize": {"config": "tiny", "batch_rows": 2, "device": "cpu"},
+        "write": {"rows_per_write": 2},
+        "qa": {"samples": 0},
+        "ray": {"num_cpus": 2, "prepare_batch_rows": 1},
+    }
     for k, v in extra.items():
         cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
     return cfg
@@ -86,15 +107,28 @@ def cli_cmd(job: Path, out, retry_failed: bool = False) -> list[str]:
     return cmd + (["--retry-failed"] if retry_failed else [])
 
 
-def start_cli(job: Path, out, env: dict | None = None, fault: str | None = None,
-              fault_dir: Path | None = None, retry_failed: bool = False) -> subprocess.Popen:
+def start_cli(
+    job: Path,
+    out,
+    env: dict | None = None,
+    fault: str | None = None,
+    fault_dir: Path | None = None,
+    retry_failed: bool = False,
+) -> subprocess.Popen:
     """`python -m pipeline run JOB --out OUT` started in the background (stdout/stderr piped, text)."""
     env = ray_env(env)
     if fault:
         fault_dir.mkdir(parents=True, exist_ok=True)
         env.update(PIPELINE_FAULT=fault, PIPELINE_FAULT_DIR=str(fault_dir))
-    return subprocess.Popen(cli_cmd(job, out, retry_failed), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=_child_setup)
+    return subprocess.Popen(
+        cli_cmd(job, out, retry_failed),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_child_setup,
+    )
 
 
 def finish(p: subprocess.Popen, t0: float, timeout: float = 300) -> Run:
@@ -115,8 +149,15 @@ def kill_session(p: subprocess.Popen) -> None:
         pass
 
 
-def run_cli(job: Path, out, fault: str | None = None, fault_dir: Path | None = None,
-            retry_failed: bool = False, timeout: float = 300, env: dict | None = None) -> Run:
+def run_cli(
+    job: Path,
+    out,
+    fault: str | None = None,
+    fault_dir: Path | None = None,
+    retry_failed: bool = False,
+    timeout: float = 300,
+    env: dict | None = None,
+) -> Run:
     """`python -m pipeline run JOB --out OUT` in a subprocess, with an optional PIPELINE_FAULT."""
     t0 = time.perf_counter()
     p = start_cli(job, out, env, fault, fault_dir, retry_failed)
@@ -131,7 +172,8 @@ def run_cli(job: Path, out, fault: str | None = None, fault_dir: Path | None = N
 class Target:
     """Where a job writes: local disk, or S3 (SeaweedFS; the CLI gets its credentials from the AWS_* environment,
     in-process reruns from the job's `storage` options)."""
-    kind: str                   # local | s3
+
+    kind: str  # local | s3
     out: str
     env: dict
     s3: object = None
@@ -168,11 +210,11 @@ def make_inputs(shared: Path, dest: Path, images=IMAGES, videos=VIDEOS, meshes=M
 
 def expected_ids(src, name: str = "local") -> set[str]:
     """The ids a folder source gives its files (the same code as the job, without Ray)."""
-    return {r["id"] for r in iter_rows(make_source(source_config({"type": "folder", "path": str(src),
-                                                                    "name": name})))}
+    return {r["id"] for r in iter_rows(make_source(source_config({"type": "folder", "path": str(src), "name": name})))}
 
 
 # ---- the store and what readers see -------------------------------------------------------------------------
+
 
 def the_store(out, options=None) -> Store:
     found = versions(Storage(str(out), options))
@@ -191,7 +233,7 @@ def visible_shards(out, options=None) -> list[tuple[pafs.FileSystem, str, str]]:
     for info in root.fs.get_file_info(sel):
         if info.type != pafs.FileType.File:
             continue
-        rel = info.path[len(base):].lstrip("/").replace(os.sep, "/")
+        rel = info.path[len(base) :].lstrip("/").replace(os.sep, "/")
         parts = rel.split("/")
         if len(parts) >= 4 and parts[1] == "data" and parts[-1].endswith(".parquet"):
             found.append((root.fs, info.path, rel))
@@ -246,9 +288,14 @@ def store_state(store: Store | str, options=None) -> dict:
     table = read_all(store.storage, ["id", "status", "stage", "reason"])
     ok = set(table.filter(pc.equal(table.column("status"), "ok")).column("id").to_pylist())
     other = {r["id"]: r for r in table.filter(pc.not_equal(table.column("status"), "ok")).to_pylist()}
-    return {"ok": ok, "other": other, "problems": verify(store.storage), "store": store,
-            "staging": [e.path for e in store.storage.list("staging", recursive=True)],
-            "lock": store.storage.exists("LOCK.json")}
+    return {
+        "ok": ok,
+        "other": other,
+        "problems": verify(store.storage),
+        "store": store,
+        "staging": [e.path for e in store.storage.list("staging", recursive=True)],
+        "lock": store.storage.exists("LOCK.json"),
+    }
 
 
 def outcomes_by_key(out, options=None) -> dict[str, dict]:
@@ -264,6 +311,7 @@ def count_lost_dup(expected: set[str], ids: collections.Counter) -> tuple[set, i
 
 # ---- an in-process Ray cluster for jobs that need no kill ------------------------------------------------------
 
+
 @pytest.fixture(scope="package")
 def ray_local():
     import ray
@@ -277,6 +325,7 @@ def ray_local():
 
 
 # ---- figures for the report ----------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="session")
 def figures(request) -> dict:

@@ -6,6 +6,7 @@ Each case ends recorded: failed or skipped with a readable reason, or ok where t
 without a trace in the outcomes (`ray.max_task_retries` is not applied to the pools), so the Ray jobs count actor
 restarts from the GCS actor table and require none. The good samples in the same batch are kept.
 """
+
 from __future__ import annotations
 
 import collections
@@ -27,21 +28,58 @@ from tests.reliability.conftest import final_state, job_dict, outcomes_by_key
 
 # ---- generated cases -------------------------------------------------------------------------------------------
 
-IMAGES = ["Channel_digital_image_CMYK_color.jpg", "Landscape_6.jpg", "astronaut.png", "brick.png", "camera.png",
-          "cell.png", "chelsea.png", "clock_motion.png", "coffee.png", "coins.png", "hopper_16bit.pgm",
-          "hopper_gray.jpg", "hubble_deep_field.jpg", "logo.png", "portrait-orientation-6.jpg", "prairie_falcon.jpg",
-          "retina.jpg", "rocket.jpg", "text.png", "tiff_16bit_RGB.tiff"]
-VIDEOS = ["bbb_480p_vp9_opus_1second.webm", "stub_mjpeg.avi", "stub_mp4v.mp4", "video_90.mov", "video_270.mov",
-          "Big_Buck_Bunny_180_10s.webm", "chaplin.mp4"]
-MESHES = ["Box.glb", "BoxVertexColors.glb", "BoxTextured.glb", "alien.glb", "cakeBirthday.glb", "cubevc.glb",
-          "nested.glb", "no_indices_3storybuilding.glb", "fuze.obj", "joined_tetrahedra.obj", "nancolor.obj",
-          "wallhole.obj", "soup.stl"]
+IMAGES = [
+    "Channel_digital_image_CMYK_color.jpg",
+    "Landscape_6.jpg",
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "cell.png",
+    "chelsea.png",
+    "clock_motion.png",
+    "coffee.png",
+    "coins.png",
+    "hopper_16bit.pgm",
+    "hopper_gray.jpg",
+    "hubble_deep_field.jpg",
+    "logo.png",
+    "portrait-orientation-6.jpg",
+    "prairie_falcon.jpg",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+    "tiff_16bit_RGB.tiff",
+]
+VIDEOS = [
+    "bbb_480p_vp9_opus_1second.webm",
+    "stub_mjpeg.avi",
+    "stub_mp4v.mp4",
+    "video_90.mov",
+    "video_270.mov",
+    "Big_Buck_Bunny_180_10s.webm",
+    "chaplin.mp4",
+]
+MESHES = [
+    "Box.glb",
+    "BoxVertexColors.glb",
+    "BoxTextured.glb",
+    "alien.glb",
+    "cakeBirthday.glb",
+    "cubevc.glb",
+    "nested.glb",
+    "no_indices_3storybuilding.glb",
+    "fuze.obj",
+    "joined_tetrahedra.obj",
+    "nancolor.obj",
+    "wallhole.obj",
+    "soup.stl",
+]
 MUTATIONS = ("trunc10", "trunc50", "trunc90", "flipbody", "fliphead")
 
 
 def mutate(data: bytes, kind: str, rng: random.Random) -> bytes:
     if kind.startswith("trunc"):
-        return data[:len(data) * int(kind[5:]) // 100]
+        return data[: len(data) * int(kind[5:]) // 100]
     buf = bytearray(data)
     lo, hi = (64, len(buf)) if kind == "flipbody" else (4, min(64, len(buf)))
     for _ in range(8 if kind == "flipbody" else 3):
@@ -70,8 +108,13 @@ def png_bomb(side: int = 20000) -> bytes:
 
 
 def gif_claiming(w: int, h: int) -> bytes:
-    return b"GIF89a" + struct.pack("<HHBBB", w, h, 0, 0, 0) + b",\0\0\0\0" + struct.pack("<HH", w, h) + \
-        b"\0\x02\x02D\x01\0;"
+    return (
+        b"GIF89a"
+        + struct.pack("<HHBBB", w, h, 0, 0, 0)
+        + b",\0\0\0\0"
+        + struct.pack("<HH", w, h)
+        + b"\0\x02\x02D\x01\0;"
+    )
 
 
 def bmp_claiming(w: int, h: int) -> bytes:
@@ -86,7 +129,7 @@ def jpeg_claiming(real_jpeg: bytes, w: int, h: int) -> bytes:
     for marker in (b"\xff\xc0", b"\xff\xc2"):
         i = buf.find(marker)
         if i > 0:
-            buf[i + 5:i + 9] = struct.pack(">HH", h, w)
+            buf[i + 5 : i + 9] = struct.pack(">HH", h, w)
             return bytes(buf)
     raise ValueError("no SOF marker")
 
@@ -109,8 +152,15 @@ def make_cases(shared: Path, dest: Path, seed: int = 0) -> list[str]:
                 put(f"{stem}__{kind}{ext}", mutate(data, kind, rng))
     for ext in (".jpg", ".png", ".mp4", ".webm", ".glb", ".obj", ".ply", ".stl"):
         put(f"zero__bytes{ext}", b"")
-    wrong = {"astronaut.png": ".mp4", "chaplin.mp4": ".jpg", "Box.glb": ".png", "rocket.jpg": ".glb",
-             "fuze.obj": ".jpg", "bbb_480p_vp9_opus_1second.webm": ".ply", "soup.stl": ".webm"}
+    wrong = {
+        "astronaut.png": ".mp4",
+        "chaplin.mp4": ".jpg",
+        "Box.glb": ".png",
+        "rocket.jpg": ".glb",
+        "fuze.obj": ".jpg",
+        "bbb_480p_vp9_opus_1second.webm": ".ply",
+        "soup.stl": ".webm",
+    }
     for f, ext in wrong.items():
         sub = "images" if f in IMAGES else "videos" if f in VIDEOS else "meshes"
         put(f"{Path(f).stem}__wrongext{ext}", (shared / sub / f).read_bytes())
@@ -133,8 +183,11 @@ def copy_bad_dir(shared: Path, dest: Path) -> list[str]:
 
 
 # ---- running them ----------------------------------------------------------------------------------------------
-GOOD = {"images": ["camera.png", "rocket.jpg", "hopper_16bit.pgm"], "videos": ["video_90.mov"],
-        "meshes": ["BoxVertexColors.glb"]}
+GOOD = {
+    "images": ["camera.png", "rocket.jpg", "hopper_16bit.pgm"],
+    "videos": ["video_90.mov"],
+    "meshes": ["BoxVertexColors.glb"],
+}
 
 
 def add_good(shared: Path, dest: Path) -> list[str]:
@@ -159,10 +212,17 @@ def summarise(name: str, outcomes: dict[str, dict], generated: list[str], crashe
     recovered = sorted(n for n in cases if outcomes[n]["status"] == "ok")
     reasons = collections.Counter(reason_key(outcomes[n]["stage"], outcomes[n]["reason"]) for n in failed)
     good = [n for n in outcomes if n.startswith("good__")]
-    return {"name": name, "cases": len(cases), "generated": len(generated), "failed": len(failed),
-            "recovered": len(recovered), "recovered_cases": recovered, "worker_crashes": crashes,
-            "good_kept": f"{sum(outcomes[n]['status'] == 'ok' for n in good)}/{len(good)}",
-            "reasons": dict(reasons.most_common(25))}
+    return {
+        "name": name,
+        "cases": len(cases),
+        "generated": len(generated),
+        "failed": len(failed),
+        "recovered": len(recovered),
+        "recovered_cases": recovered,
+        "worker_crashes": crashes,
+        "good_kept": f"{sum(outcomes[n]['status'] == 'ok' for n in good)}/{len(good)}",
+        "reasons": dict(reasons.most_common(25)),
+    }
 
 
 def check(outcomes: dict[str, dict], names: list[str]) -> None:
@@ -203,7 +263,7 @@ def test_all_cases_through_the_stage_functions(corpus, tmp_path, monkeypatch, fi
     out = []
     try:
         for i in range(0, len(rows), 8):
-            batch = rows[i:i + 8]
+            batch = rows[i : i + 8]
             try:
                 batch = tokenize(prepare(batch))
             except BaseException as exc:  # a stage must never raise: this is what would take a worker down
@@ -212,10 +272,12 @@ def test_all_cases_through_the_stage_functions(corpus, tmp_path, monkeypatch, fi
             out += batch
     finally:
         prepare.teardown()
-    outcomes = {r["id"].split("-", 1)[1]: {"status": r["status"], "stage": r["stage"], "reason": r.get("reason")}
-                for r in out}
+    outcomes = {
+        r["id"].split("-", 1)[1]: {"status": r["status"], "stage": r["stage"], "reason": r.get("reason")} for r in out
+    }
     figures.setdefault("bad_inputs", []).append(
-        summarise("all cases, stage functions", outcomes, generated, crashes=len(raised)))
+        summarise("all cases, stage functions", outcomes, generated, crashes=len(raised))
+    )
     assert raised == []
     check(outcomes, generated + bad + good)
 
@@ -228,8 +290,13 @@ def actor_restarts(ray) -> int:
 
 
 def run_ray_job(ray, folder: Path, out: Path) -> tuple[dict[str, dict], int]:
-    cfg = job_dict(out, [{"type": "folder", "path": str(folder)}], write={"rows_per_write": 8},
-                   tokenize={"batch_rows": 8}, ray={"num_cpus": 2, "prepare_batch_rows": 8})
+    cfg = job_dict(
+        out,
+        [{"type": "folder", "path": str(folder)}],
+        write={"rows_per_write": 8},
+        tokenize={"batch_rows": 8},
+        ray={"num_cpus": 2, "prepare_batch_rows": 8},
+    )
     before = actor_restarts(ray)
     run_job(validate_job(cfg))
     crashes = actor_restarts(ray) - before
@@ -247,7 +314,8 @@ def test_subset_through_a_ray_job(ray_local, corpus, tmp_path, figures):
         shutil.copy(folder / n, sub / n)
     outcomes, crashes = run_ray_job(ray_local, sub, tmp_path / "out")
     figures.setdefault("bad_inputs", []).append(
-        summarise("bad/ + every 10th generated case + huge headers, Ray job", outcomes, generated[::10], crashes))
+        summarise("bad/ + every 10th generated case + huge headers, Ray job", outcomes, generated[::10], crashes)
+    )
     assert crashes == 0, f"{crashes} worker (actor) restarts"
     check(outcomes, sorted(set(subset)))
 

@@ -1,12 +1,12 @@
 """A clean end: after kill -9 of a driver (`python -m pipeline run` with its own local Ray cluster), every process
 it started (GCS, raylet, dashboard and runtime-env agents, workers) is gone within a few seconds. Processes are
 found by the driver's own pids (psutil, its descendants while it lives), never by name."""
+
 from __future__ import annotations
 
 import shutil
 import time
 
-import pytest
 
 from tests.reliability.conftest import job_dict, kill_session, start_cli, visible_shards, write_job
 
@@ -28,8 +28,10 @@ def test_kill_9_of_the_driver_takes_its_ray_processes_along(shared_data, tmp_pat
         for name in ("camera.png", "coins.png", "text.png"):
             shutil.copy(shared_data / "images" / name, src / f"{k}_{name}")
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.yaml", job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}],
-                                                    write={"rows_per_write": 1}))
+    job = write_job(
+        tmp_path / "job.yaml",
+        job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}], write={"rows_per_write": 1}),
+    )
     p = start_cli(job, out)
     try:
         deadline = time.monotonic() + 240

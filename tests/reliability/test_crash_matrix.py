@@ -16,17 +16,26 @@ Points (pipeline/faults.py): writer `shard_write` (before writing) and `shard_st
 rerun rolls it forward), `commit_moved` (moves done, in-memory state not updated). The rerun and the third run run
 in-process on a shared Ray cluster (the same `run_job` the CLI calls; only the crash needs its own process).
 """
+
 import pytest
 
 from pipeline.job import validate_job
 from pipeline.run import run_job
-from tests.reliability.conftest import (Target, count_lost_dup, expected_ids, final_state, make_inputs,
-                                        reader_invariant, run_cli, shard_ids)
+from tests.reliability.conftest import (
+    Target,
+    count_lost_dup,
+    expected_ids,
+    final_state,
+    make_inputs,
+    reader_invariant,
+    run_cli,
+    shard_ids,
+)
 
 slow = pytest.mark.slow
 POINTS = [
-    "commit_written:2:driver",           # commit record written, no move done: the roll-forward path
-    "shard_staged:2:self",               # a writer dies after staging its files: the task is retried
+    "commit_written:2:driver",  # commit record written, no move done: the roll-forward path
+    "shard_staged:2:self",  # a writer dies after staging its files: the task is retried
     pytest.param("record_received:2:driver", marks=slow),
     pytest.param("commit_written:4:driver", marks=slow),
     pytest.param("commit_moved:3:driver", marks=slow),
@@ -61,8 +70,7 @@ def test_kill_and_rerun(fault, inputs, ray_local, tmp_path, figures):
 
 @pytest.mark.parametrize("fault", S3_POINTS)
 def test_kill_and_rerun_on_s3(fault, inputs, ray_local, tmp_path, figures, s3_server, s3_prefix):
-    kill_and_rerun(Target("s3", s3_server.uri(s3_prefix), s3_server.env(), s3_server), fault, inputs, tmp_path,
-                   figures)
+    kill_and_rerun(Target("s3", s3_server.uri(s3_prefix), s3_server.env(), s3_server), fault, inputs, tmp_path, figures)
 
 
 def kill_and_rerun(target: Target, fault: str, inputs, tmp_path, figures) -> None:
@@ -89,12 +97,23 @@ def kill_and_rerun(target: Target, fault: str, inputs, tmp_path, figures) -> Non
     state = final_state(out, opts)
     lost, dups = count_lost_dup(expected, after)
     figures.setdefault("crash_matrix", []).append(
-        {"storage": target.kind, "point": point, "nth": int(nth),
-         "victim": "driver" if victim == "driver" else "worker",
-         "crash_rc": crash.rc, "committed_before_rerun": len(before), "staging_after_crash": staged_after_crash,
-         "redone_by_rerun": rerun.finished, "lost": len(lost), "duplicates": dups,
-         "verify_problems": len(state["problems"]), "staging_after_rerun": len(state["staging"]),
-         "crash_s": round(crash.wall_s, 1), "rerun_s": round(rerun.wall_s, 1)})
+        {
+            "storage": target.kind,
+            "point": point,
+            "nth": int(nth),
+            "victim": "driver" if victim == "driver" else "worker",
+            "crash_rc": crash.rc,
+            "committed_before_rerun": len(before),
+            "staging_after_crash": staged_after_crash,
+            "redone_by_rerun": rerun.finished,
+            "lost": len(lost),
+            "duplicates": dups,
+            "verify_problems": len(state["problems"]),
+            "staging_after_rerun": len(state["staging"]),
+            "crash_s": round(crash.wall_s, 1),
+            "rerun_s": round(rerun.wall_s, 1),
+        }
+    )
     assert not lost, f"lost samples: {sorted(lost)}"
     assert dups == 0, f"duplicated samples: {[i for i, c in after.items() if c > 1]}"
     assert set(after) == expected == state["ok"] and not state["other"], state["other"]

@@ -7,6 +7,7 @@ what the project's readers serve, what `verify` says, and that `verify --repair`
 open sees by size) followed by a rerun ends with every sample in exactly one intact shard: 0 lost, 0 duplicated,
 0 wrong data served. Figures go to the reliability report (section `damage`).
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,19 @@ from pipeline.job import validate_job
 from pipeline.run import run_job
 from pipeline.storage import Storage
 from pipeline.store import MANIFEST, DamagedFile, StoreDamaged, read_parquet, verify
-from tests.reliability.conftest import (IMAGES, count_lost_dup, expected_ids, final_state, job_dict, make_inputs,
-                                        outcomes_by_key, run_cli, shard_ids, the_store, write_job)
+from tests.reliability.conftest import (
+    IMAGES,
+    count_lost_dup,
+    expected_ids,
+    final_state,
+    job_dict,
+    make_inputs,
+    outcomes_by_key,
+    run_cli,
+    shard_ids,
+    the_store,
+    write_job,
+)
 
 FLIP_TRIALS = 20
 N = len(IMAGES)  # images in the baseline store (5 shards)
@@ -60,8 +72,17 @@ def check_whole(baseline, cfg, figures, case: str, rerun, redone: int, third: bo
     ids = shard_ids(out)
     lost, dups = count_lost_dup(baseline["expected"], ids)
     state = final_state(out)
-    record(figures, case=case, trials=1, requeued=redone, redone_by_rerun=rerun.finished, lost=len(lost),
-           duplicated=dups, wrong_data_served=0, verify_problems=len(state["problems"]))
+    record(
+        figures,
+        case=case,
+        trials=1,
+        requeued=redone,
+        redone_by_rerun=rerun.finished,
+        lost=len(lost),
+        duplicated=dups,
+        wrong_data_served=0,
+        verify_problems=len(state["problems"]),
+    )
     assert not lost and dups == 0, (lost, ids)
     assert state["problems"] == [] and set(ids) == state["ok"] and not state["other"], state
     assert rerun.finished == redone and rerun.counts.get("ok", 0) == redone
@@ -71,6 +92,7 @@ def check_whole(baseline, cfg, figures, case: str, rerun, redone: int, third: bo
 
 
 # ---- item 1: checksums end to end ------------------------------------------------------------------------------
+
 
 def latent_range(path) -> tuple[int, int]:
     """The byte range of the first row group's latent column chunk (its pages: what a flipped bit corrupts)."""
@@ -113,8 +135,13 @@ def test_bit_flips_are_errors_never_wrong_data(baseline, tmp_path, figures):
         except (OSError, pa.ArrowException):
             pass
         try:
-            ds = datasets.load_dataset("parquet", data_files=str(dest), split="train", fragment_scan_options=opts,
-                                       cache_dir=str(tmp_path / f"hf{trial}"))
+            ds = datasets.load_dataset(
+                "parquet",
+                data_files=str(dest),
+                split="train",
+                fragment_scan_options=opts,
+                cache_dir=str(tmp_path / f"hf{trial}"),
+            )
             assert ds.with_format("arrow")[:].column("latent").equals(good.column("latent"))
         except Exception as exc:  # noqa: BLE001 - datasets wraps the pyarrow error in its own
             chain = []
@@ -123,8 +150,16 @@ def test_bit_flips_are_errors_never_wrong_data(baseline, tmp_path, figures):
                 exc = exc.__cause__ or exc.__context__
             assert any(isinstance(e, str) and ("checksum" in e.lower() or "parquet" in e.lower()) for e in chain), chain
             hf_errors += 1
-    record(figures, case="bit flip in latent pages (zstd)", trials=FLIP_TRIALS, errors_naming_file=errors,
-           identical=same, wrong_data_served=wrong, hf_errors=hf_errors, unverified_pyarrow_wrong=unverified_wrong)
+    record(
+        figures,
+        case="bit flip in latent pages (zstd)",
+        trials=FLIP_TRIALS,
+        errors_naming_file=errors,
+        identical=same,
+        wrong_data_served=wrong,
+        hf_errors=hf_errors,
+        unverified_pyarrow_wrong=unverified_wrong,
+    )
     assert wrong == 0 and errors + same == FLIP_TRIALS and errors >= FLIP_TRIALS // 2
     card = next(baseline["out"].glob("*/README.md")).read_text()
     assert "page_checksum_verification=True" in card and "ParquetFragmentScanOptions" in card
@@ -206,8 +241,15 @@ def test_repair_then_rerun(baseline, tmp_path, figures, capsys):
     assert sum(c["rows"] for c in st.counts().values()) == N - len(owner)
     assert f"{N - len(owner)} samples" in st.storage.read_bytes("README.md").decode()
     rerun = run_job(validate_job(cfg))
-    check_whole(baseline, cfg, figures, "flip + truncate + delete + edited index line, verify --repair, rerun",
-                rerun, len(owner), third=True)
+    check_whole(
+        baseline,
+        cfg,
+        figures,
+        "flip + truncate + delete + edited index line, verify --repair, rerun",
+        rerun,
+        len(owner),
+        third=True,
+    )
 
 
 def test_rerun_alone_requeues_damage_seen_by_size_and_never_adopts_copies(baseline, tmp_path, figures):
@@ -234,6 +276,7 @@ def test_rerun_alone_requeues_damage_seen_by_size_and_never_adopts_copies(baseli
 
 
 # ---- item 2: recovery adopts only what it wrote -----------------------------------------------------------------
+
 
 def test_corrupt_middle_record_stops_the_start(baseline, tmp_path, figures, capsys, monkeypatch):
     """Commit records not yet folded (a run that died at its 4th commit), the 2nd of them corrupt: the start
@@ -270,8 +313,7 @@ def test_corrupt_middle_record_stops_the_start(baseline, tmp_path, figures, caps
     kept = shard_ids(out)  # the corrupt record's shard is quarantined: its rows are redone, with those never done
     assert len(kept) == 4 and not any(p.endswith("part-000001-0.parquet") for p in the_store(out).shards)
     rerun = run_job(validate_job(cfg))
-    check_whole(baseline, cfg, figures, "corrupt middle commit record, verify --repair, rerun", rerun,
-                N - len(kept))
+    check_whole(baseline, cfg, figures, "corrupt middle commit record, verify --repair, rerun", rerun, N - len(kept))
 
 
 def test_missing_manifest_stops_the_start_and_verify_says_so(baseline, tmp_path, capsys):
@@ -306,6 +348,7 @@ def test_corrupt_shard_index_is_repaired(baseline, tmp_path, figures, capsys):
 
 # ---- item 3: a duplicate never shadows the original ---------------------------------------------------------------
 
+
 @pytest.mark.slow  # its own `python -m pipeline run` with its own Ray cluster, killed: like the crash matrix
 def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures):
     """A url_list with one row twice; the driver is killed after its 2nd commit record: the first occurrence's
@@ -326,9 +369,17 @@ def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures)
     ids = shard_ids(out)
     state = final_state(out)
     expected = set(state["ok"])
-    record(figures, case="duplicate row + kill -9 after commit 2", trials=1, requeued=0,
-           redone_by_rerun=rerun.finished, lost=len(files) - len(ids), duplicated=sum(c - 1 for c in ids.values()),
-           wrong_data_served=0, verify_problems=len(state["problems"]))
+    record(
+        figures,
+        case="duplicate row + kill -9 after commit 2",
+        trials=1,
+        requeued=0,
+        redone_by_rerun=rerun.finished,
+        lost=len(files) - len(ids),
+        duplicated=sum(c - 1 for c in ids.values()),
+        wrong_data_served=0,
+        verify_problems=len(state["problems"]),
+    )
     assert len(ids) == len(files) and set(ids) == expected and max(ids.values()) == 1
     assert not state["other"] and state["problems"] == [], state
 
@@ -341,10 +392,16 @@ def test_requeued_sets_aside_earlier_outcomes_and_survives_compaction(tmp_path):
 
     storage = Storage(str(tmp_path / "store"))
     rec = {"bucket": 0, "modality": "image", "source": "t"}
-    write_table(storage, fragment_path(0), ledger_table([{"id": "a", "status": "ok", **rec},
-                                                         {"id": "b", "status": "ok", **rec}]))
-    write_table(storage, fragment_path(1), ledger_table([{"id": "a", "status": "requeued", **rec},
-                                                         {"id": "b", "status": "requeued", **rec}]))
+    write_table(
+        storage,
+        fragment_path(0),
+        ledger_table([{"id": "a", "status": "ok", **rec}, {"id": "b", "status": "ok", **rec}]),
+    )
+    write_table(
+        storage,
+        fragment_path(1),
+        ledger_table([{"id": "a", "status": "requeued", **rec}, {"id": "b", "status": "requeued", **rec}]),
+    )
     write_table(storage, fragment_path(2), ledger_table([{"id": "b", "status": "ok", **rec}]))
 
     def statuses():

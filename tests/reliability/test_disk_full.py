@@ -4,12 +4,12 @@ corrupt, and a rerun once there is space again completes with every sample exact
 Two ways to run out of space: an injected OSError(ENOSPC) at shard write (PIPELINE_FAULT=shard_write:2:enospc,
 works anywhere), and a real 144 kB tmpfs as the output root, later remounted read-only and then larger (needs
 mount rights: skipped where `mount -t tmpfs` is refused)."""
+
 import subprocess
 
 import pytest
 
-from tests.reliability.conftest import (expected_ids, final_state, job_dict, make_inputs, run_cli, shard_ids,
-                                        write_job)
+from tests.reliability.conftest import expected_ids, final_state, job_dict, make_inputs, run_cli, shard_ids, write_job
 
 IMAGES = ["camera.png", "cell.png", "coins.png", "hopper_gray.jpg", "text.png", "brick.png"]
 
@@ -37,8 +37,12 @@ def resume_and_check(job, out, expected) -> dict:
     state = final_state(out)
     assert set(after) == expected == state["ok"] and max(after.values()) == 1 and state["problems"] == []
     assert state["staging"] == [] and not state["lock"]  # the failed run's staging is collected by the rerun
-    return {"corrupt_shards": 0, "resumed_ok": f"{len(before)} kept + {len(after) - len(before)} redone",
-            "lost": len(expected - set(after)), "duplicates": sum(c - 1 for c in after.values())}
+    return {
+        "corrupt_shards": 0,
+        "resumed_ok": f"{len(before)} kept + {len(after) - len(before)} redone",
+        "lost": len(expected - set(after)),
+        "duplicates": sum(c - 1 for c in after.values()),
+    }
 
 
 def test_injected_enospc_then_resume(inputs, tmp_path, figures):
@@ -50,8 +54,9 @@ def test_injected_enospc_then_resume(inputs, tmp_path, figures):
     assert not list(out.glob("*/data/**/.*")) and not list(out.glob("*/data/**/*.tmp"))
     assert not list(out.glob("*/LOCK.json")), "a run that failed must release its lock"
     row = resume_and_check(job, out, expected)
-    figures.setdefault("disk_full", []).append({"variant": "injected ENOSPC at 2nd shard write", "rc": run.rc,
-                                                "error_line": line[:110], **row})
+    figures.setdefault("disk_full", []).append(
+        {"variant": "injected ENOSPC at 2nd shard write", "rc": run.rc, "error_line": line[:110], **row}
+    )
 
 
 @pytest.fixture()
@@ -75,22 +80,32 @@ def remount(mnt, opts: str) -> None:
 def test_real_full_then_read_only_tmpfs_then_resume(inputs, small_tmpfs, tmp_path, figures):
     src, expected = inputs
     out = small_tmpfs / "out"
-    job = write_job(tmp_path / "job.yaml", job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}],
-                                                    write={"rows_per_write": 1}))
+    job = write_job(
+        tmp_path / "job.yaml",
+        job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}], write={"rows_per_write": 1}),
+    )
     full = run_cli(job, out)
     line = check_error(full, "No space left on device")
     kept = shard_ids(out)
     # writers stage ahead of the commits, so how many commits fit before the disk is full varies (0-3 here)
     assert len(kept) < len(expected), "the 144 kB disk should not hold every shard"
-    figures.setdefault("disk_full", []).append({"variant": "real 144 kB tmpfs fills up (1 row per commit)",
-                                                "rc": full.rc, "error_line": line[:110], "corrupt_shards": 0,
-                                                "resumed_ok": f"{len(kept)} committed before the disk filled",
-                                                "lost": "-", "duplicates": "-"})
+    figures.setdefault("disk_full", []).append(
+        {
+            "variant": "real 144 kB tmpfs fills up (1 row per commit)",
+            "rc": full.rc,
+            "error_line": line[:110],
+            "corrupt_shards": 0,
+            "resumed_ok": f"{len(kept)} committed before the disk filled",
+            "lost": "-",
+            "duplicates": "-",
+        }
+    )
     remount(small_tmpfs, "ro")
     ro = run_cli(job, out)
     ro_line = check_error(ro, "Read-only file system")
     assert shard_ids(out) == kept
     remount(small_tmpfs, "rw,size=16m")
     row = resume_and_check(job, out, expected)
-    figures["disk_full"].append({"variant": "same tmpfs read-only, then rw 16 MB: resume", "rc": ro.rc,
-                                 "error_line": ro_line[:110], **row})
+    figures["disk_full"].append(
+        {"variant": "same tmpfs read-only, then rw 16 MB: resume", "rc": ro.rc, "error_line": ro_line[:110], **row}
+    )

@@ -1,5 +1,6 @@
 """Hangs: a decoder stuck forever (PIPELINE_FAULT=decode_child:<n>:hang sleeps inside the isolated decode child) is
 killed after the wall-clock limit and recorded on its row; the worker and the job go on."""
+
 import shutil
 import time
 
@@ -39,8 +40,14 @@ def test_hanging_decoder_is_killed_and_recorded(modality, shared_data, tmp_path,
     finally:
         stage.teardown()
     figures.setdefault("hangs", []).append(
-        {"name": f"{modality} decode child hangs (prepare stage)", "timeout_s": 2.0,
-         "killed_after_s": round(killed_after, 2), "reason": hung["reason"], "job_ok": "next sample ok"})
+        {
+            "name": f"{modality} decode child hangs (prepare stage)",
+            "timeout_s": 2.0,
+            "killed_after_s": round(killed_after, 2),
+            "reason": hung["reason"],
+            "job_ok": "next sample ok",
+        }
+    )
 
 
 @pytest.mark.slow
@@ -51,8 +58,10 @@ def test_hang_inside_a_job_costs_one_sample(shared_data, tmp_path, figures):
         shutil.copy(shared_data / "videos" / "video_90.mov", src / f"clip{i}.mov")
     shutil.copy(shared_data / "videos" / "bbb_480p_vp9_opus_1second.webm", src / "bbb.webm")
     out = tmp_path / "out"
-    job = write_job(tmp_path / "job.yaml", job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}],
-                                                    decode={"timeout_s": 3}))
+    job = write_job(
+        tmp_path / "job.yaml",
+        job_dict(out, [{"type": "folder", "path": str(src), "name": "local"}], decode={"timeout_s": 3}),
+    )
     run = run_cli(job, out, fault="decode_child:2:hang", fault_dir=tmp_path / "fault", timeout=240)
     assert run.rc == 0, run.stderr[-3000:]
     assert (tmp_path / "fault" / "fired").exists()
@@ -62,5 +71,11 @@ def test_hang_inside_a_job_costs_one_sample(shared_data, tmp_path, figures):
     assert rec["stage"] == "decode" and rec["reason"] == "decode timed out after 3s"
     assert state["problems"] == []
     figures.setdefault("hangs", []).append(
-        {"name": "video decode child hangs in a Ray job (5 videos)", "timeout_s": 3.0,
-         "killed_after_s": "3 (limit)", "reason": rec["reason"], "job_ok": f"rc 0, 4/5 ok, wall {run.wall_s:.0f}s"})
+        {
+            "name": "video decode child hangs in a Ray job (5 videos)",
+            "timeout_s": 3.0,
+            "killed_after_s": "3 (limit)",
+            "reason": rec["reason"],
+            "job_ok": f"rc 0, 4/5 ok, wall {run.wall_s:.0f}s",
+        }
+    )

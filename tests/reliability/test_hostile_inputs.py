@@ -1,5 +1,6 @@
 """Inputs built by an adversary (issue 15): keys made to collide, CSVs with rows that do not parse, long fields and
 other encodings, and (below) samples that would take all the memory. Real Ray, real files, real stores."""
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,24 @@ def seed_old_store(out: Path, cfg: dict, ids: list[str]) -> None:
     store.init({"name": name, "buckets": job.ray.buckets}, tok, pre)
     assert "id_rule" not in store.read_json("version.json")
     n, arr = len(ids), pa.array(ids, pa.string())
-    table = pa.table({"id": arr, "bucket": pa.array(bucket_of(arr, job.ray.buckets), pa.int32()),
-                      "status": pa.array(["ok"] * n), "stage": pa.array(["tokenize"] * n),
-                      "reason": pa.nulls(n, pa.string()), "modality": pa.array(["video"] * n),
-                      "source": pa.array(["s"] * n), "uri": pa.nulls(n, pa.string()),
-                      "seq": pa.array(np.zeros(n, np.int64))}).cast(ledger_schema())
-    write_levels(store.storage, f"{LEVELS}/0000000000-0000000000-seed.parquet",
-                 table.sort_by([("bucket", "ascending"), ("id", "ascending")]))
+    table = pa.table(
+        {
+            "id": arr,
+            "bucket": pa.array(bucket_of(arr, job.ray.buckets), pa.int32()),
+            "status": pa.array(["ok"] * n),
+            "stage": pa.array(["tokenize"] * n),
+            "reason": pa.nulls(n, pa.string()),
+            "modality": pa.array(["video"] * n),
+            "source": pa.array(["s"] * n),
+            "uri": pa.nulls(n, pa.string()),
+            "seq": pa.array(np.zeros(n, np.int64)),
+        }
+    ).cast(ledger_schema())
+    write_levels(
+        store.storage,
+        f"{LEVELS}/0000000000-0000000000-seed.parquet",
+        table.sort_by([("bucket", "ascending"), ("id", "ascending")]),
+    )
 
 
 def test_hostile_keys_lose_nothing_through_ray(ray_local, tmp_path, figures):
@@ -50,15 +62,21 @@ def test_hostile_keys_lose_nothing_through_ray(ray_local, tmp_path, figures):
     is read whole: 10k samples."""
     keys = hostile_keys()
     rows = write_hostile_csv(tmp_path / "k.csv", keys, dupes=DUPES)
-    cfg = job_dict(tmp_path / "out", [{"type": "webvid", "name": "s", "path": str(tmp_path / "k.csv")},
-                                      panda_10k_clips(tmp_path)])
+    cfg = job_dict(
+        tmp_path / "out", [{"type": "webvid", "name": "s", "path": str(tmp_path / "k.csv")}, panda_10k_clips(tmp_path)]
+    )
     resume = run_job(validate_job(cfg), dry_run=True).resume
     assert resume["p"]["rows"] == resume["p"]["todo"] == 10_000 and resume["p"]["duplicate"] == 0
     counts = resume["s"]
     figures.setdefault("hostile_inputs", []).append(
-        {"case": "10k hostile keys + 100 duplicate rows (Ray plan)", "trials": len(keys),
-         "lost": len(keys) - counts["todo"],
-         "duplicated": counts["duplicate"] - DUPES, "wrong data served": 0})
+        {
+            "case": "10k hostile keys + 100 duplicate rows (Ray plan)",
+            "trials": len(keys),
+            "lost": len(keys) - counts["todo"],
+            "duplicated": counts["duplicate"] - DUPES,
+            "wrong data served": 0,
+        }
+    )
     assert counts["rows"] == rows and counts["duplicate"] == DUPES and counts["todo"] == len(keys), counts
 
 
@@ -77,6 +95,7 @@ def test_old_store_resumes_with_its_id_rule(ray_local, tmp_path):
 
 # ---- samples that would take all the memory ----------------------------------------------------------------------
 
+
 def big_png(path: Path, side: int = 10_000) -> Path:
     """A side x side 16-bit grey PNG (200 MB decoded for 10000), written row by row: a few hundred kB on disk."""
     import struct
@@ -87,8 +106,12 @@ def big_png(path: Path, side: int = 10_000) -> Path:
 
     z, row = zlib.compressobj(6), b"\0" + bytes(range(256)) * (side * 2 // 256) + b"\0" * (side * 2 % 256)
     idat = b"".join(z.compress(row) for _ in range(side)) + z.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 16, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -104,12 +127,18 @@ def lying_glb(path: Path, claimed: int = 3_000_000_000) -> Path:
     """A small, valid GLB container whose accessors claim `claimed` vertices and indices."""
     import struct
 
-    gltf = {"asset": {"version": "2.0"}, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
-            "meshes": [{"primitives": [{"attributes": {"POSITION": 0}, "indices": 1}]}],
-            "buffers": [{"byteLength": 48}], "bufferViews": [{"buffer": 0, "byteLength": 36},
-                                                             {"buffer": 0, "byteOffset": 36, "byteLength": 12}],
-            "accessors": [{"bufferView": 0, "componentType": 5126, "count": claimed, "type": "VEC3"},
-                          {"bufferView": 1, "componentType": 5125, "count": claimed, "type": "SCALAR"}]}
+    gltf = {
+        "asset": {"version": "2.0"},
+        "scenes": [{"nodes": [0]}],
+        "nodes": [{"mesh": 0}],
+        "meshes": [{"primitives": [{"attributes": {"POSITION": 0}, "indices": 1}]}],
+        "buffers": [{"byteLength": 48}],
+        "bufferViews": [{"buffer": 0, "byteLength": 36}, {"buffer": 0, "byteOffset": 36, "byteLength": 12}],
+        "accessors": [
+            {"bufferView": 0, "componentType": 5126, "count": claimed, "type": "VEC3"},
+            {"bufferView": 1, "componentType": 5125, "count": claimed, "type": "SCALAR"},
+        ],
+    }
     js = json.dumps(gltf).encode()
     js += b" " * (-len(js) % 4)
     body = struct.pack("<II", len(js), 0x4E4F534A) + js + struct.pack("<II", 48, 0x004E4942) + b"\0" * 48
@@ -133,8 +162,11 @@ def prepare_rows(paths: list[Path], **decode) -> list[dict]:
     from pipeline.prepare import Prepare
     from pipeline.rows import new_row
 
-    stage = Prepare(FetchConfig(retries=0), DecodeConfig(**{"timeout_s": 60, **decode}),
-                    MeshConfig(views=4, resolution=64, backend="cpu", max_faces=1000))
+    stage = Prepare(
+        FetchConfig(retries=0),
+        DecodeConfig(**{"timeout_s": 60, **decode}),
+        MeshConfig(views=4, resolution=64, backend="cpu", max_faces=1000),
+    )
     try:
         return stage([new_row(p.name, "3d" if p.suffix == ".glb" else "image", "t", uri=str(p)) for p in paths])
     finally:
@@ -211,8 +243,9 @@ def test_a_sample_killed_twice_is_failed(shared_data, tmp_path, scratch):
     assert _prepare_in_a_process(paths, out) == 0
     rows = {r["id"]: r for r in pickle.loads(out.read_bytes())}
     assert rows["big.png"]["status"] == "failed", rows
-    assert rows["big.png"]["reason"] == ("its worker died 2 times while preparing it (killed for memory?); "
-                                         "not tried again")
+    assert rows["big.png"]["reason"] == (
+        "its worker died 2 times while preparing it (killed for memory?); not tried again"
+    )
     assert rows["coffee.png"]["status"] == rows["camera.png"]["status"] == "ok"
     assert not (scratch / "attempts").exists()  # the attempt files are gone with their samples
 
@@ -240,11 +273,15 @@ def test_mesh_budget_before_loading(tmp_path, scratch):
 def hostile_tables(tmp: Path) -> list[dict]:
     """Table sources that fight back: a 1 MB caption and rows with too many / too few fields (webvid `w`), a UTF-16
     file (`u`)."""
-    (tmp / "w.csv").write_text('videoid,name,contentUrl\n1,"' + "x" * (1 << 20) + '",missing/1.mp4\n'
-                               "2,b,missing/2.mp4,x,y\n3,c\n4,d,missing/4.mp4\n")
+    (tmp / "w.csv").write_text(
+        'videoid,name,contentUrl\n1,"' + "x" * (1 << 20) + '",missing/1.mp4\n'
+        "2,b,missing/2.mp4,x,y\n3,c\n4,d,missing/4.mp4\n"
+    )
     (tmp / "u16.csv").write_bytes("videoid,name,contentUrl\n5,café,missing/5.mp4\n".encode("utf-16"))
-    return [{"type": "webvid", "name": "w", "path": str(tmp / "w.csv")},
-            {"type": "webvid", "name": "u", "path": str(tmp / "u16.csv")}]
+    return [
+        {"type": "webvid", "name": "w", "path": str(tmp / "w.csv")},
+        {"type": "webvid", "name": "u", "path": str(tmp / "u16.csv")},
+    ]
 
 
 def panda_10k_clips(tmp: Path) -> dict:
@@ -268,8 +305,12 @@ def test_hostile_inputs_in_one_job(ray_local, shared_data, tmp_path, figures):
     good = ("coffee.png", "camera.png", "coins.png")
     for n in good:
         (src / n).write_bytes((shared_data / "images" / n).read_bytes())
-    cfg = job_dict(tmp_path / "out", [{"type": "folder", "path": str(src)}] + hostile_tables(tmp_path),
-                   decode={"max_image_bytes": 64 << 20, "memory_mb": 1024}, mesh={"max_faces": 1000})
+    cfg = job_dict(
+        tmp_path / "out",
+        [{"type": "folder", "path": str(src)}] + hostile_tables(tmp_path),
+        decode={"max_image_bytes": 64 << 20, "memory_mb": 1024},
+        mesh={"max_faces": 1000},
+    )
     t0 = time.perf_counter()
     summary = run_job(validate_job(cfg))
     wall = time.perf_counter() - t0
@@ -285,6 +326,12 @@ def test_hostile_inputs_in_one_job(ray_local, shared_data, tmp_path, figures):
     assert len(other) == 2 + 3 + 2 and summary.counts["failed"] == 7
     assert state["store"].read_json("version.json")["id_rule"] == 2
     figures.setdefault("hostile_inputs", []).append(
-        {"case": "10000² 16-bit PNG + 20k-face mesh among 3 good images, CSVs that fight back (one Ray job)",
-         "trials": 1, "lost": len({f"folder-{n}" for n in good} - state["ok"]), "duplicated": 0,
-         "wrong data served": 0, "wall_s": round(wall, 1)})
+        {
+            "case": "10000² 16-bit PNG + 20k-face mesh among 3 good images, CSVs that fight back (one Ray job)",
+            "trials": 1,
+            "lost": len({f"folder-{n}" for n in good} - state["ok"]),
+            "duplicated": 0,
+            "wrong data served": 0,
+            "wall_s": round(wall, 1),
+        }
+    )

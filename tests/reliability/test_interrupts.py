@@ -13,6 +13,7 @@ nothing; SIGTERM stops gracefully with exit 143; a second run on a live output i
 holder's host and pid; a lock left by a kill -9'd run is taken over; the grace period expiring in the middle of a
 (slow) commit loses nothing.
 """
+
 from __future__ import annotations
 
 import random
@@ -29,17 +30,28 @@ import pytest
 from pipeline.job import validate_job
 from pipeline.run import run_job
 from pipeline.storage import Storage
-from tests.reliability.conftest import (Target, count_lost_dup, expected_ids, finish, kill_session,
-                                        reader_invariant, run_cli, shard_ids, start_cli, store_state, the_store,
-                                        visible_shards)
+from tests.reliability.conftest import (
+    Target,
+    count_lost_dup,
+    expected_ids,
+    finish,
+    kill_session,
+    reader_invariant,
+    run_cli,
+    shard_ids,
+    start_cli,
+    store_state,
+    the_store,
+    visible_shards,
+)
 
-TRIALS = 20                     # per storage, in the full (slow) set
-FAST = 2                        # of which run in the fast set
-DELAY_S = (0.3, 24.0)           # even trials: SIGINT this long after the process started (a run takes ~20-30 s)
-AFTER_COMMIT_S = (0.0, 4.0)     # odd trials: this long after the first commit is visible (~4 s of commits)
+TRIALS = 20  # per storage, in the full (slow) set
+FAST = 2  # of which run in the fast set
+DELAY_S = (0.3, 24.0)  # even trials: SIGINT this long after the process started (a run takes ~20-30 s)
+AFTER_COMMIT_S = (0.0, 4.0)  # odd trials: this long after the first commit is visible (~4 s of commits)
 IMAGES = ["camera.png", "coins.png", "hopper_gray.jpg", "text.png"]
 COPIES = 5
-VIDEO = "video_90.mov"          # 3 frames
+VIDEO = "video_90.mov"  # 3 frames
 LINE = re.compile(r"^interrupted \((SIGINT|SIGTERM)\)")
 COMMITTED = re.compile(r"^interrupted \(\w+\)(?: before the run started)?: (\d+) samples? committed this run")
 
@@ -61,8 +73,9 @@ def small(shared_data, tmp_path_factory) -> tuple[Path, set[str]]:
 def interrupt_job(target: Target, tmp_path: Path, src: Path, **extra) -> tuple[Path, dict, dict]:
     """One row per prepare batch and per writer call (a commit per sample: many points for a signal to land)."""
     ray = {"num_cpus": 2, "prepare_batch_rows": 1, "interrupt_grace_s": 60, **extra.pop("ray", {})}
-    return target.job(tmp_path, [{"type": "folder", "path": str(src), "name": "local"}],
-                      write={"rows_per_write": 1}, ray=ray, **extra)
+    return target.job(
+        tmp_path, [{"type": "folder", "path": str(src), "name": "local"}], write={"rows_per_write": 1}, ray=ray, **extra
+    )
 
 
 def signal_lines(run) -> list[str]:
@@ -89,7 +102,7 @@ def check_between(target: Target, tmp_path: Path) -> tuple[int, dict]:
     """After the interrupt, before the rerun: readers see whole files and no duplicate; the store is consistent."""
     seen = reader_invariant(target.out, tmp_path / "hf", target.s3)
     st = store_state(the_store(target.out, target.options)) if _has_store(target) else None  # (an early stop
-    if st is not None:                                                                    # makes none)
+    if st is not None:  # makes none)
         assert st["problems"] == [], st["problems"]
         assert st["staging"] == [], f"staging left by a graceful stop: {st['staging']}"
         assert not st["lock"], "the interrupted run left its lock behind"
@@ -107,9 +120,19 @@ def rerun_and_count(target: Target, inproc: dict, expected: set[str]) -> dict:
     ids = shard_ids(target.out, target.options)
     st = store_state(the_store(target.out, target.options))
     lost, dups = count_lost_dup(expected, ids)
-    return {"lost": len(lost), "duplicates": dups, "verify_problems": len(st["problems"]), "ok": st["ok"],
-            "other": st["other"], "staging": st["staging"], "lock": st["lock"], "redone": summary.finished,
-            "rerun_s": round(summary.wall_s, 1), "problems": st["problems"], "lost_ids": sorted(lost)}
+    return {
+        "lost": len(lost),
+        "duplicates": dups,
+        "verify_problems": len(st["problems"]),
+        "ok": st["ok"],
+        "other": st["other"],
+        "staging": st["staging"],
+        "lock": st["lock"],
+        "redone": summary.finished,
+        "rerun_s": round(summary.wall_s, 1),
+        "problems": st["problems"],
+        "lost_ids": sorted(lost),
+    }
 
 
 def assert_complete(after: dict, expected: set[str]) -> None:
@@ -148,12 +171,24 @@ def test_sigint_at_a_random_time(trial, target, small, ray_local, tmp_path, figu
     committed, _ = check_between(target, tmp_path)
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
-        {"storage": target.kind, "trial": trial, "signal": "SIGINT", "after": anchor, "delay_s": delay, "sent": sent,
-         "rc": run.rc,
-         "committed_by_run": committed_by(lines) if lines else (committed if run.rc == 0 else None),
-         "visible_after_interrupt": committed, "redone_by_rerun": after["redone"], "lost": after["lost"],
-         "duplicates": after["duplicates"], "verify_problems": after["verify_problems"],
-         "interrupted_s": round(run.wall_s, 1), "rerun_s": after["rerun_s"]})
+        {
+            "storage": target.kind,
+            "trial": trial,
+            "signal": "SIGINT",
+            "after": anchor,
+            "delay_s": delay,
+            "sent": sent,
+            "rc": run.rc,
+            "committed_by_run": committed_by(lines) if lines else (committed if run.rc == 0 else None),
+            "visible_after_interrupt": committed,
+            "redone_by_rerun": after["redone"],
+            "lost": after["lost"],
+            "duplicates": after["duplicates"],
+            "verify_problems": after["verify_problems"],
+            "interrupted_s": round(run.wall_s, 1),
+            "rerun_s": after["rerun_s"],
+        }
+    )
     assert_complete(after, expected)
     if lines and committed_by(lines) is not None:
         assert committed_by(lines) == committed  # the line says what readers see
@@ -184,11 +219,24 @@ def test_second_sigint_aborts_at_once(small, ray_local, tmp_path, figures):
     committed = len(reader_invariant(target.out, tmp_path / "hf"))
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
-        {"storage": "local", "trial": "double", "signal": "SIGINT, SIGINT +0.5s", "delay_s": "first commit",
-         "sent": True, "rc": run.rc, "committed_by_run": None, "visible_after_interrupt": committed,
-         "redone_by_rerun": after["redone"], "lost": after["lost"], "duplicates": after["duplicates"],
-         "verify_problems": after["verify_problems"], "interrupted_s": round(run.wall_s, 1),
-         "rerun_s": after["rerun_s"], "exit_after_2nd_s": round(exit_after, 1)})
+        {
+            "storage": "local",
+            "trial": "double",
+            "signal": "SIGINT, SIGINT +0.5s",
+            "delay_s": "first commit",
+            "sent": True,
+            "rc": run.rc,
+            "committed_by_run": None,
+            "visible_after_interrupt": committed,
+            "redone_by_rerun": after["redone"],
+            "lost": after["lost"],
+            "duplicates": after["duplicates"],
+            "verify_problems": after["verify_problems"],
+            "interrupted_s": round(run.wall_s, 1),
+            "rerun_s": after["rerun_s"],
+            "exit_after_2nd_s": round(exit_after, 1),
+        }
+    )
     assert exit_after < 15, f"a second SIGINT should abort at once, took {exit_after:.1f}s"
     assert_complete(after, expected)
 
@@ -211,11 +259,23 @@ def test_sigterm_stops_gracefully_with_143(small, ray_local, tmp_path, figures):
     assert committed_by(lines) == committed >= 1
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
-        {"storage": "local", "trial": "sigterm", "signal": "SIGTERM", "delay_s": "first commit", "sent": True,
-         "rc": run.rc, "committed_by_run": committed_by(lines), "visible_after_interrupt": committed,
-         "redone_by_rerun": after["redone"], "lost": after["lost"], "duplicates": after["duplicates"],
-         "verify_problems": after["verify_problems"], "interrupted_s": round(run.wall_s, 1),
-         "rerun_s": after["rerun_s"]})
+        {
+            "storage": "local",
+            "trial": "sigterm",
+            "signal": "SIGTERM",
+            "delay_s": "first commit",
+            "sent": True,
+            "rc": run.rc,
+            "committed_by_run": committed_by(lines),
+            "visible_after_interrupt": committed,
+            "redone_by_rerun": after["redone"],
+            "lost": after["lost"],
+            "duplicates": after["duplicates"],
+            "verify_problems": after["verify_problems"],
+            "interrupted_s": round(run.wall_s, 1),
+            "rerun_s": after["rerun_s"],
+        }
+    )
     assert_complete(after, expected)
 
 
@@ -249,11 +309,17 @@ def test_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(small, ray_local
     ids = shard_ids(target.out)
     lost, dups = count_lost_dup(expected, ids)
     st = store_state(the_store(target.out))
-    figures.setdefault("locks", []).extend([
-        {"case": "second run while one is live", "rc": second.rc, "result": errors[0][:160]},
-        {"case": "lock of a kill -9'd run", "rc": 0,
-         "result": f"{took[0][:120]}; {committed} committed before, {summary.finished} redone, "
-                   f"lost {len(lost)}, duplicates {dups}"}])
+    figures.setdefault("locks", []).extend(
+        [
+            {"case": "second run while one is live", "rc": second.rc, "result": errors[0][:160]},
+            {
+                "case": "lock of a kill -9'd run",
+                "rc": 0,
+                "result": f"{took[0][:120]}; {committed} committed before, {summary.finished} redone, "
+                f"lost {len(lost)}, duplicates {dups}",
+            },
+        ]
+    )
     assert not lost and dups == 0 and st["problems"] == [] and not st["lock"] and not lock.exists()
 
 
@@ -277,9 +343,21 @@ def test_grace_expiring_during_a_slow_commit_loses_nothing(small, ray_local, tmp
     committed, _ = check_between(target, tmp_path)
     after = rerun_and_count(target, inproc, expected)
     figures.setdefault("interrupts", []).append(
-        {"storage": "local", "trial": "grace", "signal": "SIGINT during a hung commit, grace 2s",
-         "delay_s": "commit 3", "sent": True, "rc": run.rc, "committed_by_run": committed_by(lines),
-         "visible_after_interrupt": committed, "redone_by_rerun": after["redone"], "lost": after["lost"],
-         "duplicates": after["duplicates"], "verify_problems": after["verify_problems"],
-         "interrupted_s": round(run.wall_s, 1), "rerun_s": after["rerun_s"]})
+        {
+            "storage": "local",
+            "trial": "grace",
+            "signal": "SIGINT during a hung commit, grace 2s",
+            "delay_s": "commit 3",
+            "sent": True,
+            "rc": run.rc,
+            "committed_by_run": committed_by(lines),
+            "visible_after_interrupt": committed,
+            "redone_by_rerun": after["redone"],
+            "lost": after["lost"],
+            "duplicates": after["duplicates"],
+            "verify_problems": after["verify_problems"],
+            "interrupted_s": round(run.wall_s, 1),
+            "rerun_s": after["rerun_s"],
+        }
+    )
     assert_complete(after, expected)

@@ -4,6 +4,7 @@ Recoverable faults (one 500, one reset, one truncated body, a wrong Content-Type
 (404, persistent 500 / reset / truncation, a body slower than the deadline, a stalled server, an HTML page, a
 body over the size cap, a redirect loop) end failed at fetch with their reason, and the job ends in bounded time.
 """
+
 import csv
 import shutil
 import time
@@ -57,10 +58,21 @@ def run_network_job(shared, tmp_path, n_clean):
             w = csv.writer(f)
             w.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
             w.writerows([[n.split(".")[0], srv.url(n), "PT00H00M01S", "p", n] for n in names])
-        cfg = job_dict(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}],
-                       fetch={"retries": RETRIES, "backoff_s": 0.05, "read_timeout_s": READ_TIMEOUT_S,
-                              "deadline_s": DEADLINE_S, "max_bytes": MAX_BYTES, "schemes": ["http"]},
-                       write={"rows_per_write": 4}, tokenize={"batch_rows": 4}, ray={"prepare_batch_rows": 4})
+        cfg = job_dict(
+            tmp_path / "out",
+            [{"type": "webvid", "path": str(csv_path)}],
+            fetch={
+                "retries": RETRIES,
+                "backoff_s": 0.05,
+                "read_timeout_s": READ_TIMEOUT_S,
+                "deadline_s": DEADLINE_S,
+                "max_bytes": MAX_BYTES,
+                "schemes": ["http"],
+            },
+            write={"rows_per_write": 4},
+            tokenize={"batch_rows": 4},
+            ray={"prepare_batch_rows": 4},
+        )
         job = validate_job(cfg)
         t0 = time.perf_counter()
         summary = run_job(job)
@@ -87,10 +99,21 @@ def check_and_record(summary, wall, names, out, bound_s, name, figures):
             assert sid in ok, f"{n} should be fetched: {other.get(sid)}"
     failed = len(other)
     figures.setdefault("network", []).append(
-        {"name": name, "samples": len(names), "faulty": len(UNRECOVERABLE) + len(RECOVERABLE), "ok": len(ok),
-         "failed": failed, "wall_s": wall, "bound_s": bound_s,
-         "outcomes": {**outcomes, f"{len(RECOVERABLE)} recoverable ({', '.join(RECOVERABLE)})": "ok",
-                      f"{len(names) - len(UNRECOVERABLE) - len(RECOVERABLE)} clean": "ok"}})
+        {
+            "name": name,
+            "samples": len(names),
+            "faulty": len(UNRECOVERABLE) + len(RECOVERABLE),
+            "ok": len(ok),
+            "failed": failed,
+            "wall_s": wall,
+            "bound_s": bound_s,
+            "outcomes": {
+                **outcomes,
+                f"{len(RECOVERABLE)} recoverable ({', '.join(RECOVERABLE)})": "ok",
+                f"{len(names) - len(UNRECOVERABLE) - len(RECOVERABLE)} clean": "ok",
+            },
+        }
+    )
     assert failed == len(UNRECOVERABLE) and len(ok) == len(names) - len(UNRECOVERABLE)
     assert abs(failed / len(names) - 0.3) < 0.1, "the mix should be ~30 % unrecoverable"
     assert state["problems"] == [] and state["staging"] == []
@@ -101,4 +124,3 @@ def test_fault_mix_is_recorded_in_bounded_time(ray_local, shared_data, tmp_path,
     # worst single sample: (retries + 1) deadlines + backoff; the bound adds generous Ray/decode/tokenize time
     summary, wall, names, out = run_network_job(shared_data, tmp_path, n_clean=18)
     check_and_record(summary, wall, names, out, bound_s=120.0, name="33 samples, 10 unrecoverable", figures=figures)
-

@@ -9,6 +9,7 @@
   invalid bytes (a lone surrogate encoded as ED A0 80, a stray FF) arrive as U+FFFD and the job goes on.
   Captions are stripped of leading/trailing whitespace by the sources (by design); inner characters are kept.
 """
+
 import csv
 import io
 import re
@@ -27,14 +28,47 @@ from pipeline.run import run_job
 from tests.http_server import Fault, FaultServer
 from tests.reliability.conftest import job_dict, store_state
 
-HOSTILE_IDS = ["../../etc/passwd", "/etc/shadow", "..", ".", "a/../../b", "x\x00y", "L" * 5000, "..\\..\\win",
-               "~root", "$(touch pwned)", "CON", "ü/../ü", "-rf", ".hidden", "a b\tc"]
-CAPTIONS = ["NUL in\x00the middle", "right\u202eto-left \u200fmark\u200e", "emoji 🧪🚀👩‍👩‍👧 and flags 🇸🇪",
-            "line one\nline two\r\nline three", "bell\x07 esc\x1b[31m del\x7f", "zero\u200bwidth\ufeffbom",
-            "combining e\u0301 vs \u00e9", "line\u2028sep\u2029para", "tab\tinside", "long " + "ж" * 100_000,
-            "Ω≈ç√∫ 中文 العربية עברית", "quote \" and , comma"]
-BAD_SCHEMES = ["ftp://127.0.0.1/clip.mov", "file:///etc/passwd", "gopher://127.0.0.1:70/1", "javascript:alert(1)",
-               "data:video/mp4;base64,AAAAIGZ0eXBpc29t", "../../etc/passwd", "/etc/passwd", "dict://127.0.0.1/x"]
+HOSTILE_IDS = [
+    "../../etc/passwd",
+    "/etc/shadow",
+    "..",
+    ".",
+    "a/../../b",
+    "x\x00y",
+    "L" * 5000,
+    "..\\..\\win",
+    "~root",
+    "$(touch pwned)",
+    "CON",
+    "ü/../ü",
+    "-rf",
+    ".hidden",
+    "a b\tc",
+]
+CAPTIONS = [
+    "NUL in\x00the middle",
+    "right\u202eto-left \u200fmark\u200e",
+    "emoji 🧪🚀👩‍👩‍👧 and flags 🇸🇪",
+    "line one\nline two\r\nline three",
+    "bell\x07 esc\x1b[31m del\x7f",
+    "zero\u200bwidth\ufeffbom",
+    "combining e\u0301 vs \u00e9",
+    "line\u2028sep\u2029para",
+    "tab\tinside",
+    "long " + "ж" * 100_000,
+    "Ω≈ç√∫ 中文 العربية עברית",
+    'quote " and , comma',
+]
+BAD_SCHEMES = [
+    "ftp://127.0.0.1/clip.mov",
+    "file:///etc/passwd",
+    "gopher://127.0.0.1:70/1",
+    "javascript:alert(1)",
+    "data:video/mp4;base64,AAAAIGZ0eXBpc29t",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "dict://127.0.0.1/x",
+]
 SAFE_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
 
 
@@ -47,8 +81,10 @@ def site(shared_data, tmp_path):
     www = tmp_path / "www"
     www.mkdir()
     shutil.copy(shared_data / "videos" / "video_90.mov", www / "clip.mov")
-    faults = {"/to_file": Fault("redirect", location="file:///etc/passwd"),
-              "/to_ftp": Fault("redirect", location="ftp://127.0.0.1/clip.mov")}
+    faults = {
+        "/to_file": Fault("redirect", location="file:///etc/passwd"),
+        "/to_ftp": Fault("redirect", location="ftp://127.0.0.1/clip.mov"),
+    }
     with FaultServer(www, faults) as srv:
         yield srv
 
@@ -66,10 +102,12 @@ def test_hostile_metadata_through_a_job(ray_local, site, shared_data, tmp_path, 
     rows = [[vid, clip, "PT1S", "p", f"id case {i}"] for i, vid in enumerate(HOSTILE_IDS)]
     rows += [[f"cap{i}", clip, "PT1S", "p", c] for i, c in enumerate(CAPTIONS)]
     rows += [[f"scheme{i}", u, "PT1S", "p", u] for i, u in enumerate(BAD_SCHEMES)]
-    rows += [["https", clip.replace("http://", "https://"), "PT1S", "p", "https is not in the job's schemes"],
-             ["redir_file", site.url("to_file"), "PT1S", "p", "redirect to file://"],
-             ["redir_ftp", site.url("to_ftp"), "PT1S", "p", "redirect to ftp://"],
-             ["traverse_url", site.url("../../etc/passwd"), "PT1S", "p", "server-side traversal"]]
+    rows += [
+        ["https", clip.replace("http://", "https://"), "PT1S", "p", "https is not in the job's schemes"],
+        ["redir_file", site.url("to_file"), "PT1S", "p", "redirect to file://"],
+        ["redir_ftp", site.url("to_ftp"), "PT1S", "p", "redirect to ftp://"],
+        ["traverse_url", site.url("../../etc/passwd"), "PT1S", "p", "server-side traversal"],
+    ]
     csv_path = tmp_path / "meta.csv"
     write_csv(csv_path, rows, [b"badutf8", clip.encode(), b"PT1S", b"p", b"caf\xff \xed\xa0\x80 end"])
     names = tmp_path / "names"  # hostile file names in a folder source
@@ -80,16 +118,21 @@ def test_hostile_metadata_through_a_job(ray_local, site, shared_data, tmp_path, 
     before = tree(tmp_path)
     cache = out.resolve() / "fetch-cache"
     batch = dict(write={"rows_per_write": 8}, tokenize={"batch_rows": 8}, ray={"num_cpus": 2, "prepare_batch_rows": 8})
-    cfg = job_dict(out, [{"type": "webvid", "path": str(csv_path), "name": "wv"}],
-                   fetch={"schemes": ["http"], "retries": 0, "cache": "local", "cache_dir": str(cache)}, **batch)
+    cfg = job_dict(
+        out,
+        [{"type": "webvid", "path": str(csv_path), "name": "wv"}],
+        fetch={"schemes": ["http"], "retries": 0, "cache": "local", "cache_dir": str(cache)},
+        **batch,
+    )
     summary = run_job(validate_job(cfg))
     st = store_state(summary.store_dir)
     assert st["problems"] == [] and st["staging"] == []
     ok, other = st["ok"], st["other"]
     # the folder source needs file:// (refused above): its own job (a folder may hold 3D, so its preprocessing
     # identity, and version folder under out/, differ), reading the files in place
-    files_summary = run_job(validate_job(job_dict(out, [{"type": "folder", "path": str(names), "name": "files"}],
-                                                  **batch)))
+    files_summary = run_job(
+        validate_job(job_dict(out, [{"type": "folder", "path": str(names), "name": "files"}], **batch))
+    )
     files_st = store_state(files_summary.store_dir)
     assert files_st["problems"] == []
 
@@ -123,16 +166,30 @@ def test_hostile_metadata_through_a_job(ray_local, site, shared_data, tmp_path, 
         assert stored[f"wv-cap{i}"] == c.strip(), f"caption {i} changed"
     assert stored["wv-badutf8"] == "caf\ufffd \ufffd\ufffd\ufffd end"  # invalid UTF-8 -> U+FFFD, job goes on
 
-    figures.setdefault("untrusted", []).extend([
-        {"check": "hostile ids / file names: files outside out/", "cases": len(HOSTILE_IDS) + 7,
-         "result": f"0 outside ({len(made)} files made, all under out/); ids all [A-Za-z0-9._-], no collisions"},
-        {"check": "URL schemes not in job (ftp, file, gopher, javascript, data, dict, https, paths, redirects)",
-         "cases": len(scheme_recs), "result": f"{len(scheme_recs)}/{len(scheme_recs)} refused at fetch: "
-                                              f"'{other['wv-scheme0']['reason']}'"},
-        {"check": "captions (NUL, RTL, emoji, CR/LF, ESC, DEL, ZW, U+2028, 100k chars) round-trip",
-         "cases": len(CAPTIONS), "result": f"{len(CAPTIONS)}/{len(CAPTIONS)} exact after Parquet"},
-        {"check": "invalid UTF-8 / lone-surrogate bytes in a CSV", "cases": 1,
-         "result": "replaced by U+FFFD, sample ok (Arrow UTF-8 cannot hold lone surrogates)"}])
+    figures.setdefault("untrusted", []).extend(
+        [
+            {
+                "check": "hostile ids / file names: files outside out/",
+                "cases": len(HOSTILE_IDS) + 7,
+                "result": f"0 outside ({len(made)} files made, all under out/); ids all [A-Za-z0-9._-], no collisions",
+            },
+            {
+                "check": "URL schemes not in job (ftp, file, gopher, javascript, data, dict, https, paths, redirects)",
+                "cases": len(scheme_recs),
+                "result": f"{len(scheme_recs)}/{len(scheme_recs)} refused at fetch: '{other['wv-scheme0']['reason']}'",
+            },
+            {
+                "check": "captions (NUL, RTL, emoji, CR/LF, ESC, DEL, ZW, U+2028, 100k chars) round-trip",
+                "cases": len(CAPTIONS),
+                "result": f"{len(CAPTIONS)}/{len(CAPTIONS)} exact after Parquet",
+            },
+            {
+                "check": "invalid UTF-8 / lone-surrogate bytes in a CSV",
+                "cases": 1,
+                "result": "replaced by U+FFFD, sample ok (Arrow UTF-8 cannot hold lone surrogates)",
+            },
+        ]
+    )
 
 
 class Evil:
@@ -161,5 +218,9 @@ def test_malicious_checkpoint_is_refused(tmp_path, figures):
     torch.save(model.state_dict(), good)
     assert load_weights(AToken(ATokenConfig.named("tiny")), good) == ([], [])
     figures.setdefault("untrusted", []).append(
-        {"check": "checkpoint with malicious __reduce__ (creates a file)", "cases": 2,
-         "result": "refused by weights_only=True, file not created; a real .pt still loads"})
+        {
+            "check": "checkpoint with malicious __reduce__ (creates a file)",
+            "cases": 2,
+            "result": "refused by weights_only=True, file not created; a real .pt still loads",
+        }
+    )
