@@ -2,7 +2,7 @@
 
 A run that ends normally (not interrupted, not failed) records a fingerprint in `runs/<run>.json`: the job's
 settings, what its sources list (table files by size and mtime; a folder source by its listing) taken before
-the run read them, and the store's manifest and ledger files after its last commit. When a later plain run
+the run read them, and the store's manifest, ledger and shard files after its last commit. When a later plain run
 (no `--retry-failed`) computes the same fingerprint and no lock is held, every listed sample already has an
 outcome: nothing is started. A source that cannot be fingerprinted cheaply (Objaverse, a folder of more than
 `MAX_LISTED` files) never takes this path.
@@ -64,9 +64,9 @@ def sources_fingerprint(job: JobConfig) -> str | None:
 
 
 def store_fingerprint(storage: Storage) -> str:
-    """The commit records, checkpoint and ledger files by name and size: any commit, repair or compaction
-    changes it."""
-    files = [[e.path, e.size] for d in ("manifest", "ledger") for e in storage.list(d, recursive=True)]
+    """The commit records, checkpoint, ledger and shard files by name and size: any commit, repair or
+    compaction changes it, and so does a shard that is deleted, truncated or copied in (which a run repairs)."""
+    files = [[e.path, e.size] for d in ("manifest", "ledger", "data") for e in storage.list(d, recursive=True)]
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
