@@ -49,8 +49,8 @@ class Model:
         print(f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}", flush=True)
 
     def pack(self, row: Row):
-        """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, patchified on the
-        device in encode(), a batch of one shape at a time."""
+        """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, sent to the device
+        and patchified there in encode() (one copy per shape in a batch)."""
         if row["modality"] == "3d":
             return sample_tokens(row)
         clip = np.asarray(row["pixels"])
