@@ -132,9 +132,9 @@ def make_control(ray):
 
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    # on the driver's node: a lost worker node must not take the stop flag and counts along
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return RunControl.options(scheduling_strategy=here).remote()  # on the driver's node: a lost worker node
-    # must not take the stop flag and counts along
+    return RunControl.options(scheduling_strategy=here).remote()
 
 
 # ---- payload tables ------------------------------------------------------------------------------------------
