@@ -54,27 +54,29 @@ def check_coords(coords: torch.Tensor, name: str = "coords"):
 # ----------------------------------------------------------------------------- pixels <-> tokens
 
 
+def check_clip_shape(shape: tuple[int, ...], name: str = "video", patch=PATCH) -> None:
+    """A [T, H, W, 3] clip that holds at least one patch, or a ValueError that says what is wrong."""
+    if len(shape) != 4:
+        raise ValueError(f"{name}: expected [T, H, W, 3], got shape {tuple(shape)}")
+    if shape[-1] != 3:
+        raise ValueError(f"{name}: expected 3 (RGB) channels last, got shape {tuple(shape)}")
+    T, H, W, _ = shape
+    if T == 0 or H == 0 or W == 0:
+        raise ValueError(f"{name}: empty input of shape {tuple(shape)}")
+    if H < patch[1] or W < patch[2]:
+        raise ValueError(f"{name}: frames {H}x{W} are smaller than one {patch[1]}x{patch[2]} patch")
+
+
 def video_to_tokens(thwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, H, W, 3] video (uint8 or float in [-1, 1]) -> feats [n, 3072] float32, coords [n, 4] int32 (t, x, y, z)."""
     x = _as_tensor(thwc, "video")
-    if x.ndim != 4:
-        raise ValueError(f"video: expected [T, H, W, 3], got shape {tuple(x.shape)}")
-    if x.shape[-1] != 3:
-        raise ValueError(f"video: expected 3 (RGB) channels last, got shape {tuple(x.shape)}")
-    T, H, W, _ = x.shape
+    check_clip_shape(tuple(x.shape), "video", patch)
     pt, ph, pw = patch
-    if T == 0 or H == 0 or W == 0:
-        raise ValueError(f"video: empty input of shape {tuple(x.shape)}")
-    if H < ph or W < pw:
-        raise ValueError(f"video: frames {H}x{W} are smaller than one {ph}x{pw} patch")
     x = _to_unit_range(x, "video")
-    if T < pt:  # pad with zero frames (= mid-gray in [-1, 1])
-        x = torch.cat([x, x.new_zeros(pt - T, H, W, 3)])
-    T = x.shape[0] // pt * pt  # drop frames beyond a multiple of pt
-    h, w = H // ph * ph, W // pw * pw
-    top, left = (H - h) // 2, (W - w) // 2
-    x = x[:T, top : top + h, left : left + w]
-    nt, nh, nw = T // pt, h // ph, w // pw
+    if len(x) < pt:  # pad with zero frames (= mid-gray in [-1, 1])
+        x = torch.cat([x, x.new_zeros(pt - len(x), *x.shape[1:])])
+    x = patch_view(x, patch)  # whole patches: frames beyond a multiple of pt dropped, centre crop
+    nt, nh, nw = x.shape[0] // pt, x.shape[1] // ph, x.shape[2] // pw
     # (t pt) (h ph) (w pw) c -> (t h w) (pt ph pw c)
     feats = x.reshape(nt, pt, nh, ph, nw, pw, 3).permute(0, 2, 4, 1, 3, 5, 6).reshape(nt * nh * nw, -1)
     grid = torch.meshgrid(torch.arange(nt), torch.arange(nh), torch.arange(nw), torch.arange(1), indexing="ij")
@@ -104,10 +106,11 @@ def clips_to_batch(
     per-sample host work or sync. Uint8 pixels are finite and the coordinates are valid by construction."""
     if clips.dtype != torch.uint8 or clips.ndim != 5 or clips.shape[-1] != 3:
         raise ValueError(f"clips: expected uint8 [B, T, H, W, 3], got {clips.dtype} {tuple(clips.shape)}")
-    B, T, H, W, _ = clips.shape
+    if len(clips) == 0:
+        raise ValueError("clips: no clips")
+    check_clip_shape(tuple(clips.shape[1:]), "clips", patch)
+    B, T = clips.shape[:2]
     pt, ph, pw = patch
-    if B == 0 or T == 0 or H < ph or W < pw:
-        raise ValueError(f"clips: shape {tuple(clips.shape)} holds no {pt}x{ph}x{pw} patch")
     x = patch_view(clips.movedim(0, 3), patch).movedim(3, 0).float().div_(127.5).sub_(1.0)
     if T < pt:  # zero frames (mid-gray), as video_to_tokens
         x = torch.cat([x, x.new_zeros(B, pt - T, *x.shape[2:])], dim=1)

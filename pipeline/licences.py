@@ -92,21 +92,18 @@ def summary(storage, shards) -> dict[str, dict[str, int]]:
     import collections
     from concurrent.futures import ThreadPoolExecutor
 
-    import pyarrow.parquet as pq
+    from pipeline.store import read_parquet
 
-    def one(path):  # three short string columns of one shard (or its row count)
-        with storage.open_input(path) as f:
-            pf = pq.ParquetFile(f)
-            have = [c for c in COLUMNS if c in pf.schema_arrow.names]
-            return have, (pf.read(columns=have) if have else None), pf.metadata.num_rows
+    def one(path):  # three short string columns of one shard (or its row count), page checksums verified
+        return read_parquet(storage, path, COLUMNS, present_only=True)
 
     counts: dict[str, collections.Counter] = {c: collections.Counter() for c in COLUMNS}
     with ThreadPoolExecutor(16) as pool:  # object stores: many small reads at once
         read = list(pool.map(one, sorted(shards)))
-    for have, table, rows in read:
+    for table in read:
         for c in COLUMNS:
-            if table is None or c not in have:
-                counts[c]["not recorded"] += rows
+            if c not in table.column_names:
+                counts[c]["not recorded"] += table.num_rows
             else:
                 counts[c].update("none" if v is None else v for v in table.column(c).to_pylist())
     return {c: dict(v.most_common()) for c, v in counts.items() if v}

@@ -1,7 +1,7 @@
 """`python -m pipeline status`: what one version store holds and why samples failed, as text or JSON.
 
-`report()` gathers it (the commit records and the ledger; no shard is opened), `render()` prints it. Failed
-samples are listed with their id, uri, stage and reason, filtered by stage and by a reason substring.
+`report()` gathers it (the commit records, the ledger, and the licence columns of the shards), `render()`
+prints it. Failed samples are listed with their id, uri, stage and reason, filtered by stage and by a reason substring.
 """
 
 from __future__ import annotations

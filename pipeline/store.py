@@ -59,12 +59,16 @@ class DamagedFile(OSError):
     """A store file that is missing, truncated or fails its Parquet page checksums (the message names it)."""
 
 
-def read_parquet(storage: Storage, rel: str, columns=None) -> pa.Table:
+def read_parquet(storage: Storage, rel: str, columns=None, present_only: bool = False) -> pa.Table:
     """A whole Parquet file of the store, read with page checksum verification (every shard and ledger file is
-    written with page checksums): a flipped bit is an error naming the file, never wrong data."""
+    written with page checksums): a flipped bit is an error naming the file, never wrong data. `present_only`:
+    of `columns`, read those the file has (older schema versions lack some)."""
     try:
         with storage.open_input(rel) as f:
-            return pq.ParquetFile(f, page_checksum_verification=True).read(columns=columns)
+            pf = pq.ParquetFile(f, page_checksum_verification=True)
+            if present_only:
+                columns = [c for c in columns if c in pf.schema_arrow.names]
+            return pf.read(columns=columns)
     except (OSError, pa.ArrowException) as exc:
         raise DamagedFile(f"{storage.uri(rel)}: {type(exc).__name__}: {exc}") from exc
 

@@ -38,4 +38,15 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def scratch(tmp_path, monkeypatch) -> Path:
+    """Each test's own scratch root (PIPELINE_SCRATCH; the stages make their worker folders inside it), with no
+    fault injection inherited from the environment."""
+    root = tmp_path / "scratch"
+    root.mkdir()
+    monkeypatch.setenv("PIPELINE_SCRATCH", str(root))
+    monkeypatch.delenv("PIPELINE_FAULT", raising=False)
+    return root
+
+
 from tests.s3_server import s3_prefix, s3_server  # noqa: E402,F401  (one SeaweedFS for the whole session)

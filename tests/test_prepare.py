@@ -25,13 +25,9 @@ FETCH = FetchConfig(retries=0)
 
 
 @pytest.fixture(autouse=True)
-def scratch(tmp_path, monkeypatch) -> Path:
-    """Each test's own scratch root (the stage makes its worker folder inside it)."""
-    root = tmp_path / "scratch"
-    root.mkdir()
-    monkeypatch.setenv("PIPELINE_SCRATCH", str(root))
-    monkeypatch.delenv("PIPELINE_FAULT", raising=False)
-    return root
+def _own_scratch(scratch) -> Path:
+    """Every test here runs in its own scratch root (tests/conftest.py)."""
+    return scratch
 
 
 @pytest.fixture

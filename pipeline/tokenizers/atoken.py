@@ -53,13 +53,14 @@ class Model:
         and patchified there in encode() (one copy per shape in a batch)."""
         if row["modality"] == "3d":
             return sample_tokens(row)
+        from atoken.sparse import check_clip_shape
+
         clip = np.asarray(row["pixels"])
-        if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[-1] != 3 or min(clip.shape[:3]) == 0:
-            raise ValueError(f"expected uint8 pixels [T, H, W, 3], got {clip.dtype} {clip.shape}")
+        check_clip_shape(clip.shape, row["modality"])
+        if clip.dtype != np.uint8:
+            raise ValueError(f"{row['modality']}: expected uint8 pixels, got {clip.dtype}")
         if row["modality"] == "image" and len(clip) != 1:
             raise ValueError(f"an image row holds one frame, got {len(clip)}")
-        if min(clip.shape[1:3]) < 16:
-            raise ValueError(f"frames {clip.shape[1]}x{clip.shape[2]} are smaller than one 16x16 patch")
         return clip
 
     def encode(self, packed: list) -> list[dict]:

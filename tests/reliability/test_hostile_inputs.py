@@ -7,7 +7,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -27,7 +26,7 @@ def seed_old_store(out: Path, cfg: dict, ids: list[str]) -> None:
     from pipeline.run import identities, version_name
     from pipeline.storage import Storage
     from pipeline.store import Store
-    from schemas.tokens import ledger_schema
+    from schemas.tokens import ledger_table
 
     job = validate_job(cfg)
     tok, pre = identities(job)
@@ -35,20 +34,13 @@ def seed_old_store(out: Path, cfg: dict, ids: list[str]) -> None:
     store = Store(Storage(str(out)).child(name))
     store.init({"name": name, "buckets": job.ray.buckets}, tok, pre)
     assert "id_rule" not in store.read_json("version.json")
-    n, arr = len(ids), pa.array(ids, pa.string())
-    table = pa.table(
-        {
-            "id": arr,
-            "bucket": pa.array(bucket_of(arr, job.ray.buckets), pa.int32()),
-            "status": pa.array(["ok"] * n),
-            "stage": pa.array(["tokenize"] * n),
-            "reason": pa.nulls(n, pa.string()),
-            "modality": pa.array(["video"] * n),
-            "source": pa.array(["s"] * n),
-            "uri": pa.nulls(n, pa.string()),
-            "seq": pa.array(np.zeros(n, np.int64)),
-        }
-    ).cast(ledger_schema())
+    buckets = bucket_of(pa.array(ids, pa.string()), job.ray.buckets)
+    table = ledger_table(
+        [
+            {"id": i, "bucket": int(b), "status": "ok", "stage": "tokenize", "modality": "video", "source": "s"}
+            for i, b in zip(ids, buckets)
+        ]
+    )
     write_levels(
         store.storage,
         f"{LEVELS}/0000000000-0000000000-seed.parquet",
@@ -144,15 +136,6 @@ def lying_glb(path: Path, claimed: int = 3_000_000_000) -> Path:
     body = struct.pack("<II", len(js), 0x4E4F534A) + js + struct.pack("<II", 48, 0x004E4942) + b"\0" * 48
     path.write_bytes(struct.pack("<4sII", b"glTF", 2, 12 + len(body)) + body)
     return path
-
-
-@pytest.fixture
-def scratch(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "scratch"
-    root.mkdir()
-    monkeypatch.setenv("PIPELINE_SCRATCH", str(root))
-    monkeypatch.delenv("PIPELINE_FAULT", raising=False)
-    return root
 
 
 def prepare_rows(paths: list[Path], **decode) -> list[dict]:
