@@ -1,37 +1,13 @@
-"""AToken: a unified tokenizer for images, videos and 3D (arXiv 2509.14476), checkpoint-compatible re-implementation."""
+"""AToken: a unified tokenizer for images, videos and 3D (arXiv 2509.14476), checkpoint-compatible re-implementation.
 
-from .checkpoint import load_state_dict, load_weights, read_state_dict, save_weights
-from .config import ATokenConfig, available_configs
-from .fsq import FSQ
-from .model import AToken, Decoder, Encoder, EncodeOutput
-from .sparse import (
-    SparseBatch,
-    image_to_tokens,
-    tokens_to_image,
-    tokens_to_video,
-    video_to_tokens,
-    voxels_to_tokens,
-)
-from .tokenizer import Tokenizer, tokenizer_identity
+Import what you use from its module: the package itself imports nothing, so a light module (`atoken.identity`,
+`atoken.config`, `atoken.images`, `atoken.video_io`) loads without torch.
 
-__all__ = [
-    "AToken",
-    "ATokenConfig",
-    "Decoder",
-    "EncodeOutput",
-    "Encoder",
-    "FSQ",
-    "SparseBatch",
-    "Tokenizer",
-    "available_configs",
-    "image_to_tokens",
-    "load_state_dict",
-    "load_weights",
-    "read_state_dict",
-    "save_weights",
-    "tokenizer_identity",
-    "tokens_to_image",
-    "tokens_to_video",
-    "video_to_tokens",
-    "voxels_to_tokens",
-]
+    atoken.tokenizer   Tokenizer (batched encode/decode, numpy in and out), pick_device
+    atoken.identity    tokenizer_identity (config + weights, without building the model), shipped_checkpoint
+    atoken.model       AToken, Encoder, Decoder, EncodeOutput
+    atoken.config      ATokenConfig, available_configs
+    atoken.sparse      SparseBatch, image_to_tokens, video_to_tokens, voxels_to_tokens, tokens_to_image/video
+    atoken.checkpoint  load_weights, save_weights, read_state_dict, load_state_dict
+    atoken.fsq         FSQ
+"""

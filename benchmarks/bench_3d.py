@@ -20,9 +20,11 @@ import torch
 import trimesh
 
 from atoken.voxelize import occupied_voxels, voxel_features
-from pipeline.mesh import RenderConfig, Renderer, load_mesh, normalize, sphere_cameras
+from pipeline.mesh.cameras import sphere_cameras
+from pipeline.mesh.load import load_mesh
+from pipeline.mesh.normalize import normalize
 from pipeline.mesh.procedural import colored_icosphere, textured_cube, vertex_colored_torus
-from pipeline.mesh.render import cuda_available
+from pipeline.mesh.render import RenderConfig, Renderer, cuda_available
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_MESHES = ROOT / ".." / "shared" / "data" / "meshes"

@@ -17,7 +17,7 @@ from pydantic import Field, SerializeAsAny, field_validator
 from pipeline.config import Config, ConfigError, explain, identity_hash
 from pipeline.decode import DecodeConfig
 from pipeline.fetch import FetchConfig
-from pipeline.mesh.stage import MeshConfig
+from pipeline.mesh.config import MeshConfig
 from pipeline.sources import SourceConfig, make_source, source_config
 from pipeline.storage import StorageOptions, check_uri
 from pipeline.tokenize import TokenizeConfig

@@ -19,7 +19,7 @@ from pipeline.decode import SAMPLE_FIELDS, DecodeConfig, DecodeError, DecodeSkip
 from pipeline.faults import maybe_fault
 from pipeline.fetch import FetchConfig, FetchError, Fetcher
 from pipeline.isolate import IsolateError, Isolator
-from pipeline.mesh.stage import MeshConfig
+from pipeline.mesh.config import MeshConfig
 from pipeline.rows import Row, describe, fail, skip, window_id
 from pipeline.stage import Resources, Stage
 from pipeline.storage import StorageOptions

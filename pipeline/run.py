@@ -285,8 +285,6 @@ def id_rule_of(version: dict) -> int:
 
 
 def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -> Summary:
-    from pipeline import ray_job
-
     t0 = time.perf_counter()
     tok, pre = identities(job)
     root = Storage(job.out, job.storage)
@@ -294,6 +292,8 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     store = Store(root.child(name))
     summary = Summary(store_dir=store.uri, dry_run=dry_run)
     if dry_run:
+        from pipeline import ray_job
+
         version = (
             store.read_json("version.json")
             if store.storage.exists("version.json")
@@ -315,6 +315,8 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
         )
         summary.wall_s = time.perf_counter() - t0
         return summary
+    from pipeline import ray_job  # Ray, and through the stages torch: only now that there is work
+
     root.makedirs()
     summary.notes += version_notes(root, tok, pre, name)
     run_id = summary.run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"

@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from atoken import AToken, ATokenConfig, FSQ, SparseBatch, Tokenizer, image_to_tokens, tokenizer_identity
-from atoken import tokens_to_image, tokens_to_video, video_to_tokens, voxels_to_tokens
+from atoken.config import ATokenConfig
+from atoken.fsq import FSQ
+from atoken.identity import tokenizer_identity
+from atoken.model import AToken
+from atoken.sparse import SparseBatch, image_to_tokens, tokens_to_image, tokens_to_video
+from atoken.sparse import video_to_tokens, voxels_to_tokens
+from atoken.tokenizer import Tokenizer
 from atoken.attention import Segments, varlen_attention
 from atoken.rope import Rope4D
 
@@ -337,7 +342,7 @@ def test_tokenizer_encode_decode(model_fsq):
 
 
 def test_tokenizer_from_files(tmp_path):
-    from atoken import load_weights, save_weights
+    from atoken.checkpoint import load_weights, save_weights
 
     t1 = Tokenizer.from_files("tiny", device="cpu")
     t2 = Tokenizer.from_files("tiny", device="cpu")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from atoken import AToken, ATokenConfig, SparseBatch, image_to_tokens, load_state_dict, load_weights, read_state_dict
-from atoken import tokens_to_video, video_to_tokens, voxels_to_tokens
+from atoken.checkpoint import load_state_dict, load_weights, read_state_dict
+from atoken.config import ATokenConfig
+from atoken.model import AToken
+from atoken.sparse import SparseBatch, image_to_tokens, tokens_to_video, video_to_tokens, voxels_to_tokens
 
 ATOL = 1e-4
 CONFIGS = {"soc": "mini", "sod": "mini-fsq"}

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import trimesh
 
-from pipeline.mesh import MeshConfig, MeshError, MeshStage, load_mesh, normalize
+from pipeline.mesh.config import MeshConfig
+from pipeline.mesh.load import MeshError, load_mesh
+from pipeline.mesh.normalize import normalize
 from pipeline.mesh.procedural import export_assets
+from pipeline.mesh.stage import MeshStage
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MESHES, BAD = DATA / "meshes", DATA / "bad"

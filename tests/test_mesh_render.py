@@ -8,12 +8,12 @@ import pytest
 import torch
 import trimesh
 
-from pipeline.mesh import RenderConfig, Renderer, load_mesh, normalize, sphere_cameras
-from pipeline.mesh.cameras import Cameras, intrinsics_from_fov, look_at
-from pipeline.mesh.load import MeshData
+from pipeline.mesh.cameras import Cameras, intrinsics_from_fov, look_at, sphere_cameras
+from pipeline.mesh.load import MeshData, load_mesh
+from pipeline.mesh.normalize import normalize
 from pipeline.mesh.procedural import checker_image, export_assets
 from pipeline.mesh.raster_cpu import rasterize_cpu
-from pipeline.mesh.render import cuda_available
+from pipeline.mesh.render import RenderConfig, Renderer, cuda_available
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MESHES = DATA / "meshes"

@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from atoken.voxelize import _patch_index
+from atoken.voxelize import _patch_index, occupied_voxels, patch_features, voxel_features
 from pipeline.decode import DecodeConfig
 from pipeline.fetch import FetchConfig
-from pipeline.mesh import MeshConfig, MeshError, MeshStage, occupied_voxels, patch_features, voxel_features
+from pipeline.mesh.config import MeshConfig
+from pipeline.mesh.load import MeshError
+from pipeline.mesh.stage import MeshStage
 from pipeline.mesh.cameras import intrinsics_from_fov, look_at
 from pipeline.mesh.procedural import export_assets
 from pipeline.prepare import Prepare

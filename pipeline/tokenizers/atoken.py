@@ -12,7 +12,7 @@ from pipeline.rows import Row
 
 
 def identity(cfg) -> dict:
-    from atoken.tokenizer import tokenizer_identity
+    from atoken.identity import tokenizer_identity  # no torch: a no-op rerun never loads it
 
     return tokenizer_identity(cfg.config, cfg.checkpoint)
 
