@@ -230,6 +230,16 @@ BAD = {  # file -> what happens to it after the folder source + decode_file (3d 
 }
 
 
+def test_damaged_stream_prints_no_decoder_lines(capfd):
+    """A stream ffmpeg conceals damage in decodes without ffmpeg's own `[h264 @ 0x...]` lines on stderr (QA
+    decodes samples again on the driver: they landed on the console of a run that went well)."""
+    capfd.readouterr()
+    got = decode_file(str(DATA / "bad" / "corrupted.mp4"), "video", DecodeConfig())
+    err = capfd.readouterr().err
+    assert got["pixels"].shape == BAD["corrupted.mp4"][1], got["pixels"].shape
+    assert "[h264 @" not in err and "Invalid NAL unit" not in err, err
+
+
 def test_bad_files_end_with_recorded_errors():
     rows = {
         Path(r["uri"]).name: r
