@@ -90,3 +90,22 @@ def test_atoken_cli_and_voxelize_load_without_pipeline():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_job_and_its_store_version_are_known_without_torch_or_ray():
+    """What a no-op rerun needs (the CLI, the validated job, the tokenizer's and preprocessing's identity, the
+    no-op check itself) imports neither torch nor Ray: both cost seconds, and only real work needs them."""
+    code = (
+        "import sys\n"
+        "import pipeline.cli, pipeline.noop\n"
+        "from pipeline.job import load_job\n"
+        "from pipeline.run import identities, version_name\n"
+        "job = load_job('jobs/demo.yaml', overrides=['tokenize.config=tiny-c'])\n"
+        "print(version_name(*identities(job)))\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'trimesh') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("tiny-c-"), r.stdout
