@@ -49,6 +49,7 @@ class Summary:
     notes: list = field(default_factory=list)
     interrupted: int | None = None  # the signal that stopped the run
     dry_run: bool = False
+    retry_failed: bool = False  # the earlier failures were part of this run's work
     ray_stats: str = ""
 
     @property
@@ -126,7 +127,7 @@ class Summary:
                 f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
                 + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else "")
             )
-        if done.get("failed") and not self.dry_run:
+        if done.get("failed") and not self.dry_run and not self.retry_failed:
             lines.append(
                 f"  {done['failed']} samples failed in earlier runs and were not retried: "
                 f"`python -m pipeline status {self.store_dir} --failed` lists them, rerun with "
@@ -290,7 +291,7 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
     root = Storage(job.out, job.storage)
     name = version_name(tok, pre)
     store = Store(root.child(name))
-    summary = Summary(store_dir=store.uri, dry_run=dry_run)
+    summary = Summary(store_dir=store.uri, dry_run=dry_run, retry_failed=retry_failed)
     if dry_run:
         from pipeline import ray_job
 

@@ -168,11 +168,14 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
         hits = srv.total_hits()
         second = run_job(job)  # only the appended row is new work; failures stay failed
         assert second.todo == 1 and second.counts == {"ok": 1}
+        assert "2 samples failed in earlier runs and were not retried" in second.render(), second.render()
         assert srv.total_hits() == hits + 1
 
         del srv.faults["/video_270.mov"]
         third = run_job(job, retry_failed=True)
         assert third.todo == 2 and third.counts == {"ok": 1, "failed": 1}
+        text = third.render()  # they were retried: the summary must not say otherwise
+        assert "not retried" not in text and "1 samples failed this run" in text, text
         plan = run_job(job, dry_run=True)
         assert plan.resume["webvid"]["ok"] == 3 and plan.resume["webvid"]["failed"] == 1
     store = the_store(tmp_path / "out")
