@@ -178,7 +178,10 @@ def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
     from schemas.tokens import TokenDims
 
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
-    prepare = Prepare(job.fetch, job.decode, job.mesh, job.storage, batch_size=1)
+    from pipeline.decode import for_tokenizer
+
+    decode = for_tokenizer(job.decode, gpu=torch.cuda.is_available())  # as the job decides it
+    prepare = Prepare(job.fetch, decode, job.mesh, job.storage, batch_size=1)
     first = prepare([rows[0]])[0]  # loads the decoder before CUDA starts
     stage = Tokenize(job.tokenize, "loop", gpus=1.0 if torch.cuda.is_available() else 0.0)
     tok, pre = identities(job)
@@ -213,11 +216,13 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     from pipeline.tokenize import Tokenize
     from pipeline.tokenizers.atoken import sample_tokens
 
+    from pipeline.decode import for_tokenizer
+
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
     gpu = torch.cuda.is_available()
     prepare = Prepare(
         job.fetch,
-        job.decode,
+        for_tokenizer(job.decode, gpu=gpu),  # as the job decides it
         job.mesh,
         job.storage,
         branch="3d" if w.kind == "meshes" else "media",
@@ -294,7 +299,7 @@ def decode_capacity(job: JobConfig, n: int, repeats: int = 3) -> dict:
     workers = max(1, int((cpus - tok_workers) / (job.ray.prepare_cpus or 1.0)))
     out = {"clips": len(rows), "cpus": cpus, "workers": workers}
     batch = job.ray.prepare_batch_rows
-    settings = {"deferred": True, "decoder": False}
+    settings = {"deferred": "on", "decoder": "off"}
     stages = {}
     for name, defer in settings.items():
         cfg = DecodeConfig.model_validate({**job.decode.model_dump(), "defer_upscale": defer})

@@ -9,7 +9,7 @@ Sizes: the bucket closest in aspect ratio; a source smaller than its bucket is n
 `upscale: true`: it is kept at native resolution, centre-cropped to the bucket's aspect ratio with sides rounded
 down to multiples of 16. A video that upscales (`upscale: true`, source smaller than its bucket) is decoded at
 native size and its frames travel as they are, with `resize_to` = the bucket: the tokenizer resizes them on its
-device (`defer_upscale`; fewer bytes through the object store, and no decoder time spent on upscaling). Videos
+device (`defer_upscale`, on by default where the tokenizer has a GPU; fewer bytes through the object store, and no decoder time spent on upscaling). Videos
 that downscale are resized by the decoder (that shrinks the bytes); `resize_to` is None for every other sample.
 Images: EXIF orientation, ICC -> sRGB, 16-bit, alpha rules in `atoken/images.py`.
 Videos: frames sampled at min(fps, native fps), at most max_frames, T a multiple of 4 when T >= 4 (shorter clips
@@ -82,9 +82,11 @@ class DecodeConfig(Config):
     icc_to_srgb: bool = True
     max_pixels: int = Field(100_000_000, ge=1)  # refuse larger images (decompression bombs)
     decoder_threads: int = Field(1, ge=0)  # decord threads per sample (parallelism comes from the pipeline)
-    # videos that upscale: decode at native size, resize on the tokenizer's device (else in the decoder). Where the
-    # resize runs, not what it makes (the two agree within a few grey levels): not part of IDENTITY
-    defer_upscale: bool = True
+    # videos that upscale: decode at native size and resize on the tokenizer's device ("on"), or in the decoder
+    # ("off"); "auto": on when the tokenizer has a GPU (the job decides: `for_tokenizer`), off on CPU, where the
+    # decoder's scaler costs less than torch's. Where the resize runs, not what it makes (the two agree within a
+    # few grey levels): not part of IDENTITY
+    defer_upscale: Literal["auto", "on", "off"] = "auto"
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------
@@ -286,9 +288,17 @@ def _open_decord(path: str, threads: int):
     return vr, len(vr), float(vr.get_avg_fps()), h, w
 
 
+def for_tokenizer(cfg: DecodeConfig, gpu: bool) -> DecodeConfig:
+    """`cfg` with `defer_upscale: auto` decided for a tokenizer on a GPU (on) or on the CPU (off)."""
+    if cfg.defer_upscale != "auto":
+        return cfg
+    return cfg.model_copy(update={"defer_upscale": "on" if gpu else "off"})
+
+
 def defers_resize(h: int, w: int, size: tuple[int, int], resample: bool, cfg: DecodeConfig) -> bool:
-    """A video whose resize is left to the tokenizer: it upscales, and `defer_upscale` is on."""
-    return cfg.defer_upscale and _upscaled(h, w, size, resample)
+    """A video whose resize is left to the tokenizer: it upscales, and `defer_upscale` is not off (an undecided
+    "auto", as when decoding outside a job, defers)."""
+    return cfg.defer_upscale != "off" and _upscaled(h, w, size, resample)
 
 
 def resize_placement(cfg: DecodeConfig) -> str:
@@ -296,9 +306,9 @@ def resize_placement(cfg: DecodeConfig) -> str:
     down = "videos that downscale are resized by the decoder (CPU)"
     if not cfg.upscale:
         return f"{down}; smaller ones are kept at native size (upscale: false)"
-    if cfg.defer_upscale:
+    if cfg.defer_upscale != "off":
         return f"{down}; videos that upscale are decoded at native size and resized on the tokenizer's device"
-    return f"{down}; videos that upscale are resized by the decoder too (defer_upscale: false)"
+    return f"{down}; videos that upscale are resized by the decoder too (defer_upscale: off)"
 
 
 def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:

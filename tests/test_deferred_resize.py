@@ -1,5 +1,6 @@
-"""Videos that upscale are decoded at native size and resized on the tokenizer's device (decode.defer_upscale):
-real clips from the shared data, the real prepare stage (isolated decode child) and the real tokenize stage.
+"""Videos that upscale are decoded at native size and resized on the tokenizer's device (decode.defer_upscale;
+"auto", the default, defers where the tokenizer has a GPU; outside a job it defers): real clips from the shared
+data, the real prepare stage (isolated decode child) and the real tokenize stage.
 
 Tolerances (uint8 levels, on Big_Buck_Bunny_180_10s.webm 180x320 -> 384x688, 16 frames):
 - deferred (torch bicubic + antialias) vs the decoder's own scaler (ffmpeg bicubic, which scales the YUV planes
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from pipeline.buckets import resize_crop_array, resize_crop_frames
-from pipeline.decode import DecodeConfig, decode_file, resize_placement
+from pipeline.decode import DecodeConfig, decode_file, for_tokenizer, resize_placement
 from pipeline.fetch import FetchConfig
 from pipeline.mesh.stage import MeshConfig
 from pipeline.prepare import Prepare
@@ -34,7 +35,7 @@ def decode_cfg(**changes) -> DecodeConfig:
     return DecodeConfig.model_validate({**UP.model_dump(), **changes})
 
 
-NO_DEFER = decode_cfg(defer_upscale=False)
+NO_DEFER = decode_cfg(defer_upscale="off")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,10 +91,22 @@ def test_downscaling_still_resizes_in_the_decoder():
     assert "tokenizer" not in resize_placement(NO_DEFER)
 
 
+def test_auto_defers_only_for_a_tokenizer_on_a_gpu():
+    """On the CPU the decoder's scaler costs less than torch's resize, and both run on the same CPUs."""
+    assert UP.defer_upscale == "auto"
+    assert for_tokenizer(UP, gpu=True).defer_upscale == "on" and for_tokenizer(UP, gpu=False).defer_upscale == "off"
+    assert for_tokenizer(NO_DEFER, gpu=True).defer_upscale == "off"
+    on = decode_cfg(defer_upscale="on")
+    assert for_tokenizer(on, gpu=False).defer_upscale == "on"
+    small = str(DATA / "videos" / SMALL)
+    assert decode_file(small, "video", for_tokenizer(UP, gpu=False))["resize_to"] is None
+    assert decode_file(small, "video", for_tokenizer(UP, gpu=True))["resize_to"] == (384, 688)
+
+
 def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media):
     small = {"fps": 4, "max_frames": 8, "buckets": {"area": 256 * 256}}
     deferred = prepared(media(decode_cfg(**small)), SMALL)
-    decoder = prepared(media(decode_cfg(**small, defer_upscale=False)), SMALL)
+    decoder = prepared(media(decode_cfg(**small, defer_upscale="off")), SMALL)
     assert deferred["pixels"].shape == (8, 180, 320, 3) and deferred["resize_to"] == (192, 336)
     bad = {**deferred, "id": "bad", "resize_to": (8, 8)}  # smaller than a patch: that row fails, not the batch
     stage = Tokenize(TokenizeConfig(config="tiny", device="cpu", batch_rows=4), "pp")

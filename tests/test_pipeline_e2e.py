@@ -255,7 +255,13 @@ def test_changed_preprocessing_goes_to_a_new_version(ray_local, shared_data, tmp
     out = tmp_path / "out"
     first = run_job(make_job(out, [{"type": "folder", "path": str(src)}], qa={"samples": 0}))
     # the second job upscales: small.mp4 travels at native size and the tokenizer resizes it (decode.defer_upscale)
-    up = {"fps": 2, "upscale": True, "buckets": {"area": 256 * 256, "min_side": 64, "max_side": 512}}
+    # ("on": auto would leave it to the decoder, this tokenizer being on the CPU)
+    up = {
+        "fps": 2,
+        "upscale": True,
+        "defer_upscale": "on",
+        "buckets": {"area": 256 * 256, "min_side": 64, "max_side": 512},
+    }
     second = run_job(make_job(out, [{"type": "folder", "path": str(src)}], decode=up, qa={"samples": 2}))
     assert first.store_dir != second.store_dir and second.todo == 3  # not appended to the old shards
     assert any("decode.fps 4.0 -> 2.0" in n for n in second.notes)
