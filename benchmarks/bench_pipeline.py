@@ -544,7 +544,8 @@ def main(argv=None) -> int:
         result["workloads"].append(run_workload(WORKLOADS[name], args, sampler))
         write_json(args.out, result)  # kept as each workload finishes
     sampler.stop()
-    print_table([r for r in result["workloads"] if "pipeline" in r])
+    if ran := [r for r in result["workloads"] if "pipeline" in r]:
+        print_table(ran)
     if args.baseline_clips > 0 and not args.decode_only:
         w = WORKLOADS[names[0]]
         work = Path(args.work) / w.name
