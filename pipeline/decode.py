@@ -9,8 +9,9 @@ Sizes: the bucket closest in aspect ratio; a source smaller than its bucket is n
 `upscale: true`: it is kept at native resolution, centre-cropped to the bucket's aspect ratio with sides rounded
 down to multiples of 16. A video that upscales (`upscale: true`, source smaller than its bucket) is decoded at
 native size and its frames travel as they are, with `resize_to` = the bucket: the tokenizer resizes them on its
-device (`defer_upscale`, on by default where the tokenizer has a GPU; fewer bytes through the object store, and no decoder time spent on upscaling). Videos
-that downscale are resized by the decoder (that shrinks the bytes); `resize_to` is None for every other sample.
+device (`defer_upscale`, by default where the tokenizer has a GPU: fewer bytes through the object store, and no
+decoder time spent on upscaling). Videos that downscale are resized by the decoder (that shrinks the bytes);
+`resize_to` is None for every other sample.
 Images: EXIF orientation, ICC -> sRGB, 16-bit, alpha rules in `atoken/images.py`.
 Videos: frames sampled at min(fps, native fps), at most max_frames, T a multiple of 4 when T >= 4 (shorter clips
 are kept: the tokenizer pads them). A clip longer than one window gives the first window (`windows: first`), the

@@ -24,7 +24,6 @@ def identity(cfg) -> dict:
 
 def sample_tokens(row: Row, device="cpu"):
     """The (feats, coords4) token pair of a prepared row, per the tokenizer's packing rules."""
-
     from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
 
     if row["modality"] == "3d":
