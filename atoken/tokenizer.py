@@ -136,8 +136,9 @@ class Tokenizer:
 
     @torch.inference_mode()
     def encode_clips(self, clips: list[np.ndarray], with_logvar: bool = True) -> list[dict]:
-        """clips: uint8 [T, H, W, 3] arrays (an image is T = 1). Same output as encode() on their tokens, but
-        clips of one shape travel to the device as one pinned uint8 copy and are patchified there in one go."""
+        """clips: uint8 [T, H, W, 3] arrays (an image is T = 1), or uint8 tensors already on the device. Same output
+        as encode() on their tokens, but clips of one shape travel to the device as one pinned uint8 copy and are
+        patchified there in one go."""
         out: list[dict | None] = [None] * len(clips)
         for part, batch in self.clip_batches(clips):
             for i, enc in zip(part, self.encode_batch(batch, with_logvar)):
@@ -146,19 +147,25 @@ class Tokenizer:
 
     def clip_batches(self, clips: list[np.ndarray]):
         """Yield (clip indices, SparseBatch on the device) per forward pass of at most max_tokens tokens, shortest
-        clips first. Each shape in a pass travels as one pinned uint8 copy of its kept pixels (patch_view)."""
+        clips first. Each shape in a pass travels as one pinned uint8 copy of its kept pixels (patch_view); clips
+        that are tensors on the device already (resized there) are stacked there."""
         views = [patch_view(c) for c in clips]
-        order = sorted(range(len(views)), key=lambda i: (clip_tokens(views[i].shape), views[i].shape))
+        shapes = [tuple(v.shape) for v in views]
+        order = sorted(range(len(views)), key=lambda i: (clip_tokens(shapes[i]), shapes[i]))
         pin = self.device.type == "cuda"
         for chunk in _chunks([clip_tokens(views[i].shape) for i in order], self.max_tokens):
             part = [order[j] for j in chunk]
             pieces, first = [], 0
-            for shape, same in itertools.groupby(part, key=lambda i: views[i].shape):
+            for shape, same in itertools.groupby(part, key=lambda i: shapes[i]):
                 same = list(same)
-                host = torch.empty((len(same), *shape), dtype=torch.uint8, pin_memory=pin)
-                for k, i in enumerate(same):
-                    host[k].numpy()[...] = views[i]
-                pieces.append(clips_to_batch(host.to(self.device, non_blocking=pin), dtype=self.dtype, first=first))
+                if any(isinstance(views[i], torch.Tensor) for i in same):
+                    dev = torch.stack([torch.as_tensor(views[i]).to(self.device) for i in same])
+                else:
+                    host = torch.empty((len(same), *shape), dtype=torch.uint8, pin_memory=pin)
+                    for k, i in enumerate(same):
+                        host[k].numpy()[...] = views[i]
+                    dev = host.to(self.device, non_blocking=pin)
+                pieces.append(clips_to_batch(dev, dtype=self.dtype, first=first))
                 first += len(same)
             yield part, SparseBatch(torch.cat([p.feats for p in pieces]), torch.cat([p.coords for p in pieces]))
 

@@ -14,10 +14,15 @@ Per workload it reports, from one run:
     tokens per row of the committed shards;
   - pipeline efficiency = pipeline / encoder tokens/s; GPU busy (nvidia-smi every 100 ms, same window);
   - each stage's capacity: its measured rate per worker x the workers it can have.
-Optionally (`--baseline-clips N`) a plain sequential loop on the first workload.
+Optionally (`--baseline-clips N`) a plain sequential loop on the first workload, and (`--decode-capacity N`, video
+workloads) the decode stage alone on N clips, in this process, with the resize of clips that upscale deferred to
+the tokenizer's device (the default) and done by the decoder: ms per clip per worker, frames/s, bytes per row
+through the object store, the capacity on this machine's CPUs, and the deferred resize's own cost on the device.
+`--decode-only` runs just that (no Ray job, no encoder; CPU machines too).
 
   python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
   python benchmarks/bench_pipeline.py --workloads video4096 --samples 2000 --baseline-clips 100
+  python benchmarks/bench_pipeline.py --workloads video4096,video1024 --decode-only --decode-capacity 40
 """
 
 from __future__ import annotations
@@ -173,7 +178,10 @@ def sequential_loop(job: JobConfig, inputs: Path, n: int) -> dict:
     from schemas.tokens import TokenDims
 
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
-    prepare = Prepare(job.fetch, job.decode, job.mesh, job.storage, batch_size=1)
+    from pipeline.decode import for_tokenizer
+
+    decode = for_tokenizer(job.decode, gpu=torch.cuda.is_available())  # as the job decides it
+    prepare = Prepare(job.fetch, decode, job.mesh, job.storage, batch_size=1)
     first = prepare([rows[0]])[0]  # loads the decoder before CUDA starts
     stage = Tokenize(job.tokenize, "loop", gpus=1.0 if torch.cuda.is_available() else 0.0)
     tok, pre = identities(job)
@@ -208,11 +216,13 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     from pipeline.tokenize import Tokenize
     from pipeline.tokenizers.atoken import sample_tokens
 
+    from pipeline.decode import for_tokenizer
+
     rows = list(iter_rows(make_source(job.sources[0])))[:n]
     gpu = torch.cuda.is_available()
     prepare = Prepare(
         job.fetch,
-        job.decode,
+        for_tokenizer(job.decode, gpu=gpu),  # as the job decides it
         job.mesh,
         job.storage,
         branch="3d" if w.kind == "meshes" else "media",
@@ -233,7 +243,8 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
         def run():
             tk.encode(packed, with_logvar=logvar)
     else:  # the forward passes the stage makes, already on the device: the encoder's own ceiling
-        batches = [b for _, b in tk.clip_batches([r["pixels"] for r in prepared])]
+        # (pack: the stage's own checks, and pending resizes of clips that upscale, made on the device)
+        batches = [b for _, b in tk.clip_batches([stage.model.pack(r) for r in prepared])]
         tokens = sum(len(b) for b in batches)
 
         def run():
@@ -265,6 +276,104 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     if gpu:
         torch.cuda.empty_cache()
     return out
+
+
+def decode_capacity(job: JobConfig, n: int, repeats: int = 3) -> dict:
+    """The prepare (fetch + decode) stage alone on the first n inputs, one worker (this process, the job's
+    isolation and batch size), with the resize of clips that upscale deferred to the tokenizer's device and
+    without (the decoder scales them). The two settings alternate, `repeats` timed passes each after a warm-up;
+    the best pass of each counts (a shared machine's noise only ever adds time)."""
+    import pickle
+
+    import torch
+
+    from pipeline.buckets import resize_crop_frames
+    from pipeline.decode import DecodeConfig
+    from pipeline.prepare import Prepare
+    from pipeline.sources import iter_rows, make_source
+
+    rows = list(iter_rows(make_source(job.sources[0])))[:n]
+    cpus = os.cpu_count() or 1
+    gpus = 1 if torch.cuda.is_available() else 0
+    tok_workers = job.tokenize.actors_per_gpu * gpus or job.tokenize.actors
+    workers = max(1, int((cpus - tok_workers) / (job.ray.prepare_cpus or 1.0)))
+    out = {"clips": len(rows), "cpus": cpus, "workers": workers}
+    batch = job.ray.prepare_batch_rows
+    settings = {"deferred": "on", "decoder": "off"}
+    stages = {}
+    for name, defer in settings.items():
+        cfg = DecodeConfig.model_validate({**job.decode.model_dump(), "defer_upscale": defer})
+        stages[name] = Prepare(job.fetch, cfg, job.mesh, job.storage, batch_size=batch)
+        stages[name](rows[:1])  # warm-up: the decode child, the decoder's libraries
+    best: dict[str, tuple[float, list]] = {}
+    for _ in range(repeats):
+        for name, prepare in stages.items():
+            t0 = time.perf_counter()
+            got = [r for i in range(0, len(rows), batch) for r in prepare(rows[i : i + batch])]
+            wall = time.perf_counter() - t0
+            if name not in best or wall < best[name][0]:
+                best[name] = (wall, got)
+    for prepare in stages.values():
+        prepare.teardown()
+    for name, (wall, got) in best.items():
+        ok = [r for r in got if r["status"] == "ok"]
+        up = [r["timings"]["decode"] for r in ok if r.get("upscaled")]
+        up_bytes = [len(pickle.dumps(r, protocol=5)) for r in ok if r.get("upscaled")]
+        per = wall / max(len(rows), 1)
+        res = {
+            "ok": len(ok),
+            "upscaled_rows": len(up),
+            "deferred_rows": sum(r.get("resize_to") is not None for r in ok),
+            "ms_per_clip_per_worker": per * 1e3,
+            "upscaled_ms_per_clip": sum(up) / len(up) * 1e3 if up else None,
+            "frames_per_s_per_worker": sum(int(r["num_frames"]) for r in ok) / wall,
+            "pixel_MB_per_row": sum(r["pixels"].nbytes for r in ok) / max(len(ok), 1) / 1e6,
+            "payload_MB_per_row": sum(len(pickle.dumps(r, protocol=5)) for r in ok) / max(len(ok), 1) / 1e6,
+            "upscaled_payload_MB_per_row": sum(up_bytes) / len(up_bytes) / 1e6 if up_bytes else None,
+            "capacity_clips_per_s": workers / per,
+        }
+        todo = [r for r in ok if r.get("resize_to") is not None]
+        if todo:  # what the tokenizer then spends per clip on the resize, on its device
+            dev = "cuda" if gpus else "cpu"
+            clips = [torch.from_numpy(r["pixels"]).to(dev) for r in todo]
+            resize_crop_frames(clips[0], todo[0]["resize_to"])  # warm-up
+            if gpus:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for c, r in zip(clips, todo):
+                resize_crop_frames(c, r["resize_to"])
+            if gpus:
+                torch.cuda.synchronize()
+            res["resize_device"] = dev
+            res["resize_ms_per_clip"] = (time.perf_counter() - t0) * 1e3 / len(todo)
+        out[name] = res
+    d, c = out["deferred"], out["decoder"]
+    out["speedup"] = c["ms_per_clip_per_worker"] / d["ms_per_clip_per_worker"]
+    out["payload_ratio"] = c["payload_MB_per_row"] / max(d["payload_MB_per_row"], 1e-12)
+    return out
+
+
+def print_decode(name: str, r: dict) -> None:
+    print(
+        f"\ndecode stage alone ({name}, {r['clips']} clips, 1 worker; capacity x {r['workers']} workers of "
+        f"{r['cpus']} CPUs):"
+    )
+    print(
+        f"{'resize':10s} {'ms/clip':>8s} {'frames/s':>9s} {'MB/row':>7s} {'capacity clips/s':>17s} "
+        f"{'upscaled: ms/clip':>18s} {'MB/row':>7s}  rows deferred"
+    )
+    for k in ("deferred", "decoder"):
+        v = r[k]
+        up = "n/a" if v["upscaled_ms_per_clip"] is None else f"{v['upscaled_ms_per_clip']:.1f}"
+        up_mb = "n/a" if v["upscaled_payload_MB_per_row"] is None else f"{v['upscaled_payload_MB_per_row']:.2f}"
+        extra = f"{v['deferred_rows']}/{v['ok']}"
+        if v.get("resize_device"):
+            extra += f"; tokenizer-side resize {v['resize_ms_per_clip']:.1f} ms/clip on {v['resize_device']}"
+        print(
+            f"{k:10s} {v['ms_per_clip_per_worker']:8.1f} {v['frames_per_s_per_worker']:9.1f} "
+            f"{v['payload_MB_per_row']:7.2f} {v['capacity_clips_per_s']:17.1f} {up:>18s} {up_mb:>7s}  {extra}"
+        )
+    print(f"deferred: {r['speedup']:.2f}x the decode capacity, {r['payload_ratio']:.2f}x fewer bytes per row")
 
 
 def shard_tokens(store_dir: str) -> tuple[int, int]:
@@ -314,6 +423,12 @@ def run_workload(w: Workload, args, sampler: "GpuSampler") -> dict:
     shutil.rmtree(work / "out", ignore_errors=True)
     inputs = make_inputs(src, names, n, work / "inputs", suffixes)
     job = job_for(w, inputs, work / "out", args)
+    decode = None
+    if args.decode_capacity and w.kind == "videos":
+        decode = decode_capacity(job, args.decode_capacity)
+        print_decode(w.name, decode)
+    if args.decode_only:
+        return {"workload": w.name, "inputs": n, "decode_capacity": decode, "job": job.model_dump(mode="json")}
     t0 = time.time()
     summary = run_job(job)
     t1 = time.time()
@@ -345,6 +460,7 @@ def run_workload(w: Workload, args, sampler: "GpuSampler") -> dict:
         "pipeline": pipe,
         "encoder": enc,
         "efficiency": pipe["steady_tokens_per_s"] / enc["tokens_per_s"] if enc["tokens_per_s"] else None,
+        "decode_capacity": decode,
         "job": job.model_dump(mode="json"),
     }
 
@@ -402,6 +518,8 @@ def main(argv=None) -> int:
         default=120.0,
         help="per-clip wall-clock limit; 0 decodes in the Ray worker itself (no forked child)",
     )
+    p.add_argument("--decode-capacity", type=int, default=0, help="video workloads: time decode alone on N clips")
+    p.add_argument("--decode-only", action="store_true", help="only the decode measurement (no job, no encoder)")
     p.add_argument("--work", default="/tmp/bench-pipeline")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -426,8 +544,9 @@ def main(argv=None) -> int:
         result["workloads"].append(run_workload(WORKLOADS[name], args, sampler))
         write_json(args.out, result)  # kept as each workload finishes
     sampler.stop()
-    print_table(result["workloads"])
-    if args.baseline_clips > 0:
+    if ran := [r for r in result["workloads"] if "pipeline" in r]:
+        print_table(ran)
+    if args.baseline_clips > 0 and not args.decode_only:
         w = WORKLOADS[names[0]]
         work = Path(args.work) / w.name
         shutil.rmtree(work / "loop", ignore_errors=True)

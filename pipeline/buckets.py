@@ -1,5 +1,9 @@
 """Resolution buckets: every image/video is resized and centre-cropped to the (h, w) bucket closest in aspect
-ratio. Sides are multiples of 16 (the tokenizer's patch size) within [min_side, max_side]."""
+ratio. Sides are multiples of 16 (the tokenizer's patch size) within [min_side, max_side].
+
+One rule, three places it runs: `resize_crop` (Pillow, images and frames the decoder could not scale), the video
+decoder itself (ffmpeg's bicubic scaler, to `cover_size`), and `resize_crop_frames` (torch, on the tokenizer's
+device: videos that upscale travel at native size and are resized there)."""
 
 from __future__ import annotations
 
@@ -59,12 +63,17 @@ def choose_bucket(h: int, w: int, buckets: list[tuple[int, int]]) -> tuple[int, 
     return min(buckets, key=lambda hw: (abs(math.log(hw[0] / hw[1]) - r), -hw[0] * hw[1]))
 
 
+def cover_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(height, width) that covers the bucket `size` at the source aspect ratio (then centre-cropped to it)."""
+    scale = max(size[0] / h, size[1] / w)
+    return max(size[0], round(h * scale)), max(size[1], round(w * scale))
+
+
 def resize_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize so `img` covers size=(h, w), then centre-crop to exactly (h, w). Bicubic with antialiasing."""
     bh, bw = size
     w, h = img.size
-    scale = max(bh / h, bw / w)
-    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    rh, rw = cover_size(h, w, size)
     if (rw, rh) != (w, h):
         img = img.resize((rw, rh), Image.BICUBIC, reducing_gap=3.0)
     left, top = (rw - bw) // 2, (rh - bh) // 2
@@ -74,3 +83,22 @@ def resize_crop(img: Image.Image, size: tuple[int, int]) -> Image.Image:
 def resize_crop_array(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """resize_crop for one uint8 [H, W, 3] array."""
     return np.asarray(resize_crop(Image.fromarray(frame), size))
+
+
+def resize_crop_frames(frames, size: tuple[int, int]):
+    """resize_crop for uint8 frames [T, H, W, 3] (a torch tensor) on their own device: torch bicubic with
+    antialiasing (Pillow's kernel, a = -0.5), the same centre crop, rounded back to uint8 [T, h, w, 3]."""
+    import torch
+    import torch.nn.functional as F
+
+    if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"resize: expected uint8 frames [T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    bh, bw = int(size[0]), int(size[1])
+    h, w = frames.shape[1:3]
+    rh, rw = cover_size(h, w, (bh, bw))
+    x = frames.permute(0, 3, 1, 2).float()
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bicubic", align_corners=False, antialias=True)
+    top, left = (rh - bh) // 2, (rw - bw) // 2
+    x = x[:, :, top : top + bh, left : left + bw]
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

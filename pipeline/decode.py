@@ -3,11 +3,16 @@
 `pixels` uint8 [T, H, W, 3] (T=1 for images), `fps` (sampling rate; 0.0 for images), `orig_width`, `orig_height`
 (after rotation), `num_frames` (= T), `upscaled`, and for videos the window actually tokenized: `window_start`,
 `window_end` (seconds of the file), `window_index`, `span_clamped` (the requested span ran past the file's end and
-was cut to it), `media_duration` (the file's length in seconds).
+was cut to it), `media_duration` (the file's length in seconds), and `resize_to` (below).
 
 Sizes: the bucket closest in aspect ratio; a source smaller than its bucket is not upscaled unless
 `upscale: true`: it is kept at native resolution, centre-cropped to the bucket's aspect ratio with sides rounded
-down to multiples of 16. Images: EXIF orientation, ICC -> sRGB, 16-bit, alpha rules in `atoken/images.py`.
+down to multiples of 16. A video that upscales (`upscale: true`, source smaller than its bucket) is decoded at
+native size and its frames travel as they are, with `resize_to` = the bucket: the tokenizer resizes them on its
+device (`defer_upscale`, by default where the tokenizer has a GPU: fewer bytes through the object store, and no
+decoder time spent on upscaling). Videos that downscale are resized by the decoder (that shrinks the bytes);
+`resize_to` is None for every other sample.
+Images: EXIF orientation, ICC -> sRGB, 16-bit, alpha rules in `atoken/images.py`.
 Videos: frames sampled at min(fps, native fps), at most max_frames, T a multiple of 4 when T >= 4 (shorter clips
 are kept: the tokenizer pads them). A clip longer than one window gives the first window (`windows: first`), the
 centred one (`centre`), or consecutive windows (`all`, at most `max_windows`). Filters (`min_side`, `min_frames`,
@@ -28,7 +33,7 @@ from pydantic import Field
 
 from atoken.images import ImageError, load_rgb, to_rgb8  # noqa: F401  (to_rgb8: re-exported for callers)
 from atoken.video_io import clean_decoder_error  # readable reasons, shared with the tokenizer CLI
-from pipeline.buckets import BucketConfig, choose_bucket, make_buckets, resize_crop
+from pipeline.buckets import BucketConfig, choose_bucket, cover_size, make_buckets, resize_crop
 from pipeline.config import Config
 from pipeline.faults import maybe_fault
 
@@ -44,6 +49,7 @@ SAMPLE_FIELDS = (
     "window_index",
     "span_clamped",
     "media_duration",
+    "resize_to",
 )
 
 
@@ -77,6 +83,11 @@ class DecodeConfig(Config):
     icc_to_srgb: bool = True
     max_pixels: int = Field(100_000_000, ge=1)  # refuse larger images (decompression bombs)
     decoder_threads: int = Field(1, ge=0)  # decord threads per sample (parallelism comes from the pipeline)
+    # videos that upscale: decode at native size and resize on the tokenizer's device ("on"), or in the decoder
+    # ("off"); "auto": on when the tokenizer has a GPU (the job decides: `for_tokenizer`), off on CPU, where the
+    # decoder's scaler costs less than torch's. Where the resize runs, not what it makes (the two agree within a
+    # few grey levels): not part of IDENTITY
+    defer_upscale: Literal["auto", "on", "off"] = "auto"
 
 
 # ---- sizes ---------------------------------------------------------------------------------------------------
@@ -218,12 +229,6 @@ def _readable_upto(vr, hi: int, lookback: int = 64) -> int | None:
     return None
 
 
-def _cover_size(h: int, w: int, size: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) that covers the bucket `size` at the source aspect ratio (then centre-cropped)."""
-    scale = max(size[0] / h, size[1] / w)
-    return max(size[0], round(h * scale)), max(size[1], round(w * scale))
-
-
 def _get_batch(vr, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     import decord
 
@@ -287,10 +292,34 @@ def _open_decord(path: str, threads: int):
     return vr, len(vr), float(vr.get_avg_fps()), h, w
 
 
+def for_tokenizer(cfg: DecodeConfig, gpu: bool) -> DecodeConfig:
+    """`cfg` with `defer_upscale: auto` decided for a tokenizer on a GPU (on) or on the CPU (off)."""
+    if cfg.defer_upscale != "auto":
+        return cfg
+    return cfg.model_copy(update={"defer_upscale": "on" if gpu else "off"})
+
+
+def defers_resize(h: int, w: int, size: tuple[int, int], resample: bool, cfg: DecodeConfig) -> bool:
+    """A video whose resize is left to the tokenizer: it upscales, and `defer_upscale` is not off (an undecided
+    "auto", as when decoding outside a job, defers)."""
+    return cfg.defer_upscale != "off" and _upscaled(h, w, size, resample)
+
+
+def resize_placement(cfg: DecodeConfig) -> str:
+    """Where this job's resizes run, in words (printed once per decode worker)."""
+    down = "videos that downscale are resized by the decoder (CPU)"
+    if not cfg.upscale:
+        return f"{down}; smaller ones are kept at native size (upscale: false)"
+    if cfg.defer_upscale != "off":
+        return f"{down}; videos that upscale are decoded at native size and resized on the tokenizer's device"
+    return f"{down}; videos that upscale are resized by the decoder too (defer_upscale: off)"
+
+
 def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) -> dict:
-    """Frames of each window, scaled by the decoder itself (ffmpeg) to cover the target size, then centre-cropped.
-    Where decord cannot scale a stream (e.g. rotated ones), frames are decoded at full size and resized here;
-    where it cannot open the file at all, PyAV reads it. Returns window 0's fields, and `more_windows`."""
+    """Frames of each window, scaled by the decoder itself (ffmpeg) to cover the target size, then centre-cropped;
+    a video that upscales is kept at native size instead, with `resize_to` set (`defers_resize`). Where decord
+    cannot scale a stream (e.g. rotated ones), frames are decoded at full size and resized here; where it cannot
+    open the file at all, PyAV reads it. Returns window 0's fields, and `more_windows`."""
     import decord
 
     pyav = None
@@ -308,10 +337,13 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
         plan = plan_windows(n_total, native, cfg.fps, cfg.max_frames, span, cfg.windows, cfg.max_windows)
         _check_filters(plan, h, w, cfg)
         size, resample = target_size(h, w, cfg)
-        rh, rw = _cover_size(h, w, size) if resample else (h, w)
+        defer = defers_resize(h, w, size, resample, cfg)
+        rh, rw = cover_size(h, w, size) if resample and not defer else (h, w)
         idx = np.concatenate([win.frames for win in plan.windows])
         if pyav is not None:
             frames, idx = pyav.frames(idx)
+        elif (rh, rw) == (h, w):  # native size: the reader already open
+            frames, idx = _get_batch(probe, idx)
         else:
             try:
                 scaled = decord.VideoReader(
@@ -330,11 +362,12 @@ def decode_video(path: str, cfg: DecodeConfig, span: list[float] | None = None) 
         raise DecodeError(f"decoder returned frames of shape {frames.shape}, expected [{len(idx)}, H, W, 3]")
     if frames.shape[1:3] != (rh, rw):  # the decoder ignored the requested size: resize here
         frames = np.stack([np.asarray(resize_crop(Image.fromarray(f), (rh, rw))) for f in frames])
-    out = _centre_crop(frames, size)
+    out = frames if defer else _centre_crop(frames, size)
     common = {
         "orig_height": int(h),
         "orig_width": int(w),
         "upscaled": _upscaled(h, w, size, resample),
+        "resize_to": (int(size[0]), int(size[1])) if defer else None,
         "span_clamped": plan.clamped,
         "media_duration": round(plan.duration, 6),
     }

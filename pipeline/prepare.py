@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 
-from pipeline.decode import SAMPLE_FIELDS, DecodeConfig, DecodeError, DecodeSkip, decode_file
+from pipeline.decode import SAMPLE_FIELDS, DecodeConfig, DecodeError, DecodeSkip, decode_file, resize_placement
 from pipeline.faults import maybe_fault
 from pipeline.fetch import FetchConfig, FetchError, Fetcher
 from pipeline.isolate import IsolateError, Isolator
@@ -112,6 +112,8 @@ class Prepare(Stage):
         self.fetcher = Fetcher(self.fetch_cfg, scratch, self.storage)
         self.isolator = Isolator()
         self.attempts = Attempts(os.path.join(scratch_root(), "attempts", self.run_id), self.decode_cfg.max_attempts)
+        if self.branch == "media":  # the speed path, once per worker
+            print(f"decode: {resize_placement(self.decode_cfg)}", flush=True)
 
     def teardown(self) -> None:
         for part in (self.fetcher, self.isolator, getattr(self, "attempts", None)):

@@ -55,6 +55,8 @@ class Decoded(Row, total=False):
     window_index: int | None  # 0, or k for the k-th window of decode.windows: all (id `<clip id>.w<k>`)
     span_clamped: bool | None  # the span ran past the file's end and was cut to it
     media_duration: float | None  # the file's length as decoded
+    resize_to: tuple[int, int] | None  # pending (h, w): `pixels` are native frames the tokenizer resizes and crops
+    # to this on its device (videos that upscale: pipeline/buckets.resize_crop_frames); None = pixels final
 
 
 class Voxelized(Row, total=False):

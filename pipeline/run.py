@@ -500,6 +500,7 @@ def pre_id(store: Store) -> str:
 
 
 def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray) -> dict:
+    from pipeline.decode import for_tokenizer
     from pipeline.prepare import Prepare
     from pipeline.ray_job import cluster
     from pipeline.tokenize import Tokenize
@@ -515,7 +516,8 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
     prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
     free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
     dims = TokenDims(**store.read_json("tokenizer.json")["dims"])
-    common = dict(fetch=job.fetch, decode=job.decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus, run_id=run_id)
+    decode = for_tokenizer(job.decode, gpu=use_gpu)  # where videos that upscale are resized
+    common = dict(fetch=job.fetch, decode=decode, mesh=job.mesh, storage=job.storage, cpus=prep_cpus, run_id=run_id)
     return {
         "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
         "media_actors": job.ray.prepare_actors or (1, free),

@@ -1,6 +1,7 @@
 """Tokenize stage: prepared pixels or voxel features -> tokens, with the job's tokenizer backend
 (`pipeline/tokenizers/`, AToken by default). One model per worker: a GPU actor with `1 / actors_per_gpu` of a
-GPU, or a CPU actor.
+GPU, or a CPU actor. Rows with a pending resize (`resize_to`: videos that upscale, decoded at native size) are
+resized by the backend on the model's device before patching; the shard's width/height are the resized ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pipeline.config import Config
 from pipeline.rows import Row, Tokenized, fail
 from pipeline.stage import Resources, Stage
 
-CONSUMED = ("pixels", "voxel_feats", "voxel_coords", "render")
+CONSUMED = ("pixels", "resize_to", "voxel_feats", "voxel_coords", "render")
 
 
 class TokenizeConfig(Config):
@@ -46,7 +47,7 @@ class TokenizeConfig(Config):
 
 class Tokenize(Stage):
     name = "tokenize"
-    reads = ("modality", "pixels", "voxel_feats", "voxel_coords", "render", "meta")
+    reads = ("modality", "pixels", "resize_to", "voxel_feats", "voxel_coords", "render", "meta")
     adds = (
         "width",
         "height",
@@ -96,7 +97,7 @@ class Tokenize(Stage):
     def _finish(self, row: Row, enc: dict) -> Tokenized:
         out = {k: v for k, v in row.items() if k not in CONSUMED}
         if row["modality"] != "3d":
-            t, h, w, _ = row["pixels"].shape
+            t, h, w = pixel_shape(row)
             out.update(width=w, height=h, num_frames=t)
         if row.get("render"):  # 3D render settings travel in the shard's `meta` JSON
             out["meta"] = json.dumps({**json.loads(row.get("meta") or "{}"), "render": json.loads(row["render"])})
@@ -104,3 +105,11 @@ class Tokenize(Stage):
             enc, tokenizer=self.identity["id"], tokenizer_licence=self.weights_licence, preprocess=self.preprocess
         )
         return out
+
+
+def pixel_shape(row: Row) -> tuple[int, int, int]:
+    """(frames, height, width) the tokenizer sees: the pending resize's size where there is one."""
+    t, h, w = row["pixels"].shape[:3]
+    if row.get("resize_to"):
+        h, w = (int(s) for s in row["resize_to"])
+    return t, h, w

@@ -254,11 +254,31 @@ def test_changed_preprocessing_goes_to_a_new_version(ray_local, shared_data, tmp
     src.mkdir()
     shutil.copy(shared_data / "videos" / VIDEOS[1], src / "clip.webm")
     shutil.copy(shared_data / "images" / IMAGES[0], src / "a.png")
+    shutil.copy(shared_data / "videos" / "stub_mp4v.mp4", src / "small.mp4")  # 160x120: upscaled by the second job
     out = tmp_path / "out"
     first = run_job(make_job(out, [{"type": "folder", "path": str(src)}], qa={"samples": 0}))
-    second = run_job(make_job(out, [{"type": "folder", "path": str(src)}], decode={"fps": 2}, qa={"samples": 1}))
-    assert first.store_dir != second.store_dir and second.todo == 2  # not appended to the old shards
+    # the second job upscales: small.mp4 travels at native size and the tokenizer resizes it (decode.defer_upscale)
+    # ("on": auto would leave it to the decoder, this tokenizer being on the CPU)
+    up = {
+        "fps": 2,
+        "upscale": True,
+        "defer_upscale": "on",
+        "buckets": {"area": 256 * 256, "min_side": 64, "max_side": 512},
+    }
+    second = run_job(make_job(out, [{"type": "folder", "path": str(src)}], decode=up, qa={"samples": 2}))
+    assert first.store_dir != second.store_dir and second.todo == 3  # not appended to the old shards
     assert any("decode.fps 4.0 -> 2.0" in n for n in second.notes)
+    assert second.qa["video"]["n"] == 2 and np.isfinite(second.qa["video"]["psnr"])  # QA resizes as tokenized
+    new_store = Store(Storage(second.store_dir))
+    new_store.load()
+    vids = {r["uri"].rsplit("/", 1)[-1]: r for r in shard_rows(new_store, "video")}
+    small = vids["small.mp4"]
+    assert small["upscaled"] is True and (small["orig_height"], small["orig_width"]) == (120, 160)
+    assert (small["height"], small["width"], small["num_frames"]) == (224, 288, 4)  # the bucket, not native
+    assert small["num_tokens"] == (224 // 16) * (288 // 16) == len(small["latent"])
+    big = vids["clip.webm"]  # 480x854: downscaled by the decoder
+    assert big["upscaled"] is False and (big["height"], big["width"], big["num_frames"]) == (192, 336, 4)
+    assert big["num_tokens"] == (192 // 16) * (336 // 16)
     old, new = (Store(Storage(d)) for d in (first.store_dir, second.store_dir))
     assert old.read_json("preprocess.json")["settings"]["decode"]["fps"] == 4.0
     assert new.read_json("preprocess.json")["settings"]["decode"]["fps"] == 2.0

@@ -217,8 +217,10 @@ def test_no_silent_upscaling(shared_data):
     small = str(shared_data / "videos" / "stub_mp4v.mp4")  # 160x120; its bucket is 224x288
     native = decode_file(small, "video", DecodeConfig())
     assert native["pixels"].shape[1:3] == (112, 144) and native["upscaled"] is False
-    up = decode_file(small, "video", DecodeConfig(upscale=True))
-    assert up["pixels"].shape[1:3] == (224, 288) and up["upscaled"] is True
+    up = decode_file(small, "video", DecodeConfig(upscale=True))  # native frames; the tokenizer resizes them
+    assert up["pixels"].shape[1:3] == (120, 160) and up["resize_to"] == (224, 288) and up["upscaled"] is True
+    up = decode_file(small, "video", DecodeConfig(upscale=True, defer_upscale="off"))  # the decoder resizes them
+    assert up["pixels"].shape[1:3] == (224, 288) and up["resize_to"] is None and up["upscaled"] is True
     img = str(shared_data / "images" / "hopper_gray.jpg")  # 128x128; its bucket is 256x256
     assert decode_file(img, "image", DecodeConfig())["pixels"].shape[1:3] == (128, 128)
     got = decode_file(img, "image", DecodeConfig(upscale=True))
@@ -238,3 +240,4 @@ def test_window_and_upscale_settings_change_the_preprocessing_identity(tmp_path)
     assert base["settings"]["decode"]["windows"] == "first" and base["settings"]["decode"]["upscale"] is False
     assert ident(windows="all")["id"] != base["id"] and ident(upscale=True)["id"] != base["id"]
     assert ident(min_side=64)["id"] == base["id"]  # filters choose samples, they do not change tokens
+    assert ident(defer_upscale="off")["id"] == base["id"]  # where the resize runs, not what it makes

@@ -1,14 +1,19 @@
 """AToken (arXiv 2509.14476) as a pipeline tokenizer: the `atoken` package's Tokenizer over prepared rows.
 
 Images and videos are patchified (4 x 16 x 16 x 3) on the model's device from uint8 pixels; 3D rows are
-64^3 voxel features. Batches are packed into forward passes of at most `batch_tokens` tokens.
+64^3 voxel features. Batches are packed into forward passes of at most `batch_tokens` tokens. A row with a pending
+resize (`resize_to`: a video that upscales, decoded at native size) travels to the device at native size and is
+resized and cropped there (`pipeline/buckets.resize_crop_frames`) before patching.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from pipeline.buckets import resize_crop_frames
 from pipeline.rows import Row
+
+RESIZE = "torch bicubic, antialias"  # how pending resizes are made (printed with the device at start-up)
 
 
 def identity(cfg) -> dict:
@@ -19,16 +24,29 @@ def identity(cfg) -> dict:
 
 def sample_tokens(row: Row, device="cpu"):
     """The (feats, coords4) token pair of a prepared row, per the tokenizer's packing rules."""
-    import torch
-
     from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
 
     if row["modality"] == "3d":
         return voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
-    pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
+    pixels = frames_on(row, device)
     if row["modality"] == "image":
         return image_to_tokens(pixels[0])
     return video_to_tokens(pixels)
+
+
+def frames_on(row: Row, device="cpu"):
+    """The row's uint8 pixels as a tensor on `device`, with its pending resize (if any) applied there."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # unpickled rows are read-only buffers; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
+    if row.get("resize_to"):
+        with torch.no_grad():
+            pixels = resize_crop_frames(pixels, tuple(row["resize_to"]))
+    return pixels
 
 
 class Model:
@@ -46,11 +64,16 @@ class Model:
             compile=compile,
         )
         self.device = self.tokenizer.device
-        print(f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}", flush=True)
+        print(
+            f"tokenizer {cfg.config} on {self.device}: {self.tokenizer.accel.describe()}; "
+            f"pending resizes (videos that upscale) on {self.device}, {RESIZE}",
+            flush=True,
+        )
 
     def pack(self, row: Row):
         """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, sent to the device
-        and patchified there in encode() (one copy per shape in a batch)."""
+        and patchified there in encode() (one copy per shape in a batch); a clip with a pending resize is sent now
+        and resized on the device (a uint8 tensor there)."""
         if row["modality"] == "3d":
             return sample_tokens(row)
         from atoken.sparse import check_clip_shape
@@ -61,11 +84,16 @@ class Model:
             raise ValueError(f"{row['modality']}: expected uint8 pixels, got {clip.dtype}")
         if row["modality"] == "image" and len(clip) != 1:
             raise ValueError(f"an image row holds one frame, got {len(clip)}")
+        if row.get("resize_to"):
+            clip = frames_on(row, self.device)
+            check_clip_shape(tuple(clip.shape), row["modality"])
         return clip
 
     def encode(self, packed: list) -> list[dict]:
-        clips = [i for i, p in enumerate(packed) if isinstance(p, np.ndarray)]
-        tokens = [i for i, p in enumerate(packed) if not isinstance(p, np.ndarray)]
+        import torch
+
+        clips = [i for i, p in enumerate(packed) if isinstance(p, (np.ndarray, torch.Tensor))]
+        tokens = [i for i, p in enumerate(packed) if not isinstance(p, (np.ndarray, torch.Tensor))]
         out: list[dict | None] = [None] * len(packed)
         lv = self.cfg.logvar
         for idx, enc in (
@@ -94,7 +122,7 @@ class Model:
             ref = np.asarray(prepared["voxel_feats"], np.float32)
             return ref, ((feats[:, : ref.shape[1]].numpy() + 1) / 2).clip(0, 1)
         out = ((tokens_to_video(feats, torch.as_tensor(coords)).numpy() + 1) / 2).clip(0, 1)
-        ref = prepared["pixels"].astype(np.float32) / 255.0
+        ref = frames_on(prepared).numpy().astype(np.float32) / 255.0  # as tokenized: pending resize applied
         t = min(len(ref), len(out)) if rec["modality"] == "video" else 1
         h, w = out.shape[1:3]
         top, left = (ref.shape[1] - h) // 2, (ref.shape[2] - w) // 2  # the tokenizer's centre crop
