@@ -1,11 +1,13 @@
 """Train a small AToken from scratch on procedural data: a continuous stage ("c"), then FSQ fine-tuning ("d").
 
     python -m atoken.train --config atoken/configs/tiny-train.yaml [--resume] [--stage c|d|all]
-    python -m atoken.train --config atoken/configs/tiny-train.yaml --eval-only --eval-dir PHOTOS
+    python -m atoken.train --config atoken/configs/tiny-finetune.yaml     # fine-tunes the above (init_from)
+    python -m atoken.train --config atoken/configs/tiny-finetune.yaml --eval-only --eval-dir PHOTOS
 
 Recipe (paper §3.4, scaled down): AdamW (0.9, 0.95), wd 0.1; linear warmup then cosine decay to 0.1x peak;
 encoder LR multiplier (paper 0.1); EMA of the weights, the exported weights are the EMA; loss = L1 + Gram (fixed
-random conv net, see losses.py) + KL (continuous stage) [+ LPIPS if available offline]. Stage d starts from the
+random conv net, see losses.py) + KL (continuous stage) [+ LPIPS if available offline], optionally + MSE, a
+patch-seam term and a video temporal term (the PSNR / no-grid / no-flicker fine-tune, tiny-finetune.yaml). Stage d starts from the
 stage-c EMA weights and trains encoder + decoder through the straight-through FSQ (atoken/fsq.py).
 Each stage is time-boxed by wall clock as well as by steps, checkpoints atomically (model, EMA, optimizer,
 schedule position, RNG) and always exports fp16 safetensors with the official key names when it stops.

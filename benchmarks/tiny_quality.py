@@ -121,7 +121,8 @@ def picture(path: Path, photos, clips, rows: dict[str, dict], res: dict[str, dic
         for j, t in enumerate(line):
             sheet.paste(t, (j * cell, i * (cell + label_h)))
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path, optimize=True)
+    # 256 colours keep the PNG small (< 300 KB) and show the artefacts as they are
+    sheet.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def main(argv=None):

@@ -255,8 +255,9 @@ def test_cli_both_stages_export_official_weights(tmp_path):
     assert res2["d"]["heldout"]["psnr"] == pytest.approx(res["d"]["heldout"]["psnr"])
 
 
-def test_shipped_tiny_config_fits_the_size_limit():
-    cfg = TrainConfig.from_yaml(REPO / "atoken" / "configs" / "tiny-train.yaml")
+@pytest.mark.parametrize("name", ["tiny-train.yaml", "tiny-finetune.yaml"])
+def test_shipped_tiny_config_fits_the_size_limit(name):
+    cfg = TrainConfig.from_yaml(REPO / "atoken" / "configs" / name)
     total = 0
     for discrete in (False, True):
         arch = cfg.arch(discrete)
