@@ -61,3 +61,55 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
         return x.float().reshape(-1, *x.shape[-3:]).permute(0, 3, 1, 2) * 2 - 1
 
     return ssim_per_image(to_batch(a), to_batch(b)).mean().item()
+
+
+# ----------------------------------------------------------------------------- artefacts of the patch layout
+# Clips are [T, H, W, 3] (an image is T = 1) with values in [0, 1]; AToken patches are 4 x 16 x 16.
+
+
+def border_ratio(x: torch.Tensor, patch: int = 16) -> float:
+    """Mean |pixel step| across patch borders (columns and rows at multiples of `patch`) over the mean step
+    inside patches. ~1 for natural content; larger where a reconstruction shows the patch grid."""
+    x = x.double()
+    dc = (x[:, :, 1:] - x[:, :, :-1]).abs().mean(dim=(0, 1, 3))  # step between column j and j + 1
+    dr = (x[:, 1:] - x[:, :-1]).abs().mean(dim=(0, 2, 3))
+    on_c = torch.arange(1, len(dc) + 1) % patch == 0
+    on_r = torch.arange(1, len(dr) + 1) % patch == 0
+    if not on_c.any() or not on_r.any():
+        raise ValueError(f"border_ratio: frames of {tuple(x.shape[1:3])} have no {patch}-px patch border")
+    border = torch.cat([dc[on_c], dr[on_r]]).mean()
+    inside = torch.cat([dc[~on_c], dr[~on_r]]).mean()
+    return float(border / inside.clamp_min(1e-12))
+
+
+def grid_score(rec: torch.Tensor, orig: torch.Tensor, patch: int = 16) -> float:
+    """border_ratio of the reconstruction over that of the input: 1 = no patch grid added."""
+    return border_ratio(rec, patch) / border_ratio(orig, patch)
+
+
+def temporal_border_ratio(x: torch.Tensor, period: int = 4) -> float:
+    """Mean |frame step| from frame 4k-1 to 4k (across temporal patches) over that of the steps inside them."""
+    if x.shape[0] < period + 1:
+        raise ValueError(f"temporal_border_ratio needs more than {period} frames, got {x.shape[0]}")
+    d = (x[1:].double() - x[:-1].double()).abs().flatten(1).mean(1)  # step into frame t + 1
+    on = torch.arange(1, len(d) + 1) % period == 0
+    return float(d[on].mean() / d[~on].mean().clamp_min(1e-12))
+
+
+def flicker_score(rec: torch.Tensor, orig: torch.Tensor, period: int = 4) -> float:
+    """temporal_border_ratio of the reconstruction over that of the input: 1 = no period-4 jumps added."""
+    return temporal_border_ratio(rec, period) / temporal_border_ratio(orig, period)
+
+
+def frame_psnr(rec: torch.Tensor, orig: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of each frame of [T, H, W, 3] clips in [0, 1]."""
+    mse = (rec.double() - orig.double()).pow(2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def phase_psnr_spread(rec: torch.Tensor, orig: torch.Tensor, period: int = 4) -> float:
+    """Max - min over t mod period of the mean per-frame PSNR (dB): how much quality cycles with the patch."""
+    p = frame_psnr(rec, orig)
+    t = torch.arange(len(p)) % period
+    means = torch.stack([p[t == k].mean() for k in range(min(period, len(p)))])
+    return float(means.max() - means.min())

@@ -1,11 +1,13 @@
 """Train a small AToken from scratch on procedural data: a continuous stage ("c"), then FSQ fine-tuning ("d").
 
     python -m atoken.train --config atoken/configs/tiny-train.yaml [--resume] [--stage c|d|all]
-    python -m atoken.train --config atoken/configs/tiny-train.yaml --eval-only --eval-dir PHOTOS
+    python -m atoken.train --config atoken/configs/tiny-finetune.yaml     # fine-tunes the above (init_from)
+    python -m atoken.train --config atoken/configs/tiny-finetune.yaml --eval-only --eval-dir PHOTOS
 
 Recipe (paper §3.4, scaled down): AdamW (0.9, 0.95), wd 0.1; linear warmup then cosine decay to 0.1x peak;
 encoder LR multiplier (paper 0.1); EMA of the weights, the exported weights are the EMA; loss = L1 + Gram (fixed
-random conv net, see losses.py) + KL (continuous stage) [+ LPIPS if available offline]. Stage d starts from the
+random conv net, see losses.py) + KL (continuous stage) [+ LPIPS if available offline], optionally + MSE, a
+patch-seam term and a video temporal term (the PSNR / no-grid / no-flicker fine-tune, tiny-finetune.yaml). Stage d starts from the
 stage-c EMA weights and trains encoder + decoder through the straight-through FSQ (atoken/fsq.py).
 Each stage is time-boxed by wall clock as well as by steps, checkpoints atomically (model, EMA, optimizer,
 schedule position, RNG) and always exports fp16 safetensors with the official key names when it stops.
@@ -52,6 +54,7 @@ class StageConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decays to this x peak
     kl_weight: float = 1e-8  # continuous stage only (paper 1e-8)
+    init_from: str = ""  # weights (safetensors, same arch) to fine-tune; stage d otherwise starts from stage c
 
 
 @dataclass
@@ -67,6 +70,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     l1_weight: float = 1.0
+    mse_weight: float = 0.0  # MSE on the [-1, 1] scale: what PSNR measures
+    seam_weight: float = 0.0  # L1 of the pixel steps across 16-px patch borders, rec vs input (patch grid)
+    temporal_weight: float = 0.0  # L1 of the frame-to-frame differences of videos, rec vs input (flicker)
     gram_weight: float = 1.0
     lpips_weight: float = 0.0  # used only if LPIPS is available offline
     sample_posterior: bool = True  # decode mean + std * eps in the continuous stage (paper)
@@ -217,6 +223,15 @@ def make_batch(images: torch.Tensor, videos: torch.Tensor | None) -> tuple[Spars
     return SparseBatch(torch.cat([fi, fv]), torch.cat([ci, cv])), len(fi)
 
 
+def seam_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.Tensor:
+    """Mean |step(rec) - step(x)| over the pixel steps that cross a patch border, rows and columns; [n, H, W, 3]."""
+    cols = torch.arange(patch, x.shape[2], patch, device=x.device)
+    rows = torch.arange(patch, x.shape[1], patch, device=x.device)
+    dc = (rec[:, :, cols] - rec[:, :, cols - 1]) - (x[:, :, cols] - x[:, :, cols - 1])
+    dr = (rec[:, rows] - rec[:, rows - 1]) - (x[:, rows] - x[:, rows - 1])
+    return 0.5 * (dc.abs().mean() + dr.abs().mean())
+
+
 class Objective:
     """Reconstruction objective over a packed batch of images (+ videos)."""
 
@@ -250,6 +265,26 @@ class Objective:
         l1 = (l1_img + l1_vid) / count
         loss = self.cfg.l1_weight * l1
         parts = {"l1": l1.detach()}
+        rec_vid = None
+        if videos is not None and len(videos):
+            rec_vid = from_tokens(rec[n_img_rows:], *videos.shape[:4])
+        if self.cfg.mse_weight > 0:
+            sq = (rec_img - images).pow(2).sum()
+            if rec_vid is not None:
+                sq = sq + (rec_vid - videos).pow(2).sum()
+            mse = sq / count
+            loss = loss + self.cfg.mse_weight * mse
+            parts["mse"] = mse.detach()
+        if self.cfg.seam_weight > 0:
+            seam = seam_loss(rec_img, images)
+            if rec_vid is not None:
+                seam = 0.5 * (seam + seam_loss(rec_vid.flatten(0, 1), videos.flatten(0, 1)))
+            loss = loss + self.cfg.seam_weight * seam
+            parts["seam"] = seam.detach()
+        if self.cfg.temporal_weight > 0 and rec_vid is not None:
+            tmp = ((rec_vid[:, 1:] - rec_vid[:, :-1]) - (videos[:, 1:] - videos[:, :-1])).abs().mean()
+            loss = loss + self.cfg.temporal_weight * tmp
+            parts["temporal"] = tmp.detach()
         x_hat, x = rec_img.permute(0, 3, 1, 2), images.permute(0, 3, 1, 2)
         if self.gram is not None:
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -447,12 +482,12 @@ class Trainer:
 
 def load_eval_photos(directory: Path, size: int = 256, log=print) -> list[tuple[str, torch.Tensor]]:
     """Photos in `directory` resized (shorter side) and centre-cropped to size x size, [size, size, 3] in [-1, 1].
-    Unreadable files are reported and skipped."""
+    Unreadable files are reported by name and skipped; the count read is logged."""
     from PIL import Image, ImageOps
 
     if not directory.is_dir():
         raise FileNotFoundError(f"--eval-dir {directory} is not a directory")
-    out, other = [], []
+    out, other, failed = [], [], []
     for path in sorted(directory.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             other.append(path.name)
@@ -464,6 +499,8 @@ def load_eval_photos(directory: Path, size: int = 256, log=print) -> list[tuple[
             out.append((path.name, x))
         except Exception as e:  # a broken photo must not stop the evaluation
             log(f"eval: skipping {path.name}: {type(e).__name__}: {e}")
+            failed.append(path.name)
+    log(f"eval: read {len(out)} of {len(out) + len(failed)} image files in {directory}")
     if other:
         log(f"eval: {len(other)} file(s) that are not images ignored: {', '.join(other[:5])}")
     if not out:
@@ -536,6 +573,14 @@ def run_stage(cfg: TrainConfig, stage: str, device, resume: bool, stop_flag: dic
     tr = Trainer(cfg, stage, device, log)
     if resume and tr.ckpt_path.is_file():
         tr.load(tr.ckpt_path)
+    elif tr.scfg.init_from:
+        from .checkpoint import read_state_dict
+
+        init = Path(tr.scfg.init_from)
+        if not init.is_file():
+            raise FileNotFoundError(f"[{stage}] init_from {init} not found")
+        tr.init_from({k: v.float() for k, v in read_state_dict(init).items()})
+        log(f"[{stage}] fine-tuning from {init}")
     elif stage == "d":
         c_ckpt = Path(cfg.out_dir) / "ckpt-c.pt"
         c_weights = Path(cfg.weights_dir) / f"{cfg.name}-c.safetensors"

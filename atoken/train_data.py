@@ -3,9 +3,11 @@
 Nothing here reads image or video files: every sample is drawn from a seeded torch.Generator
 (1/f-noise colour fields, "dead leaves" occluding shapes with textured fills, lines, text rendered
 with Pillow's bundled font, blur/noise/contrast jitter), and videos are moving crops/zooms of such
-scenes with a moving shape on top. The only optional non-procedural source is the two sample photos
-bundled with scikit-learn (china.jpg, flower.jpg), used as random crops when that package is installed;
-they are not in the project's test set. The test set (../shared/data) is never touched.
+scenes with a moving shape on top. The only optional non-procedural source is the sample photos that installed
+packages ship (PACKAGE_PHOTOS: scikit-learn's china/flower, some of scikit-image's), used as random crops; only
+files that are NOT in the project's test set are listed (scikit-image also ships astronaut, camera, coffee...,
+which are test images). `refuse_test_images` checks a photo set against a folder by content (a test runs it on
+../shared/data/images); training never reads ../shared/data unless `data.exclude_dir` names it.
 
 Samples are float tensors in [-1, 1], images [n, H, W, 3], videos [n, T, H, W, 3].
 `to_tokens` packs them into the token layout of atoken/sparse.py (feature order (pt, ph, pw, c)).
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +36,9 @@ class DataConfig:
     min_shapes: int = 20  # dead-leaves shapes per scene
     max_shapes: int = 80
     text_prob: float = 0.3  # chance that a scene gets a line of text
-    package_photos: bool = True  # use scikit-learn's bundled sample photos if installed
+    package_photos: bool = True  # use the PACKAGE_PHOTOS of the installed packages
+    photo_dir: str = ""  # optional folder of more training photos (every image file in it)
+    exclude_dir: str = ""  # optional folder of evaluation images: refuse training photos that match one
     photo_ratio: float = 0.1  # fraction of images that are crops of those photos
     pool_size: int = 2048  # procedural images kept on the device (uint8)
     refresh: int = 64  # pool images regenerated at once (one chunk) ...
@@ -112,15 +117,93 @@ def text_bank(seed: int, count: int = 48, size: int = 256) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks))
 
 
-def package_photos() -> list[torch.Tensor]:
-    """scikit-learn's bundled sample photos as [3, H, W] in [0, 1]; [] when scikit-learn is missing."""
-    try:
-        from sklearn.datasets import load_sample_images
-    except ImportError:
-        return []
+# Sample photos inside installed packages, by package and path in it. NOT listed (they are in the test set):
+# scikit-image's astronaut, brick, camera, cell, chelsea, clock_motion, coffee, coins, hubble_deep_field, logo,
+# retina, rocket, text; matplotlib's grace_hopper. tests/test_train.py compares these files with the test set.
+PACKAGE_PHOTOS = {
+    "sklearn": ("datasets/images/china.jpg", "datasets/images/flower.jpg"),
+    "skimage": (
+        "data/grass.png",
+        "data/gravel.png",
+        "data/ihc.png",
+        "data/moon.png",
+        "data/page.png",
+        "data/motorcycle_left.png",
+        "data/motorcycle_right.png",
+        "data/color.png",
+    ),
+}
+
+
+def package_photo_paths() -> list[Path]:
+    """The PACKAGE_PHOTOS files of the packages that are installed (found without importing them)."""
+    import importlib.util
+
+    out = []
+    for pkg, files in PACKAGE_PHOTOS.items():
+        spec = importlib.util.find_spec(pkg)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(list(spec.submodule_search_locations)[0])
+        out += [root / f for f in files if (root / f).is_file()]
+    return out
+
+
+def photo_paths(cfg: DataConfig) -> list[Path]:
+    from .images import IMAGE_SUFFIXES
+
+    paths = package_photo_paths() if cfg.package_photos else []
+    if cfg.photo_dir:
+        folder = Path(cfg.photo_dir)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"data.photo_dir {folder} is not a directory")
+        paths += sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return paths
+
+
+def fingerprint(rgb: np.ndarray) -> np.ndarray:
+    """A 32 x 32 grey thumbnail, zero mean and unit norm: equal for copies of a photo at any size or format."""
+    from PIL import Image
+
+    g = np.asarray(Image.fromarray(rgb).convert("L").resize((32, 32), Image.Resampling.BOX), np.float64).ravel()
+    g = g - g.mean()
+    return g / max(np.linalg.norm(g), 1e-9)
+
+
+def refuse_test_images(photos: dict[str, np.ndarray], test_dir: Path, threshold: float = 0.9) -> None:
+    """ValueError if a training photo (name -> uint8 RGB) matches an image of test_dir by content
+    (correlation of the thumbnails above threshold, also flipped or rotated)."""
+    from .images import IMAGE_SUFFIXES, load_rgb
+
+    test = {p.name: load_rgb(str(p)) for p in sorted(Path(test_dir).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    prints = {n: fingerprint(v) for n, v in test.items()}
+    bad = []
+    for name, rgb in photos.items():
+        views = [rgb, rgb[:, ::-1], rgb[::-1], rgb.transpose(1, 0, 2)]
+        fps = [fingerprint(np.ascontiguousarray(v)) for v in views]
+        for tname, tfp in prints.items():
+            c = max(float(f @ tfp) for f in fps)
+            if c > threshold:
+                bad.append(f"{name} ~ {tname} (correlation {c:.3f})")
+    if bad:
+        raise ValueError(f"training photos that are test images of {test_dir}: {'; '.join(bad)}")
+
+
+def load_photos(cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Training photos (name -> uint8 [H, W, 3]), checked against data.exclude_dir when that is set."""
+    from .images import load_rgb
+
+    photos = {f"{p.parent.name}/{p.name}": load_rgb(str(p)) for p in photo_paths(cfg)}
+    if cfg.exclude_dir and photos:
+        refuse_test_images(photos, Path(cfg.exclude_dir))
+    return photos
+
+
+def package_photos(cfg: DataConfig | None = None) -> list[torch.Tensor]:
+    """The training photos as [3, H, W] in [0, 1]; [] when no package ships any and no photo_dir is set."""
     return [
-        torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255.0
-        for im in load_sample_images().images
+        torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 255.0
+        for im in load_photos(cfg or DataConfig()).values()
     ]
 
 
@@ -134,9 +217,11 @@ class SceneGenerator:
         self.cfg = cfg
         self.device = torch.device(device)
         self.text = text_bank(cfg.seed, size=max(cfg.image_size, cfg.video_size)).to(self.device)
-        self.photos = [p.to(self.device) for p in package_photos()] if cfg.package_photos else []
-        if cfg.package_photos and not self.photos:
-            log("train_data: scikit-learn not installed; training on procedural scenes only")
+        self.photos = [p.to(self.device) for p in package_photos(cfg)]
+        if self.photos:
+            log(f"train_data: {len(self.photos)} package/folder photos for {cfg.photo_ratio:.0%} of the images")
+        else:
+            log("train_data: no package photos installed (scikit-learn, scikit-image); procedural scenes only")
 
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """A fresh generator for one batch: the data stream is a pure function of (seed, step)."""
@@ -213,7 +298,7 @@ class SceneGenerator:
         for _ in range(n):
             p = self.photos[int(torch.randint(0, len(self.photos), (1,), generator=gen, device=self.device))]
             _, ph, pw = p.shape
-            s = int(min(ph, pw) * float(_rand(gen, 1, lo=0.25, hi=1.0)))
+            s = min(ph, pw, max(64, int(min(ph, pw) * float(_rand(gen, 1, lo=0.25, hi=1.0)))))
             y = int(torch.randint(0, ph - s + 1, (1,), generator=gen, device=self.device))
             x = int(torch.randint(0, pw - s + 1, (1,), generator=gen, device=self.device))
             crop = F.interpolate(

@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -254,8 +255,9 @@ def test_cli_both_stages_export_official_weights(tmp_path):
     assert res2["d"]["heldout"]["psnr"] == pytest.approx(res["d"]["heldout"]["psnr"])
 
 
-def test_shipped_tiny_config_fits_the_size_limit():
-    cfg = TrainConfig.from_yaml(REPO / "atoken" / "configs" / "tiny-train.yaml")
+@pytest.mark.parametrize("name", ["tiny-train.yaml", "tiny-finetune.yaml"])
+def test_shipped_tiny_config_fits_the_size_limit(name):
+    cfg = TrainConfig.from_yaml(REPO / "atoken" / "configs" / name)
     total = 0
     for discrete in (False, True):
         arch = cfg.arch(discrete)
@@ -327,3 +329,37 @@ def test_stage_d_from_exported_weights_on_a_fresh_machine(tmp_path):
     (tmp_path / "runs" / "ckpt-c.pt").unlink()  # only the exported fp16 weights travel
     res = main(["--config", str(path), "--stage", "d", "--device", "cpu", "--max-steps", "1"])
     assert (tmp_path / "weights" / "t-d.safetensors").is_file() and res["d"]["heldout"]["psnr"] > 0
+
+
+def test_package_photos_are_not_test_images(tmp_path):
+    """The guard refuses a copy of a test image (resized, flipped) and accepts the package photos that are
+    installed: none of PACKAGE_PHOTOS is one of the test images of ../shared/data/images."""
+    from PIL import Image
+
+    from atoken.images import load_rgb
+    from atoken.train_data import load_photos, package_photo_paths, refuse_test_images
+
+    test_dir = SHARED_DATA / "images"
+    astronaut = load_rgb(str(test_dir / "astronaut.png"))
+    copy = np.asarray(Image.fromarray(astronaut).resize((200, 180)))[:, ::-1]
+    with pytest.raises(ValueError, match="astronaut.png"):
+        refuse_test_images({"copy": np.ascontiguousarray(copy)}, test_dir)
+    other = SceneGenerator(DataConfig(image_size=64, package_photos=False), log=quiet)
+    scene = ((other.images(other.generator(0), 1)[0].numpy() + 1) * 127.5).astype(np.uint8)
+    refuse_test_images({"scene": scene}, test_dir)  # a procedural image is no test image
+    (tmp_path / "astro.png").write_bytes((test_dir / "astronaut.png").read_bytes())
+    with pytest.raises(ValueError, match="astronaut.png"):  # data.exclude_dir makes the trainer refuse it
+        load_photos(DataConfig(package_photos=False, photo_dir=str(tmp_path), exclude_dir=str(test_dir)))
+    if not package_photo_paths():
+        pytest.skip("neither scikit-learn nor scikit-image is installed: no package photos to check")
+    refuse_test_images(load_photos(DataConfig()), test_dir)
+
+
+def test_seam_and_temporal_terms_see_the_artefacts():
+    from atoken.train import seam_loss
+
+    x = torch.rand(2, 32, 48, 3) * 2 - 1
+    assert float(seam_loss(x, x)) == 0.0
+    shifted = x + torch.arange(3).repeat_interleave(16).view(1, 1, 48, 1) * 0.1  # steps at the patch borders
+    assert float(seam_loss(shifted, x)) > 0.03
+    assert float(seam_loss(x + 0.1, x)) == pytest.approx(0.0, abs=1e-6)  # an offset is no seam
