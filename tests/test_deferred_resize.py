@@ -26,7 +26,6 @@ from pipeline.ray_job import to_table
 from pipeline.rows import new_row
 from pipeline.tokenize import Tokenize, TokenizeConfig
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SMALL = "Big_Buck_Bunny_180_10s.webm"  # 180x320: upscaled into a 512^2-area bucket
 UP = DecodeConfig(fps=8, max_frames=16, timeout_s=30, upscale=True, buckets={"area": 512 * 512, "max_side": 1024})
 
@@ -57,15 +56,15 @@ def media(scratch):
         st.teardown()
 
 
-def prepared(stage, name, **kw):
-    src = DATA / "videos" / name
-    (out,) = stage([new_row(name, "video", "test", uri=str(src), **kw)])
+def prepared(stage, src: Path, **kw):
+    (out,) = stage([new_row(src.name, "video", "test", uri=str(src), **kw)])
     assert out["status"] == "ok", out.get("reason")
     return out
 
 
-def test_upscaled_clip_travels_at_native_size_and_resizes_like_the_decoder(media):
-    deferred, decoder = prepared(media(UP), SMALL), prepared(media(NO_DEFER), SMALL)
+def test_upscaled_clip_travels_at_native_size_and_resizes_like_the_decoder(media, shared_data):
+    small = shared_data / "videos" / SMALL
+    deferred, decoder = prepared(media(UP), small), prepared(media(NO_DEFER), small)
     px = deferred["pixels"]
     assert px.dtype == np.uint8 and px.shape == (16, 180, 320, 3)  # native frames, as decoded
     assert deferred["resize_to"] == (384, 688) and deferred["upscaled"] is True
@@ -83,30 +82,31 @@ def test_upscaled_clip_travels_at_native_size_and_resizes_like_the_decoder(media
     assert psnr(resized, pil) >= 50.0 and np.abs(resized.astype(np.int16) - pil).max() <= 16
 
 
-def test_downscaling_still_resizes_in_the_decoder():
-    out = decode_file(str(DATA / "videos" / "chaplin.mp4"), "video", decode_cfg(buckets={}))
+def test_downscaling_still_resizes_in_the_decoder(shared_data):
+    out = decode_file(str(shared_data / "videos" / "chaplin.mp4"), "video", decode_cfg(buckets={}))
     assert out["orig_height"] == 360 and out["resize_to"] is None and out["upscaled"] is False
     assert out["pixels"].shape == (16, 192, 336, 3)  # 360x640 -> its 256^2-area bucket, by the decoder
     assert "resized by the decoder" in resize_placement(UP) and "tokenizer's device" in resize_placement(UP)
     assert "tokenizer" not in resize_placement(NO_DEFER)
 
 
-def test_auto_defers_only_for_a_tokenizer_on_a_gpu():
+def test_auto_defers_only_for_a_tokenizer_on_a_gpu(shared_data):
     """On the CPU the decoder's scaler costs less than torch's resize, and both run on the same CPUs."""
     assert UP.defer_upscale == "auto"
     assert for_tokenizer(UP, gpu=True).defer_upscale == "on" and for_tokenizer(UP, gpu=False).defer_upscale == "off"
     assert for_tokenizer(NO_DEFER, gpu=True).defer_upscale == "off"
     on = decode_cfg(defer_upscale="on")
     assert for_tokenizer(on, gpu=False).defer_upscale == "on"
-    small = str(DATA / "videos" / SMALL)
+    small = str(shared_data / "videos" / SMALL)
     assert decode_file(small, "video", for_tokenizer(UP, gpu=False))["resize_to"] is None
     assert decode_file(small, "video", for_tokenizer(UP, gpu=True))["resize_to"] == (384, 688)
 
 
-def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media):
+def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media, shared_data):
     small = {"fps": 4, "max_frames": 8, "buckets": {"area": 256 * 256}}
-    deferred = prepared(media(decode_cfg(**small)), SMALL)
-    decoder = prepared(media(decode_cfg(**small, defer_upscale="off")), SMALL)
+    src = shared_data / "videos" / SMALL
+    deferred = prepared(media(decode_cfg(**small)), src)
+    decoder = prepared(media(decode_cfg(**small, defer_upscale="off")), src)
     assert deferred["pixels"].shape == (8, 180, 320, 3) and deferred["resize_to"] == (192, 336)
     bad = {**deferred, "id": "bad", "resize_to": (8, 8)}  # smaller than a patch: that row fails, not the batch
     stage = Tokenize(TokenizeConfig(config="tiny", device="cpu", batch_rows=4), "pp")
@@ -123,11 +123,11 @@ def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_resize_matches_cpu_resize():
+def test_gpu_resize_matches_cpu_resize(shared_data):
     """The same pending resize on the GPU and on the CPU (and through the backend's pack on each device)."""
     from pipeline.tokenizers.atoken import frames_on
 
-    out = decode_file(str(DATA / "videos" / SMALL), "video", UP)
+    out = decode_file(str(shared_data / "videos" / SMALL), "video", UP)
     assert out["resize_to"] == (384, 688)
     frames = torch.from_numpy(out["pixels"])
     cpu = resize_crop_frames(frames, out["resize_to"]).numpy()
