@@ -4,7 +4,7 @@ opened in a real headless Chromium."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pipeline.mesh.stage import MeshConfig, MeshStage
 from pipeline.qa_pictures import (
@@ -77,12 +77,12 @@ def test_video_card_shows_four_frames_spread_over_a_fade_in():
 
 @pytest.fixture(scope="module")
 def mesh_voxels(shared_data):
-    """A real mesh through the 3D stage (CPU) and the embedded tiny tokenizer: (path, row, decoded features)."""
+    """A real textured mesh through the 3D stage (CPU) and the embedded tiny tokenizer: (path, row, decoded features)."""
     from atoken.sparse import voxels_to_tokens
     from atoken.tokenizer import Tokenizer
 
-    path = shared_data / "meshes" / "BoxVertexColors.glb"
-    row = MeshStage(MeshConfig(views=8, backend="cpu")).process(str(path), "box")
+    path = shared_data / "meshes" / "fuze.obj"
+    row = MeshStage(MeshConfig(views=8, backend="cpu")).process(str(path), "fuze")
     feats, coords = voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
     _, rec = Tokenizer.from_files("tiny-c", device="cpu").reconstruct([(feats, coords)])
     decoded = ((rec[0][:, :768] + 1) / 2).clip(0, 1)
@@ -103,18 +103,18 @@ def test_3d_views_put_mesh_input_and_decoded_voxels_in_the_same_place(mesh_voxel
 
     path, row, decoded = mesh_voxels
     views = ThreeDViews(MeshConfig(backend="cpu"), resolution=96)
-    rows = views.rows("box", load_mesh(path), (row["voxel_coords"], row["voxel_feats"].astype(np.float32)), decoded)
+    rows = views.rows("fuze", load_mesh(path), (row["voxel_coords"], row["voxel_feats"].astype(np.float32)), decoded)
     assert [name for name, _ in rows] == ["mesh", "input voxels", "decoded voxels"]
     assert all(len(v) == 4 and v[0].shape == (96, 96, 3) for _, v in rows)
     mesh, vin, vout = (silhouettes(v) for _, v in rows)
     for m, i, o in zip(mesh, vin, vout):
-        assert 0.05 < m.mean() < 0.9  # the box is in view, not filling it
+        assert 0.02 < m.mean() < 0.9  # the bottle is in view, not filling it
         assert iou(m, i) > 0.7 and iou(m, o) > 0.6  # same cameras, same unit cube
     assert iou(mesh[0], mesh[1]) < 0.98  # four different views
     ref, got = np.asarray(rows[0][1]), np.asarray(rows[1][1])
     both = np.stack(mesh) & np.stack(vin)
     assert np.abs(ref[both].mean(0) - got[both].mean(0)).max() < 0.15  # the voxels carry the mesh's colours
-    card = np.asarray(views_card(SampleScore("box", "3d", 25.0), rows))
+    card = np.asarray(views_card(SampleScore("fuze", "3d", 25.0), rows))
     assert card.shape == (BAND + 3 * CELL, 4 * CELL, 3) and card[BAND:].std() > 10
 
 
@@ -140,10 +140,11 @@ def test_3d_views_add_gaussian_splats_when_a_gs_checkpoint_is_configured(mesh_vo
     views = ThreeDViews(
         MeshConfig(backend="cpu"), resolution=64, gs_config=qa.gs_config, gs_checkpoint=qa.gs_checkpoint
     )
-    rows = views.rows("box", load_mesh(path), (row["voxel_coords"], row["voxel_feats"].astype(np.float32)), decoded)
+    rows = views.rows("fuze", load_mesh(path), (row["voxel_coords"], row["voxel_feats"].astype(np.float32)), decoded)
     assert [name for name, _ in rows][-1] == "GS splats"
     for m, s in zip(silhouettes(rows[0][1]), silhouettes(rows[-1][1])):
-        assert s.sum() > 0.3 * m.sum() and (s & ~m).sum() < 0.3 * s.sum()  # splats where the box is
+        near = np.asarray(Image.fromarray(m).filter(ImageFilter.MaxFilter(5)))  # the mesh, 2 px wider
+        assert s.sum() > 0.3 * m.sum() and (s & ~near).sum() < 0.2 * s.sum()  # splats where the bottle is
 
 
 def test_index_page_renders_in_headless_chromium(shared_data, tmp_path):
