@@ -29,6 +29,7 @@ class QAConfig(Config):
     samples: int = Field(8, ge=0)  # decoded back per modality for PSNR/SSIM; 0 disables
     grid: bool = True  # labelled pictures (a card per sample, a grid per modality) beside qa.json and index.html
     gs_checkpoint: str | None = None  # Gaussian decoder weights (3d_decode_gs.pt): 3D pictures add its splats
+    # (32 Gaussians per voxel: meant for a GPU; on a CPU that row takes minutes per asset)
     gs_config: str | None = None  # its YAML (default: atoken/configs/3d_decode_gs.yaml)
 
     @field_validator("gs_checkpoint", "gs_config")

@@ -3,7 +3,8 @@
 Inputs are fetched and decoded again by the same prepare stage, with the settings recorded in the store's
 `preprocess.json` (never the job's current ones); tokens come from the committed shards (fp16 latents, or FSQ
 indices for discrete tokenizers). So the check covers the whole chain: a swapped channel, a wrong patch layout or
-a misplaced crop shows up as a bad PSNR.
+a misplaced crop shows up as a bad PSNR. The pictures and the page a person looks at are drawn by
+`pipeline/qa_pictures.py` (3D views: `pipeline/qa_3d.py`) and written beside qa.json in the store's qa/ folder.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from atoken.metrics import psnr, ssim
 from pipeline.qa_pictures import SampleScore, grid, image_card, index_html, png_bytes, video_card, views_card
-from pipeline.rows import is_ok, new_row
+from pipeline.rows import describe, is_ok, new_row
 from pipeline.store import DamagedFile, read_parquet, sha256_of
 
 
@@ -102,7 +103,11 @@ def run_qa(store, job) -> dict:
                     score.ssim = ssim(torch.from_numpy(ref), torch.from_numpy(out))
                     scores["ssim"].append(score.ssim)
                 if job.qa.grid:
-                    cards.append(sample_card(score, rec, row, ref, out, views3d))
+                    try:  # a picture that cannot be drawn is noted on the page; the numbers stand
+                        cards.append(sample_card(score, rec, row, ref, out, views3d))
+                    except Exception as exc:  # noqa: BLE001 - e.g. out of memory while rendering
+                        score.error = f"picture: {describe(exc)}"
+                        continue
                     score.picture = f"samples/{modality}-{k:02d}.png"
                     store.storage.write_bytes(f"qa/{score.picture}", png_bytes(cards[-1]))
         finally:
