@@ -74,6 +74,13 @@ def patch_features(rgb: torch.Tensor) -> torch.Tensor:
     return x.reshape(B, n, n, PATCH * PATCH * 3)
 
 
+def patch_colors(feats: torch.Tensor) -> torch.Tensor:
+    """Voxel features [M, 768] (channel order p1, p2, c) -> each voxel's mean patch colour [M, 3]."""
+    if feats.ndim != 2 or feats.shape[1] != PATCH * PATCH * 3:
+        raise ValueError(f"voxel features: expected [M, {PATCH * PATCH * 3}], got {tuple(feats.shape)}")
+    return feats.float().reshape(len(feats), PATCH * PATCH, 3).mean(1)
+
+
 def _project(centers: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor):
     """centres [M, 3] -> camera depth [B, M], u [B, M], v [B, M] (normalised image coords)."""
     cam = centers[None] @ w2c[:, :3, :3].transpose(1, 2) + w2c[:, None, :3, 3]

@@ -27,7 +27,17 @@ from schemas.tokens import SCHEMA_VERSION
 
 class QAConfig(Config):
     samples: int = Field(8, ge=0)  # decoded back per modality for PSNR/SSIM; 0 disables
-    grid: bool = True  # write a PNG grid of inputs next to reconstructions
+    grid: bool = True  # labelled pictures (a card per sample, a grid per modality) beside qa.json and index.html
+    gs_checkpoint: str | None = None  # Gaussian decoder weights (3d_decode_gs.pt): 3D pictures add its splats
+    # (32 Gaussians per voxel: meant for a GPU; on a CPU that row takes minutes per asset)
+    gs_config: str | None = None  # its YAML (default: atoken/configs/3d_decode_gs.yaml)
+
+    @field_validator("gs_checkpoint", "gs_config")
+    @classmethod
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"not a file: {v}")
+        return v
 
 
 class RayConfig(Config):

@@ -96,7 +96,9 @@ class Prepare(Stage):
         cpus: float = 1.0,
         batch_size: int = 8,
         run_id: str = "local",
+        keep_mesh: bool = False,
     ):
+        self.keep_mesh = keep_mesh  # QA: 3D rows also carry the loaded mesh ("mesh", a MeshData) to render it
         self.fetch_cfg, self.decode_cfg, self.mesh_cfg, self.run_id = fetch, decode, mesh, run_id
         self.storage, self.branch, self.gpus, self.cpus, self.batch_size = storage, branch, gpus, cpus, batch_size
         self.name = "decode" if branch == "media" else "mesh"
@@ -234,4 +236,4 @@ class Prepare(Stage):
             return fail(row, "mesh", f"out of GPU memory while rendering/voxelising: {exc}")
         except Exception as exc:
             return fail(row, "mesh", describe(exc))
-        return {**row, **got}
+        return {**row, **got, **({"mesh": mesh} if self.keep_mesh else {})}

@@ -377,6 +377,7 @@ def run_job(job: JobConfig, retry_failed: bool = False, dry_run: bool = False) -
             f"qa skipped a damaged shard ({d}); `python -m pipeline verify {store.uri} --repair` un-commits it"
             for d in summary.qa.pop("damaged_shards", [])
         ]
+        summary.notes.append(f"qa pictures and numbers: {summary.qa.pop('page')}")
     summary.wall_s = time.perf_counter() - t0
     return summary
 

@@ -14,6 +14,8 @@ from pipeline.ledger import read_all
 from pipeline.run import run_job
 from pipeline.storage import Storage
 from pipeline.store import Store, verify, versions
+from pipeline.qa_pictures import BAND, CELL
+from tests.browser import PageParts
 from tests.http_server import Fault, FaultServer
 
 IMAGES = ["astronaut.png", "Channel_digital_image_CMYK_color.jpg", "portrait-orientation-6.jpg", "hopper_16bit.pgm"]
@@ -64,6 +66,16 @@ def shard_rows(store: Store, modality=None) -> list[dict]:
     return out
 
 
+def check_qa_page(store: Store, modalities: set) -> None:
+    """qa/index.html lists each QA sample with the id and PSNR of qa.json, and links pictures that exist."""
+    qa = json.loads(store.storage.read_bytes("qa/qa.json"))
+    page = PageParts(store.storage.read_bytes("qa/index.html").decode())
+    assert {s["modality"] for s in qa["samples"]} == modalities
+    assert [r[:3] for r in page.rows] == [[s["id"], s["modality"], f"{s['psnr']:.2f}"] for s in qa["samples"]]
+    assert page.images == [s["picture"] for s in qa["samples"]]
+    assert all(store.storage.size(f"qa/{src}") for src in page.images)
+
+
 def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
@@ -88,8 +100,14 @@ def test_folder_job_end_to_end_and_rerun(ray_local, shared_data, tmp_path):
     assert 0 < summary.qa["video"]["ssim"] <= 1
     from PIL import Image
 
-    with Image.open(f"{store.uri}/qa/image.png") as grid:  # inputs above reconstructions
-        assert grid.size[1] == 2 * grid.size[0] and np.asarray(grid).std() > 0
+    with Image.open(f"{store.uri}/qa/image.png") as grid:  # a label band, the input above its reconstruction
+        assert grid.size == (CELL, BAND + 2 * CELL) and np.asarray(grid).std() > 0
+    check_qa_page(store, {"image", "video", "3d"})
+    assert f"qa pictures and numbers: {store.uri}/qa/index.html" in summary.render()
+    with Image.open(f"{store.uri}/qa/samples/3d-00.png") as card:  # mesh, input voxels, decoded voxels x 4 views
+        assert card.size == (4 * CELL, BAND + 3 * CELL) and np.asarray(card).std() > 10
+    with Image.open(f"{store.uri}/qa/samples/video-00.png") as card:  # up to 4 frames (video_90.mov has 3)
+        assert card.size[0] in (3 * CELL, 4 * CELL) and card.size[1] == BAND + 2 * CELL
 
     images = datasets.load_dataset("parquet", data_files=f"{store.uri}/data/image/*.parquet", split="train")
     assert len(images) == len(IMAGES)
@@ -234,6 +252,7 @@ def test_job_to_s3_and_datasets_from_s3(ray_local, shared_data, tmp_path, s3_ser
     assert summary.counts == {"ok": 3, "failed": 1} and summary.qa["image"]["n"] == 1
     store = the_store(out, s3_server.options())
     assert store.uri.startswith("s3://") and verify(store.storage) == []
+    check_qa_page(store, {"image", "video"})  # the QA page and its pictures, on S3
     names = [e.path for e in store.storage.list("", recursive=True)]
     assert any(n.startswith("data/image/") for n in names) and any(n.startswith("ledger/") for n in names)
     assert not any(n.startswith("staging/") for n in names)
