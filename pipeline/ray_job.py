@@ -298,6 +298,8 @@ def ray_data():
 # ---- sources: read -> keys -> resume filter -> describe --------------------------------------------------------
 
 SMALL_TASK_CPUS = 0.25  # keys, resume filter, describe: light tasks that must not wait behind actor pools
+# Tasks take `ray.max_task_retries` (Ray Data retries a task whose worker died without end by default); Ray 2.60's
+# map_batches deprecates every remote argument, so they go through map_batches_internal (DeveloperAPI) as is.
 READ_CPUS = 0.5
 
 
@@ -422,8 +424,13 @@ def read_source(ray, source: Source, plan, retries: int = 3):
         ds = ray.data.from_items(
             [{"item": json.dumps(i)} for i in plan.items], override_num_blocks=max(1, len(plan.items))
         )
-        return ds.flat_map(
-            lambda r: source.list_chunk(json.loads(r["item"])), num_cpus=SMALL_TASK_CPUS, max_retries=retries
+        return ds.map_batches_internal(
+            _list_chunks,
+            fn_kwargs={"source": source},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=SMALL_TASK_CPUS,
+            max_retries=retries,
         )
     fs, _ = filesystem(plan.uris[0], source.storage)
     paths = [filesystem(u, source.storage)[1] for u in plan.uris]
@@ -445,6 +452,13 @@ def read_source(ray, source: Source, plan, retries: int = 3):
         num_cpus=READ_CPUS,
         ray_remote_args={"max_retries": retries},
     )
+
+
+def _list_chunks(batch: pa.Table, source: Source) -> Iterator[pa.Table]:
+    """The raw rows of listing chunks (none: no block)."""
+    rows = [r for item in batch.column("item").to_pylist() for r in source.list_chunk(json.loads(item))]
+    if rows:
+        yield pa.Table.from_pylist(rows)
 
 
 def _table_datasource():
@@ -495,7 +509,7 @@ def source_dataset(
     """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run. `retries`:
     Ray's retries of each task after its worker died (Ray Data's default is without end)."""
     ds = read_source(ray, source, source.plan(), retries)
-    ds = ds.map_batches(
+    ds = ds.map_batches_internal(
         _keys,
         fn_kwargs={"source": source, "buckets": buckets},
         batch_format="pyarrow",
@@ -520,7 +534,7 @@ def source_dataset(
     )
     if dry_run:
         return ds
-    return ds.map_batches(
+    return ds.map_batches_internal(
         _describe,
         fn_kwargs={"source": source, "bundle_rows": bundle_rows},
         batch_format="pyarrow",
@@ -646,7 +660,7 @@ def build(
     work = Work([])
     if DUP in todo:  # failures only: written and committed before any sample is started
         work.datasets.append(
-            todo.pop(DUP).map_batches(
+            todo.pop(DUP).map_batches_internal(
                 _write_duplicates,
                 fn_kwargs={"writer": stages["writer"], "control": control},
                 batch_size=None,
@@ -666,7 +680,7 @@ def build(
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
     ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"], control=control, report=True)
     work.datasets.append(
-        ds.map_batches(
+        ds.map_batches_internal(
             _write_task,
             fn_kwargs={"writer": stages["writer"]},
             batch_size=rows_per_write(job),
