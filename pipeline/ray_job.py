@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -28,13 +29,29 @@ import pyarrow.compute as pc
 
 from pipeline.ledger import LedgerView
 from pipeline.rows import FAILED, OK, SKIPPED, Row
-from pipeline.sources import Source, described as describe_rows, keyed, make_source
+from pipeline.sources import (
+    DUPLICATE_OF,
+    Source,
+    described as describe_rows,
+    duplicate_keys,
+    keyed,
+    make_source,
+)
 from pipeline.sources.ids import bucket_of
-from pipeline.sources.tables import csv_header, read_csv_stream
+from pipeline.sources.tables import (
+    FILE_COL,
+    LINE_COL,
+    csv_header,
+    file_labels,
+    read_csv_stream,
+    read_json_stream,
+    read_parquet_file,
+)
 from pipeline.stage import Stage
 from pipeline.storage import filesystem
 
 DESCRIBE_ROWS = 64  # descriptor rows per block after the resume filter (parallelism downstream)
+DUP = "duplicate"  # the plan's branch of duplicate rows: failures to record, committed before any sample
 BYTES_PER_TOKEN = 130  # shard bytes per token (coords + fp16 latent + list offsets, ~fsq); for sizing
 _ENV_PREFIXES = ("PIPELINE_", "AWS_", "GOOGLE_", "HF_", "RAY_AUTH_MODE", "STORAGE_EMULATOR_HOST")
 
@@ -72,10 +89,20 @@ def init_ray(ray_cfg):
     kw = dict(
         log_to_driver=False, runtime_env={"env_vars": env}, logging_level=logging.INFO if verbose else logging.WARNING
     )
+    # a task killed by Ray's memory monitor is retried without end by default: bounded like any other retry
+    # (the driver owns the Ray Data tasks; a fresh local cluster gets it for every process)
+    os.environ.setdefault("RAY_task_oom_retries", str(ray_cfg.max_task_retries))
     if address:
         ray.init(address=address, **kw)
     else:  # "local": a fresh cluster (without it Ray joins any cluster it finds on this machine)
-        ray.init(address="local", num_cpus=ray_cfg.num_cpus, num_gpus=ray_cfg.num_gpus, include_dashboard=False, **kw)
+        ray.init(
+            address="local",
+            num_cpus=ray_cfg.num_cpus,
+            num_gpus=ray_cfg.num_gpus,
+            include_dashboard=False,
+            _system_config={"task_oom_retries": ray_cfg.max_task_retries},
+            **kw,
+        )
         from pipeline import reaper
 
         reaper.start()  # a killed driver takes this cluster's processes along within a second or so
@@ -271,6 +298,8 @@ def ray_data():
 # ---- sources: read -> keys -> resume filter -> describe --------------------------------------------------------
 
 SMALL_TASK_CPUS = 0.25  # keys, resume filter, describe: light tasks that must not wait behind actor pools
+# Tasks take `ray.max_task_retries` (Ray Data retries a task whose worker died without end by default); Ray 2.60's
+# map_batches deprecates every remote argument, so they go through map_batches_internal (DeveloperAPI) as is.
 READ_CPUS = 0.5
 
 
@@ -282,39 +311,79 @@ def _keys(raw: pa.Table, source: Source, buckets: int) -> pa.Table:
 def _resume_filter(
     group: pa.Table, view: LedgerView, retry_failed: bool, source: str, control=None, dry_run: bool = False
 ) -> Iterator[pa.Table]:
-    """One bucket of one source: drops ids already done (per the ledger) and duplicate ids; in a dry run it
-    only counts. Rows come out sorted by group, so the clips of one video travel together."""
+    """One bucket of one source: drops what the ledger has done; in a dry run it only counts. Of the rows that
+    share an id, the first by position (file, line) is the sample; each other one is a duplicate, failed under a
+    key of its own (its source, file and line: `sources.duplicate_keys`), never under the id the first one owns,
+    so no commit order (or crash between commits) lets it shadow the sample. Rows come out sorted by group, so
+    the clips of one video travel together; duplicates come first, in slices of their own (failed rows: no stage
+    downstream spends anything on them)."""
     bucket = group.column("bucket")[0].as_py()
-    group = group.sort_by([("id", "ascending"), ("order", "ascending")])
-    ids = group.column("id").combine_chunks()
-    first = np.ones(len(ids), bool)
-    if len(ids) > 1:
-        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
-    uniq = group.filter(pa.array(first))
-    known = view.statuses(bucket)
-    status = pc.take(known.column("status"), pc.index_in(uniq.column("id"), value_set=known.column("id")))
-    counts = {"rows": group.num_rows, "duplicate": group.num_rows - uniq.num_rows}
-    for s in (OK, FAILED, SKIPPED):
-        counts[s] = pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
-    done = pc.fill_null(
-        pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry_failed else [OK, SKIPPED, FAILED])), False
+    group = group.sort_by(
+        [("id", "ascending"), (FILE_COL, "ascending"), (LINE_COL, "ascending"), ("order", "ascending")]
     )
-    todo = uniq.filter(pc.invert(done))
-    counts["todo"] = todo.num_rows
+    uniq, dups = _split_duplicates(group, source)
+    todo_parts, counts = [], {"rows": group.num_rows, "duplicate": dups.num_rows, "todo": 0}
+    for s in (OK, FAILED, SKIPPED):
+        counts[s] = 0
+    known = view.statuses(bucket)
+    for part, retry in ((uniq, retry_failed), (dups, False)):  # (a recorded duplicate would fail the same again)
+        status = pc.take(known.column("status"), pc.index_in(part.column("id"), value_set=known.column("id")))
+        for s in (OK, FAILED, SKIPPED):
+            counts[s] += pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
+        done = pc.fill_null(
+            pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry else [OK, SKIPPED, FAILED])), False
+        )
+        todo_parts.append(part.filter(pc.invert(done)))
+        counts["todo"] += todo_parts[-1].num_rows
     if dry_run:
         yield pa.table({"source": [source], **{k: [v] for k, v in counts.items()}})
         return
     if control is not None:
         control.add.remote(source, counts)
-    todo = todo.sort_by([("group", "ascending"), ("id", "ascending")])
-    groups = todo.column("group").to_pylist()
-    start = 0
-    while start < todo.num_rows:  # slices of about DESCRIBE_ROWS that never split a group
-        end = min(start + DESCRIBE_ROWS, todo.num_rows)
-        while end < todo.num_rows and groups[end] == groups[end - 1]:
-            end += 1
-        yield todo.slice(start, end - start)
-        start = end
+    for todo in todo_parts[::-1]:  # the duplicates first
+        todo = todo.sort_by([("group", "ascending"), ("id", "ascending")])
+        groups = todo.column("group").to_pylist()
+        start = 0
+        while start < todo.num_rows:  # slices of about DESCRIBE_ROWS that never split a group
+            end = min(start + DESCRIBE_ROWS, todo.num_rows)
+            while end < todo.num_rows and groups[end] == groups[end - 1]:
+                end += 1
+            yield todo.slice(start, end - start)
+            start = end
+
+
+def _split_duplicates(group: pa.Table, source: str) -> tuple[pa.Table, pa.Table]:
+    """(the first row of each id, the other rows): both with DUPLICATE_OF, null for the first rows; a duplicate
+    gets its own key as its id, and why it is failed (the id it repeats, where that id's row is)."""
+    ids = group.column("id").combine_chunks()
+    n = len(ids)
+    first = np.ones(n, bool)
+    if n > 1:
+        first[1:] = pc.not_equal(ids[1:], ids[:-1]).to_numpy(zero_copy_only=False)
+    uniq = group.filter(pa.array(first))
+    uniq = uniq.append_column(DUPLICATE_OF, pa.nulls(uniq.num_rows, pa.string()))
+    at = np.flatnonzero(~first)
+    if not len(at):
+        return uniq, uniq.slice(0, 0)
+    idx = np.arange(n)
+    owner = np.maximum.accumulate(np.where(first, idx, 0))  # the first row of each row's id
+    files = group.column(FILE_COL).to_pylist()
+    lines = group.column(LINE_COL).to_pylist()
+    id_list = ids.to_pylist()
+    keys = duplicate_keys(
+        source, [files[i] for i in at], [lines[i] for i in at], [id_list[i] for i in at], list(idx[at] - owner[at])
+    )
+
+    def where(i: int) -> str:
+        return f"{files[i]}:{lines[i]}" if files[i] is not None and lines[i] is not None else "an earlier row"
+
+    why = [
+        f"duplicate of {id_list[o]} (its row: {where(o)}); this row ({where(i)}) repeats that id and is not processed"
+        for i, o in zip(at, owner[at])
+    ]
+    dups = group.take(pa.array(at))
+    dups = dups.set_column(dups.schema.get_field_index("id"), "id", pa.array(keys, pa.string()))
+    return uniq, dups.append_column(DUPLICATE_OF, pa.array(why, pa.string()))
 
 
 def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -> pa.Table:
@@ -323,7 +392,10 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
     one video) is never split between bundles: one prepare call sees all of a video's clips and downloads it
     once."""
     described = describe_rows(source, rows)
-    branches = ["3d" if r.get("modality") == "3d" else "media" for r in described]
+    dups = set()
+    if DUPLICATE_OF in rows.column_names and rows.column(DUPLICATE_OF).null_count < rows.num_rows:
+        dups = set(rows.filter(pc.is_valid(rows.column(DUPLICATE_OF))).column("id").to_pylist())
+    branches = [DUP if r["id"] in dups else "3d" if r.get("modality") == "3d" else "media" for r in described]
     if not bundle_rows:
         return to_table(described).append_column("branch", pa.array(branches, pa.string()))
     groups = rows.column("group").to_pylist() if len(described) == rows.num_rows else list(range(len(described)))
@@ -345,44 +417,81 @@ def _describe(rows: pa.Table, source: Source, bundle_rows: dict | None = None) -
     )
 
 
-def read_source(ray, source: Source, plan):
-    """The raw rows of a source as a Ray dataset, read in parallel on the workers."""
+def read_source(ray, source: Source, plan, retries: int = 3):
+    """The raw rows of a source as a Ray dataset, read in parallel on the workers (one task per file for table
+    files: each row keeps its position, FILE_COL and LINE_COL, for duplicates and unparsable rows)."""
     if plan.format == "items":
         ds = ray.data.from_items(
             [{"item": json.dumps(i)} for i in plan.items], override_num_blocks=max(1, len(plan.items))
         )
-        return ds.flat_map(lambda r: source.list_chunk(json.loads(r["item"])), num_cpus=SMALL_TASK_CPUS)
+        return ds.map_batches_internal(
+            _list_chunks,
+            fn_kwargs={"source": source},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=SMALL_TASK_CPUS,
+            max_retries=retries,
+        )
     fs, _ = filesystem(plan.uris[0], source.storage)
     paths = [filesystem(u, source.storage)[1] for u in plan.uris]
-    kw = dict(filesystem=fs, num_cpus=READ_CPUS)
-    if plan.format == "parquet":
-        return ray.data.read_parquet(paths, **kw)
-    if plan.format == "json":
-        return ray.data.read_json(paths, lines=True, **kw)
+    labels = file_labels(plan.uris)
     files = {
-        path: (uri, plan.encodings.get(uri) or "utf8", csv_header(uri, source.storage, plan.encodings.get(uri)))
+        path: {
+            "format": plan.format,
+            "uri": uri,
+            "label": labels[uri],
+            "encoding": plan.encodings.get(uri) or "utf8",
+            "columns": csv_header(uri, source.storage, plan.encodings.get(uri))
+            if plan.format == "csv"
+            else plan.columns,
+        }
         for path, uri in zip(paths, plan.uris)
     }
-    return ray.data.read_datasource(_csv_datasource()(paths, files=files, filesystem=fs), num_cpus=READ_CPUS)
+    return ray.data.read_datasource(
+        _table_datasource()(paths, files=files, filesystem=fs),
+        num_cpus=READ_CPUS,
+        ray_remote_args={"max_retries": retries},
+    )
 
 
-def _csv_datasource():
-    """A Ray Data file datasource over `tables.read_csv_stream` (per-file encoding and header; a row that does
-    not parse becomes a row of its own, failed later, instead of aborting the read)."""
+def _list_chunks(batch: pa.Table, source: Source) -> Iterator[pa.Table]:
+    """The raw rows of listing chunks (none: no block)."""
+    rows = [r for item in batch.column("item").to_pylist() for r in source.list_chunk(json.loads(item))]
+    if rows:
+        yield pa.Table.from_pylist(rows)
+
+
+def _table_datasource():
+    """A Ray Data file datasource over `tables.read_csv_stream` (per-file encoding and header),
+    `read_json_stream` and `read_parquet_file`: a CSV row or JSON line that does not parse becomes a row of its
+    own, failed later, instead of aborting the read; every row has its file's label and its line number."""
     from ray.data.datasource import FileBasedDatasource
 
-    class CSVRows(FileBasedDatasource):
+    class TableRows(FileBasedDatasource):
         def __init__(self, paths, files: dict, **kw):
             super().__init__(paths, **kw)
             self.files = files
 
-        def _read_stream(self, f, path: str):
-            uri, encoding, columns = self.files.get(path) or next(
+        def _file(self, path: str) -> dict:
+            return self.files.get(path) or next(
                 v for k, v in self.files.items() if path.endswith(k.lstrip("/")) or k.endswith(path.lstrip("/"))
             )
-            yield from read_csv_stream(f, uri, columns, encoding)
 
-    return CSVRows
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            if self._file(path)["format"] == "parquet":  # random access (the footer first)
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
+
+        def _read_stream(self, f, path: str):
+            spec = self._file(path)
+            if spec["format"] == "parquet":
+                yield from read_parquet_file(f, spec["label"])
+            elif spec["format"] == "json":
+                yield from read_json_stream(f, spec["uri"], spec["label"], spec["columns"])
+            else:
+                yield from read_csv_stream(f, spec["uri"], spec["columns"], spec["encoding"], spec["label"])
+
+    return TableRows
 
 
 def source_dataset(
@@ -395,15 +504,18 @@ def source_dataset(
     dry_run: bool = False,
     partitions: int = 16,
     bundle_rows: dict | None = None,
+    retries: int = 3,
 ):
-    """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run."""
-    ds = read_source(ray, source, source.plan())
-    ds = ds.map_batches(
+    """One source up to descriptor rows (to do, per the ledger), or up to its counts in a dry run. `retries`:
+    Ray's retries of each task after its worker died (Ray Data's default is without end)."""
+    ds = read_source(ray, source, source.plan(), retries)
+    ds = ds.map_batches_internal(
         _keys,
         fn_kwargs={"source": source, "buckets": buckets},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=SMALL_TASK_CPUS,
+        max_retries=retries,
     )
     if source.cfg.limit is not None:
         ds = ds.limit(source.cfg.limit)
@@ -418,15 +530,17 @@ def source_dataset(
         },
         batch_format="pyarrow",
         num_cpus=SMALL_TASK_CPUS,
+        max_retries=retries,
     )
     if dry_run:
         return ds
-    return ds.map_batches(
+    return ds.map_batches_internal(
         _describe,
         fn_kwargs={"source": source, "bundle_rows": bundle_rows},
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=SMALL_TASK_CPUS,
+        max_retries=retries,
     )
 
 
@@ -437,7 +551,16 @@ def dry_run_counts(job, view: LedgerView, buckets: int, id_rule: int | None = No
     out: dict[str, dict] = {}
     for cfg in job.sources:
         source = make_source(cfg, job.storage, id_rule)
-        ds = source_dataset(ray, source, view, buckets, retry_failed=False, dry_run=True, partitions=max(2, cpus))
+        ds = source_dataset(
+            ray,
+            source,
+            view,
+            buckets,
+            retry_failed=False,
+            dry_run=True,
+            partitions=max(2, cpus),
+            retries=job.ray.max_task_retries,
+        )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for rec in batch.to_pylist():
                 c = out.setdefault(rec.pop("source"), {})
@@ -491,6 +614,7 @@ def plan_work(
             control,
             partitions=partitions,
             bundle_rows=batch_rows,
+            retries=job.ray.max_task_retries,
         )
         for cfg in job.sources
     ]
@@ -500,8 +624,9 @@ def plan_work(
     if not bundles:
         return out
     per_block = bundles_per_block(bundles, cpus)
-    for branch in ("media", "3d") if split else ("media",):
-        ds = todo.filter(expr=f"branch == '{branch}'", num_cpus=SMALL_TASK_CPUS) if split else todo
+    for branch in (DUP, "media", "3d") if split else (DUP, "media"):
+        want = f"branch == '{branch}'" if split or branch == DUP else f"branch != '{DUP}'"
+        ds = todo.filter(expr=want, num_cpus=SMALL_TASK_CPUS)
         ds = ds.repartition(target_num_rows_per_block=per_block).materialize()
         if ds.count():
             out[branch] = ds
@@ -518,7 +643,7 @@ def bundles_per_block(bundles: int, cpus: int, most: int = 32) -> int:
 def build(
     job, stages: dict, view: LedgerView, buckets: int, retry_failed: bool, control, ray, id_rule: int | None = None
 ):
-    """The whole job as one Ray dataset of writer records. 3D rows get a pool of their own only when it has
+    """The whole job as datasets of writer records (`Work`). 3D rows get a pool of their own only when it has
     resources of its own (a GPU share); otherwise one prepare pool takes every modality."""
     split = stages["3d"].resources() != stages["media"].resources()
     todo = plan_work(
@@ -532,8 +657,20 @@ def build(
         {b: stages[b].batch_size for b in ("media", "3d")},
         id_rule,
     )
+    work = Work([])
+    if DUP in todo:  # failures only: written and committed before any sample is started
+        work.datasets.append(
+            todo.pop(DUP).map_batches_internal(
+                _write_duplicates,
+                fn_kwargs={"writer": stages["writer"], "control": control},
+                batch_size=None,
+                batch_format="pyarrow",
+                num_cpus=job.ray.write_cpus,
+                max_retries=job.ray.max_task_retries,
+            )
+        )
     if not todo:  # nothing new: no actor pool, no model load
-        return None
+        return work
     prepared = [
         map_stage(
             ds, stages[branch], concurrency=stages[f"{branch}_actors"], control=control, gate=True, batch_size=1
@@ -542,21 +679,46 @@ def build(
     ]
     ds = prepared[0].union(*prepared[1:]) if len(prepared) > 1 else prepared[0]
     ds = map_stage(ds, stages["tokenize"], concurrency=stages["tokenize_actors"], control=control, report=True)
-    return ds.map_batches(
-        _write_task,
-        fn_kwargs={"writer": stages["writer"]},
-        batch_size=rows_per_write(job),
-        batch_format="pyarrow",
-        num_cpus=job.ray.write_cpus,
+    work.datasets.append(
+        ds.map_batches_internal(
+            _write_task,
+            fn_kwargs={"writer": stages["writer"]},
+            batch_size=rows_per_write(job),
+            batch_format="pyarrow",
+            num_cpus=job.ray.write_cpus,
+            max_retries=job.ray.max_task_retries,
+        )
     )
+    return work
 
 
-def records(ds) -> Iterator[dict]:
-    if ds is None:
-        return
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for rec in batch.column("record").to_pylist():
-            yield json.loads(rec)
+@dataclass
+class Work:
+    """What `build` plans, datasets of writer records run one after the other: the duplicates' failures first
+    (they need no work; committed before any sample starts, so no crash can leave a sample's commit before the
+    record of a row that repeats it), then the samples."""
+
+    datasets: list
+
+    def __bool__(self) -> bool:
+        return bool(self.datasets)
+
+    def stats(self) -> str:
+        return "\n".join(d.stats() for d in self.datasets)
+
+
+def _write_duplicates(batch: pa.Table, writer, control=None) -> pa.Table:
+    rows = from_table(batch)
+    if control is not None:
+        _report(control, rows)
+    return pa.table({"record": [json.dumps(writer.write(rows))]})
+
+
+def records(work: Work | None) -> Iterator[dict]:
+    for ds in work.datasets if work else ():
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for rec in batch.column("record").to_pylist():
+                yield json.loads(rec)
 
 
 def remote_compact(ray, storage, files: list[str]) -> str | None:

@@ -412,7 +412,7 @@ def _stream(job, store, run_id, retry_failed, ray, sig, summary) -> None:
                     summary.add_record(rec, commit, time.perf_counter() - t)
             if attempt == 0 or not summary.resume:
                 summary.resume = ray.get(control.get_counts.remote())
-            if ds is not None:
+            if ds:
                 summary.ray_stats = ds.stats()  # per-operator time and throughput (benchmarks print it)
             return
         except KeyboardInterrupt:
@@ -439,7 +439,7 @@ def _progress(job, ray, control, ds):
 
     from pipeline.progress import Progress
 
-    if ds is None:
+    if not ds:
         return contextlib.nullcontext()
     total = sum(c.get("todo", 0) for c in ray.get(control.get_counts.remote()).values())
     return Progress(

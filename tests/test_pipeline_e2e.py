@@ -173,13 +173,15 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
         write_webvid(csv_path, rows)
         job = make_job(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}], qa={"samples": 0})
         plan = run_job(job, dry_run=True)  # plans without fetching
-        assert plan.resume["webvid"] == {"rows": 4, "duplicate": 1, "todo": 3, "ok": 0, "failed": 0, "skipped": 0}
+        # the duplicate row (line 5) is a sample to do: its failure, recorded under its own line
+        assert plan.resume["webvid"] == {"rows": 4, "duplicate": 1, "todo": 4, "ok": 0, "failed": 0, "skipped": 0}
         assert srv.total_hits() == 0
 
         first = run_job(job)
-        assert first.counts == {"ok": 1, "failed": 2} and first.resume["webvid"]["duplicate"] == 1
+        assert first.counts == {"ok": 1, "failed": 3} and first.resume["webvid"]["duplicate"] == 1
         store = the_store(tmp_path / "out")
         reasons = {i: r["reason"] for i, r in outcomes(store).items() if r["status"] == "failed"}
+        assert reasons.pop("webvid:webvid.csv:5").startswith("duplicate of webvid-3 (its row: webvid.csv:4)")
         assert len(reasons) == 2 and all("404" in r for r in reasons.values())
 
         write_webvid(csv_path, rows + [["4", srv.url("bbb_480p_vp9_opus_1second.webm"), "PT00H00M01S", "p", "new"]])
@@ -190,12 +192,12 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
         assert srv.total_hits() == hits + 1
 
         del srv.faults["/video_270.mov"]
-        third = run_job(job, retry_failed=True)
+        third = run_job(job, retry_failed=True)  # (not the duplicate: it would fail the same)
         assert third.todo == 2 and third.counts == {"ok": 1, "failed": 1}
         text = third.render()  # they were retried: the summary must not say otherwise
         assert "not retried" not in text and "1 samples failed this run" in text, text
         plan = run_job(job, dry_run=True)
-        assert plan.resume["webvid"]["ok"] == 3 and plan.resume["webvid"]["failed"] == 1
+        assert plan.resume["webvid"]["ok"] == 3 and plan.resume["webvid"]["failed"] == 2
     store = the_store(tmp_path / "out")
     state = outcomes(store)
     assert sorted(i for i, r in state.items() if r["status"] == "ok") == ["webvid-1", "webvid-3", "webvid-4"]

@@ -593,7 +593,9 @@ def test_rows_that_do_not_parse_fail_alone(tmp_path):
     ok = sorted(r["id"] for r in rows if r["status"] == "ok")
     bad = [r for r in rows if r["status"] == "failed"]
     assert ok == ["webvid-1", "webvid-4"] and len(bad) == 3 and {r["stage"] for r in bad} == {"source"}
-    assert sorted(r["reason"] for r in bad)[0].startswith("unparsable row in w.csv: expected 3 fields, got 2: '3,c'")
+    reasons = sorted(r["reason"] for r in bad)
+    assert [r.split(":")[0] for r in reasons] == [f"unparsable line {n} of w.csv" for n in (3, 4, 6)]
+    assert reasons[1] == "unparsable line 4 of w.csv: expected 3 fields, got 2: '3,c'"
     assert len({r["id"] for r in bad}) == 2  # the repeated bad row is one id (a duplicate), the others differ
     for cfg in ({"type": "url_list"}, {"type": "panda70m"}):
         (tmp_path / "p.csv").write_text(
@@ -603,6 +605,51 @@ def test_rows_that_do_not_parse_fail_alone(tmp_path):
         rows = read(**cfg, path=str(tmp_path / "p.csv"))
         assert sorted(r["status"] for r in rows) == ["failed", "ok"], cfg
         assert "expected 4 fields, got 5" in next(r["reason"] for r in rows if r["status"] == "failed")
+
+
+def test_json_lines_that_do_not_parse_fail_alone(tmp_path):
+    """A torn JSON line and a line that is not an object, in the middle of a JSON-lines file: each is that line's
+    failure (with its line number); the lines around them are read, blank lines counted."""
+    (tmp_path / "l.jsonl").write_text(
+        '{"url": "http://h/1.mp4"}\n{"url": "http://h/2\n\n[3]\n{"url": "http://h/5.mp4", "caption": "five"}\n'
+    )
+    rows = read(type="url_list", path=str(tmp_path / "l.jsonl"))
+    ok = sorted((r["uri"], r["caption"]) for r in rows if r["status"] == "ok")
+    assert ok == [("http://h/1.mp4", ""), ("http://h/5.mp4", "five")]
+    bad = sorted(r["reason"] for r in rows if r["status"] == "failed")
+    assert len(bad) == 2 and {r["stage"] for r in rows if r["status"] == "failed"} == {"source"}
+    assert bad[0].startswith("unparsable line 2 of l.jsonl: JSONDecodeError: Unterminated string")
+    assert bad[1].startswith("unparsable line 4 of l.jsonl: not a JSON object: list: '[3]'")
+
+
+def test_duplicates_are_failed_under_their_own_line(tmp_path):
+    """The resume filter without Ray: of the rows that share an id, the first by position is the sample; each
+    later one is failed under `<source>:<file>:<line>` (never the sample's id), naming the id it repeats, and
+    comes out first. Parquet rows are numbered too."""
+    from pipeline.ledger import LedgerView
+    from pipeline.ray_job import _keys, _resume_filter
+    from pipeline.sources import described
+
+    (tmp_path / "l.csv").write_text("url,caption\nhttp://h/a,1\nhttp://h/b,2\nhttp://h/a,3\nhttp://h/a,4\n")
+    pq.write_table(pa.table({"url": ["http://h/a", "http://h/a"], "caption": ["1", "2"]}), tmp_path / "l.parquet")
+    view = LedgerView(str(tmp_path / "store"), {}, ())
+    for name, lines in (("l.csv", (2, 4, 5)), ("l.parquet", (1, 2))):
+        src = make_source(source_config({"type": "url_list", "path": str(tmp_path / name), "name": "ul"}))
+        keyed = _keys(pa.concat_tables(read_local(src)), src, 1)
+        slices = list(_resume_filter(keyed, view, False, "ul"))
+        rows = [r for t in slices for r in described(src, t)]
+        first, dups = make_id("ul", "http://h/a"), [f"ul:{name}:{n}" for n in lines[1:]]
+        assert [r["id"] for r in rows[: len(dups)]] == dups  # the duplicates first
+        assert {r["id"]: r["status"] for r in rows} == {
+            first: "ok",
+            **({make_id("ul", "http://h/b"): "ok"} if name == "l.csv" else {}),
+            **{d: "failed" for d in dups},
+        }
+        for r in rows[: len(dups)]:
+            assert r["stage"] == "source" and r["uri"] == "http://h/a"
+            assert r["reason"].startswith(
+                f"duplicate of {first} (its row: {name}:{lines[0]}); this row ({r['id'][3:]})"
+            )
 
 
 def test_long_fields_and_a_10k_clip_row(tmp_path):

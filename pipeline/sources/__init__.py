@@ -192,30 +192,64 @@ def texts(table: pa.Table, name: str) -> list[str]:
 
 
 def keyed(source: Source, raw: pa.Table) -> pa.Table:
-    """`source.keys(raw)`; CSV rows that did not parse (tables.ROW_ERROR) are keyed apart (their columns hold a
-    unique marker, so each gets an id of its own) and keep their reason in ROW_ERROR."""
-    from pipeline.sources.tables import ROW_ERROR
+    """`source.keys(raw)`, with each row's position in its file (tables.FILE_COL, LINE_COL; null where the read
+    gives none) and ROW_ERROR. Rows that did not parse (ROW_ERROR) are keyed apart (their columns hold a unique
+    marker, so each gets an id of its own) and keep their reason. A source whose keys() makes several rows of
+    one raw row (the clips of a video) says which raw row each came from in RAW_INDEX."""
+    from pipeline.sources.tables import FILE_COL, LINE_COL, ROW_ERROR
 
     if ROW_ERROR not in raw.column_names:
-        return source.keys(raw)
+        raw = raw.append_column(ROW_ERROR, pa.nulls(raw.num_rows, pa.string()))
+    for name, typ in ((FILE_COL, pa.string()), (LINE_COL, pa.int64())):
+        if name not in raw.column_names:
+            raw = raw.append_column(name, pa.nulls(raw.num_rows, typ))
     err = raw.column(ROW_ERROR)
-    good, bad = raw.filter(pc.is_null(err)), raw.filter(pc.is_valid(err))
     parts = []
-    if good.num_rows or not bad.num_rows:
-        out = source.keys(good.drop_columns([ROW_ERROR]))
-        parts.append(out.append_column(ROW_ERROR, pa.nulls(out.num_rows, pa.string())))
-    if bad.num_rows:
-        out = source.keys(bad.drop_columns([ROW_ERROR]))
-        if out.num_rows != bad.num_rows:
-            raise RuntimeError(
-                f"source {source.name}: keys() gave {out.num_rows} rows for {bad.num_rows} unparsed rows"
-            )
-        parts.append(out.append_column(ROW_ERROR, bad.column(ROW_ERROR)))
+    for part in (raw.filter(pc.is_null(err)), raw.filter(pc.is_valid(err))):
+        if part.num_rows or (not parts and not raw.num_rows):
+            parts.append(_keyed_part(source, part))
     return pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
 
 
+RAW_INDEX = "raw_index"  # keys(): the raw row an output row came from, when keys() expands rows
+
+
+def _keyed_part(source: Source, raw: pa.Table) -> pa.Table:
+    from pipeline.sources.tables import FILE_COL, LINE_COL, ROW_ERROR
+
+    extra = [FILE_COL, LINE_COL, ROW_ERROR]
+    out = source.keys(raw.drop_columns(extra))
+    if RAW_INDEX in out.column_names:
+        index = out.column(RAW_INDEX)
+        out = out.drop_columns([RAW_INDEX])
+    elif out.num_rows == raw.num_rows:
+        index = pa.array(range(raw.num_rows), pa.int64())
+    elif raw.column(ROW_ERROR).null_count < raw.num_rows:
+        raise RuntimeError(f"source {source.name}: keys() gave {out.num_rows} rows for {raw.num_rows} unparsed rows")
+    else:  # rows made from raw rows in a way keys() does not say: no positions
+        index = pa.nulls(out.num_rows, pa.int64())
+    for name in extra:
+        out = out.append_column(name, pc.take(raw.column(name), index))
+    return out
+
+
 def described(source: Source, rows: pa.Table) -> list[Row]:
-    """`source.described(rows)`, with the rows that did not parse failed at `source` with their reason."""
+    """`source.described(rows)`, with the rows that did not parse failed at `source` with their reason, and the
+    duplicate rows (DUPLICATE_OF set by the resume filter, their id their own position) failed as duplicates."""
+    from pipeline.sources.tables import FILE_COL, LINE_COL
+
+    dups = {}
+    if DUPLICATE_OF in rows.column_names:
+        dups = {i: why for i, why in zip(rows.column("id").to_pylist(), rows.column(DUPLICATE_OF).to_pylist()) if why}
+    out = _described(
+        source, rows.drop_columns([c for c in (FILE_COL, LINE_COL, DUPLICATE_OF) if c in rows.column_names])
+    )
+    if not dups:
+        return out
+    return [fail(r, "source", dups[r["id"]]) if r["id"] in dups else r for r in out]
+
+
+def _described(source: Source, rows: pa.Table) -> list[Row]:
     from pipeline.sources.tables import ROW_ERROR
 
     if ROW_ERROR not in rows.column_names:
@@ -242,6 +276,22 @@ def described(source: Source, rows: pa.Table) -> list[Row]:
     for i, r in bad:
         merged[i] = r
     return merged
+
+
+DUPLICATE_OF = "_duplicate_of"  # set by the resume filter on a duplicate row: why it is failed (null otherwise)
+
+
+def duplicate_keys(source: str, files: list, lines: list, ids: list, nth: list) -> list[str]:
+    """The ledger key of each duplicate row: `<source>:<file>:<line>`, or `<source>:<id>#<n>` (its n-th repeat)
+    where the read gives no position. A ':' is never part of a sample id (pipeline/sources/ids.py), so a
+    duplicate's record never lands on the id its first occurrence owns, nor on any other sample's."""
+    from pipeline.sources.ids import source_prefix
+
+    prefix = source_prefix(source)
+    return [
+        f"{prefix}:{f}:{n}" if f is not None and n is not None else f"{prefix}:{i}#{k}"
+        for f, n, i, k in zip(files, lines, ids, nth)
+    ]
 
 
 def iter_rows(source: Source) -> Iterator[Row]:

@@ -18,7 +18,7 @@ from pydantic import field_validator, model_validator
 
 from pipeline.licences import NONE_GRANTED
 from pipeline.rows import Row, fail, new_row, skip
-from pipeline.sources import Read, Source as BaseSource, SourceConfig, key_column, texts
+from pipeline.sources import RAW_INDEX, Read, Source as BaseSource, SourceConfig, key_column, texts
 from pipeline.sources.ids import key_bytes, make_id
 from pipeline.sources.tables import Encoding, csv_header, detect_encoding, format_of, resolve_files
 from pipeline.sources.webvid import check_template, mirror_uri
@@ -150,7 +150,7 @@ class Source(BaseSource):
         cols = {c: texts(raw, c) for c in REQUIRED + EXTRA}
         rule = self.id_rule
         raw_vids = key_column(raw, "videoID", rule).to_pylist()  # rule 2: the raw bytes make the id
-        out = {k: [] for k in ("id", "group", "order", *_CLIP_COLUMNS)}
+        out = {k: [] for k in ("id", "group", "order", *_CLIP_COLUMNS, RAW_INDEX)}
         for i in range(raw.num_rows):
             rec = {c: cols[c][i] for c in cols}
             vid, url = rec["videoID"], rec["url"]
@@ -186,6 +186,7 @@ class Source(BaseSource):
                     ("matching_score", score),
                     ("extra", json.dumps(extra, sort_keys=True, default=str)),
                     ("error", error),
+                    (RAW_INDEX, i),  # the CSV row it came from (its position, for duplicates)
                 ):
                     out[name].append(value)
         types = {
@@ -193,6 +194,7 @@ class Source(BaseSource):
             "span_start": pa.float64(),
             "span_end": pa.float64(),
             "matching_score": pa.float64(),
+            RAW_INDEX: pa.int64(),
         }
         table = pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in out.items()})
         return table

@@ -29,8 +29,10 @@ FORMATS = {
 }
 CSV_BLOCK_BYTES = 64 << 20  # a CSV row may be this long; ~one block of rows per parse step
 HEAD_BYTES = 1 << 16  # what encoding detection and headers read
-ROW_ERROR = "_row_error"  # CSV rows that did not parse: why (null for the others)
+ROW_ERROR = "_row_error"  # rows that did not parse (CSV, JSON lines): why (null for the others)
 UNPARSED = b"\x00unparsed-"  # the marker in every column of such a row (+ a hash of its text)
+FILE_COL, LINE_COL = "_file", "_line"  # where a raw row came from: its file's label and its line (or row) number
+JSON_BLOCK_BYTES = 16 << 20  # JSON lines parsed per step
 
 
 def format_of(uri: str) -> str | None:
@@ -191,50 +193,163 @@ class _BadRows:
         return "skip"
 
 
-def read_csv_stream(f, uri: str, columns: list[str], encoding: str = "utf8") -> Iterator[pa.Table]:
-    """The tables of one CSV/TSV stream, every column binary plus `ROW_ERROR` (null for good rows). A row that
-    does not parse (the wrong number of fields) becomes a row of its own: every column holds an `UNPARSED` marker
-    unique to its text and file, and `ROW_ERROR` says why, so it is recorded as that row's failure."""
+def file_labels(uris: list[str]) -> dict[str, str]:
+    """Short names of a source's files for row positions (`<label>:<line>`): their paths below the folder they
+    share (the file name for a single file), so a position does not change when the whole tree moves."""
+    parts = [str(u).split("/") for u in uris]
+    common = 0
+    if len(parts) > 1:
+        while all(len(p) > common + 1 and p[common] == parts[0][common] for p in parts):
+            common += 1
+    else:
+        common = len(parts[0]) - 1 if parts else 0
+    return {u: "/".join(p[common:]) for u, p in zip(uris, parts)}
+
+
+def with_position(table: pa.Table, label: str, lines) -> pa.Table:
+    """`table` plus FILE_COL (the file's label) and LINE_COL (each row's line or row number in that file)."""
+    table = table.append_column(FILE_COL, pa.array([label] * table.num_rows, pa.string()))
+    return table.append_column(LINE_COL, pa.array(lines, pa.int64()))
+
+
+def read_csv_stream(
+    f, uri: str, columns: list[str], encoding: str = "utf8", label: str | None = None
+) -> Iterator[pa.Table]:
+    """The tables of one CSV/TSV stream, every column binary plus `ROW_ERROR` (null for good rows) and the rows'
+    positions (FILE_COL, LINE_COL: the record's number counting the header as 1, the line number unless a quoted
+    field spans lines). A row that does not parse (the wrong number of fields) becomes a row of its own: every
+    column holds an `UNPARSED` marker unique to its text and file, and `ROW_ERROR` says why, so it is recorded
+    as that row's failure."""
+    label = label or split_uri(uri)[1]
     opts = csv_options(uri, columns, encoding)
     bad = _BadRows()
     opts["parse_options"].invalid_row_handler = bad
     reader = pacsv.open_csv(f, **opts)
     schema = pa.schema(list(reader.schema) + [pa.field(ROW_ERROR, pa.string())])
+    last, skipped = 1, set()  # the last record numbered (1: the header); records skipped as unparsable
     while True:
         try:
             batch = reader.read_next_batch()
         except StopIteration:
             batch = None
-        if batch is not None and batch.num_rows:
-            yield pa.Table.from_batches([batch]).append_column(ROW_ERROR, pa.nulls(batch.num_rows, pa.string()))
+        good = batch.num_rows if batch is not None else 0
+        numbers = [r.number for r in bad.rows]
+        if all(n is not None for n in numbers):  # the good records are the numbers no skipped record has
+            skipped.update(numbers)
+            lines = []
+            while len(lines) < good:
+                last += 1
+                if last not in skipped:
+                    lines.append(last)
+            skipped = {n for n in skipped if n > last}
+        else:  # (pyarrow did not number them: the good ones are counted alone)
+            lines, last = list(range(last + 1, last + 1 + good)), last + good
+        if good:
+            table = pa.Table.from_batches([batch]).append_column(ROW_ERROR, pa.nulls(good, pa.string()))
+            yield with_position(table, label, lines)
         if bad.rows:
-            yield _unparsed(bad.rows, uri, schema)
+            errors = [
+                f"unparsable {'row' if r.number is None else f'line {r.number}'} of {label}: expected "
+                f"{r.expected_columns} fields, got {r.actual_columns}: {_text(r.text)[:200]!r}"
+                for r in bad.rows
+            ]
+            yield with_position(_unparsed([_text(r.text) for r in bad.rows], errors, label, schema), label, numbers)
             bad.rows = []
         if batch is None:
             return
 
 
-def _unparsed(rows: list, uri: str, schema: pa.Schema) -> pa.Table:
+def _text(text) -> str:
+    return text if isinstance(text, str) else str(text)
+
+
+def _unparsed(texts: list[str], errors: list[str], label: str, schema: pa.Schema) -> pa.Table:
+    """Rows that did not parse: an `UNPARSED` marker unique to the text and file in each text column, the reason
+    in ROW_ERROR."""
     import hashlib
 
-    name = split_uri(uri)[1].encode("utf-8", "surrogateescape")
-    markers, errors = [], []
-    for r in rows:
-        text = r.text if isinstance(r.text, str) else str(r.text)
-        digest = hashlib.sha256(name + b"\0" + text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-        markers.append(UNPARSED + digest.encode())
-        errors.append(
-            f"unparsable row in {split_uri(uri)[1]}: expected {r.expected_columns} fields, got "
-            f"{r.actual_columns}: {text[:200]!r}"
-        )
+    name = label.rsplit("/", 1)[-1].encode("utf-8", "surrogateescape")
+    markers = [
+        UNPARSED + hashlib.sha256(name + b"\0" + t.encode("utf-8", "surrogateescape")).hexdigest()[:16].encode()
+        for t in texts
+    ]
     cols = {
         f.name: pa.array(markers, pa.binary()).cast(f.type)
         if f.type in (pa.binary(), pa.string())
-        else pa.nulls(len(rows), f.type)
+        else pa.nulls(len(texts), f.type)
         for f in schema
         if f.name != ROW_ERROR
     }
     return pa.table({**cols, ROW_ERROR: pa.array(errors, pa.string())}, schema=schema)
+
+
+def read_json_stream(f, uri: str, label: str | None = None, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The tables of one JSON-lines stream, with ROW_ERROR and the rows' positions (LINE_COL: the line number).
+    A line that is not a JSON object becomes a row of its own, failed with its line number and why (as CSV rows
+    that do not parse); the other lines are read as usual."""
+    label = label or split_uri(uri)[1]
+    schema = pa.schema([pa.field(c, pa.string()) for c in columns or ["_"]])
+    line, rest = 0, b""
+    while True:
+        chunk = f.read(JSON_BLOCK_BYTES)
+        data = rest + (chunk or b"")
+        cut = data.rfind(b"\n") + 1 if chunk else len(data)
+        block, rest = data[:cut], data[cut:]
+        if block:
+            for table in _json_block(block, line, label, schema):
+                schema = pa.schema([c for c in table.schema if c.name not in (ROW_ERROR, FILE_COL, LINE_COL)])
+                yield table
+            line += block.count(b"\n") + (not block.endswith(b"\n"))
+        if not chunk:
+            return
+
+
+def _json_block(block: bytes, line: int, label: str, schema: pa.Schema) -> Iterator[pa.Table]:
+    import json
+
+    lines = block.split(b"\n")
+    numbered = [(line + i + 1, t) for i, t in enumerate(lines) if t.strip()]
+    try:
+        table = pajson.read_json(io.BytesIO(block))
+        if table.num_rows == len(numbered):
+            yield with_position(_ok(table), label, [n for n, _ in numbered])
+            return
+    except pa.ArrowInvalid:
+        pass
+    good, bad = [], []  # the slow path, for a block with a bad line: which lines are not JSON objects
+    for n, t in numbered:
+        try:
+            rec = json.loads(t)
+            (good if isinstance(rec, dict) else bad).append((n, t, f"not a JSON object: {type(rec).__name__}"))
+        except ValueError as exc:
+            bad.append((n, t, describe_error(exc)))
+    if good:
+        table = pajson.read_json(io.BytesIO(b"\n".join(t for _, t, _ in good)))
+        schema = table.schema
+        yield with_position(_ok(table), label, [n for n, _, _ in good])
+    if bad:
+        texts = [t.decode("utf-8", "replace") for _, t, _ in bad]
+        errors = [f"unparsable line {n} of {label}: {why}: {t[:200]!r}" for (n, _, why), t in zip(bad, texts)]
+        full = pa.schema(list(schema) + [pa.field(ROW_ERROR, pa.string())])
+        yield with_position(_unparsed(texts, errors, label, full), label, [n for n, _, _ in bad])
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _ok(table: pa.Table) -> pa.Table:
+    return table.append_column(ROW_ERROR, pa.nulls(table.num_rows, pa.string()))
+
+
+def read_parquet_file(f, label: str) -> Iterator[pa.Table]:
+    """The tables of one Parquet file (a random-access file), with the rows' positions (LINE_COL: row number)."""
+    pf = pq.ParquetFile(f)
+    start = 1
+    for batch in pf.iter_batches(batch_size=65536):
+        table = pa.Table.from_batches([batch])
+        yield with_position(table, label, range(start, start + table.num_rows))
+        start += table.num_rows
 
 
 def read_local(source) -> Iterator[pa.Table]:
@@ -246,14 +361,16 @@ def read_local(source) -> Iterator[pa.Table]:
             if rows:
                 yield pa.Table.from_pylist(rows)
         return
+    labels = file_labels(plan.uris)
     for uri in plan.uris:
         fs, path = filesystem(uri, source.storage)
         if plan.format == "parquet":
-            yield pq.read_table(path, filesystem=fs)
+            with fs.open_input_file(path) as f:
+                yield from read_parquet_file(f, labels[uri])
         elif plan.format == "json":
-            with fs.open_input_stream(path) as f:
-                yield pajson.read_json(f)
+            with fs.open_input_stream(path, compression="detect") as f:
+                yield from read_json_stream(f, uri, labels[uri], plan.columns)
         else:
             with fs.open_input_stream(path, compression="detect") as f:
                 enc = plan.encodings.get(uri) or detect_encoding(uri, source.storage)
-                yield from read_csv_stream(f, uri, csv_header(uri, source.storage, enc), enc)
+                yield from read_csv_stream(f, uri, csv_header(uri, source.storage, enc), enc, labels[uri])

@@ -118,6 +118,17 @@ def render(figs: dict) -> str:
                 "verify_problems",
             ],
         ) + [""]
+    if rows := figs.get("hostile_inputs"):
+        out += [
+            "## Hostile inputs (colliding keys, unparsable rows and duplicates in every table format, "
+            "memory-hungry samples, long fields)",
+            "",
+            f"{len(rows)} cases, {sum(r.get('trials', 1) for r in rows)} trials; lost "
+            f"{sum(r.get('lost', 0) for r in rows)}, duplicated {sum(r.get('duplicated', 0) for r in rows)}, "
+            f"wrong data served {sum(r.get('wrong data served', 0) for r in rows)}.",
+            "",
+        ]
+        out += _table(rows, ["case", "trials", "lost", "duplicated", "wrong data served", "wall_s"]) + [""]
     if rows := figs.get("locks"):
         out += ["## Run lock", ""] + _table(rows, ["case", "rc", "result"]) + [""]
     if net := figs.get("network"):

@@ -23,7 +23,7 @@ from pipeline.cli import main as cli
 from pipeline.job import validate_job
 from pipeline.run import run_job
 from pipeline.storage import Storage
-from pipeline.store import MANIFEST, DamagedFile, StoreDamaged, read_parquet, verify
+from pipeline.store import MANIFEST, DamagedFile, Store, StoreDamaged, read_parquet, verify, versions
 from tests.reliability.conftest import (
     IMAGES,
     count_lost_dup,
@@ -349,29 +349,46 @@ def test_corrupt_shard_index_is_repaired(baseline, tmp_path, figures, capsys):
 # ---- item 3: a duplicate never shadows the original ---------------------------------------------------------------
 
 
+def committed(out) -> dict[str, dict]:
+    """id -> deciding outcome of what the commits so far hold (read without recovering or locking the store)."""
+    from pipeline.ledger import read_all
+
+    store = Store(versions(Storage(str(out)))[0])
+    return {r["id"]: r for r in read_all(store.storage, ["id", "status", "stage", "reason"]).to_pylist()}
+
+
 @pytest.mark.slow  # its own `python -m pipeline run` with its own Ray cluster, killed: like the crash matrix
-def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures):
-    """A url_list with one row twice; the driver is killed after its 2nd commit record: the first occurrence's
-    id ends ok with its row, never failed; the duplicate line is counted, not recorded against that id."""
-    src = baseline["src"]
-    files = sorted(src.iterdir())
-    lines = ["url,caption"] + [f"{p},c{k}" for k, p in enumerate(files)]
-    lines.insert(2, f"{files[0]},dup")  # line 2 repeats line 1
+def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures, capsys):
+    """A url_list whose last line (12) repeats line 2, ten lines apart; the driver is killed (kill -9) after the
+    commit that holds the duplicate's failure and before the one with the original (duplicates are committed
+    first, before any sample starts: the order of the issue's report), then the job is rerun. The original's
+    id ends ok with its row in exactly one shard, never failed; the duplicate is a failure recorded against its
+    own line (`ul:list.csv:12`), naming the id it repeats, and `status --failed` shows it; verify is clean,
+    nothing is lost or duplicated, and another run has nothing to do. (The old code dropped the duplicate
+    without a record, or recorded its failure under the original's id, which such a crash left failed.)"""
+    from pipeline.sources import iter_rows, make_source, source_config
+
+    files = sorted(baseline["src"].iterdir())
+    last = files[-1]
+    lines = ["url,caption", f"{last},the original"]
+    lines += [f"{p},c{k}" for k, p in enumerate(files[:-1])] + [f"{last},the duplicate"]
     csv = tmp_path / "list.csv"
     csv.write_text("\n".join(lines) + "\n")
+    rows = list(iter_rows(make_source(source_config({"type": "url_list", "path": str(csv), "name": "ul"}))))
+    original, dup_key = rows[0]["id"], f"ul:list.csv:{len(lines)}"
+    assert rows[-1]["id"] == original and len({r["id"] for r in rows}) == len(files)
     out = tmp_path / "out"
     cfg = job_dict(str(out), [{"type": "url_list", "path": str(csv), "name": "ul"}])
-    job = write_job(tmp_path / "job.yaml", cfg)
-    crash = run_cli(job, out, fault="commit_written:2:driver", fault_dir=tmp_path / "fault")
+    crash = run_cli(write_job(tmp_path / "job.yaml", cfg), out, "commit_moved:1:driver", tmp_path / "fault")
     assert crash.rc == -9, crash.stderr[-2000:]
+    before = committed(out)
+    assert before[dup_key]["status"] == "failed" and original not in before, before  # killed between the two
     rerun = run_job(validate_job(cfg))
-    assert rerun.resume["ul"]["duplicate"] == 1
     ids = shard_ids(out)
     state = final_state(out)
-    expected = set(state["ok"])
     record(
         figures,
-        case="duplicate row + kill -9 after commit 2",
+        case="duplicate row 10 lines apart + kill -9 between its commit and the original's",
         trials=1,
         requeued=0,
         redone_by_rerun=rerun.finished,
@@ -380,8 +397,18 @@ def test_duplicate_row_and_a_kill_keep_the_original(baseline, tmp_path, figures)
         wrong_data_served=0,
         verify_problems=len(state["problems"]),
     )
-    assert len(ids) == len(files) and set(ids) == expected and max(ids.values()) == 1
-    assert not state["other"] and state["problems"] == [], state
+    assert len(ids) == len(files) and max(ids.values()) == 1 and original in ids
+    assert set(ids) == state["ok"] and state["problems"] == [], state
+    assert set(state["other"]) == {dup_key}, state["other"]
+    dup = state["other"][dup_key]
+    assert dup["status"] == "failed" and dup["stage"] == "source"
+    assert f"duplicate of {original} (its row: list.csv:2)" in dup["reason"] and "list.csv:12" in dup["reason"]
+    assert rerun.resume["ul"]["duplicate"] == 1
+    assert cli(["status", str(out), "--failed"]) == 0
+    shown = capsys.readouterr().out
+    assert f"{dup_key}\t{last}\tsource: duplicate of {original}" in shown, shown
+    again = run_job(validate_job(cfg))
+    assert again.finished == 0 and shard_ids(out) == ids
 
 
 def test_requeued_sets_aside_earlier_outcomes_and_survives_compaction(tmp_path):

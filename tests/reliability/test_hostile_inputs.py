@@ -13,7 +13,7 @@ import pytest
 from pipeline.job import validate_job
 from pipeline.run import run_job
 from pipeline.sources.ids import bucket_of, make_id
-from tests.reliability.conftest import final_state, job_dict
+from tests.reliability.conftest import final_state, job_dict, make_inputs, run_cli, write_job
 from tests.test_ids import hostile_keys, write_hostile_csv
 
 DUPES = 100
@@ -50,7 +50,8 @@ def seed_old_store(out: Path, cfg: dict, ids: list[str]) -> None:
 
 def test_hostile_keys_lose_nothing_through_ray(ray_local, tmp_path, figures):
     """10k distinct raw keys built to collide (+ 100 exact duplicate rows), planned by Ray: every distinct key is
-    a sample to do, only the exact duplicates are counted as duplicates. Beside it, a Panda-70M row of 10k clips
+    a sample to do, only the exact duplicates are counted as duplicates (each one to do as well: its failure,
+    recorded under its own line). Beside it, a Panda-70M row of 10k clips
     is read whole: 10k samples."""
     keys = hostile_keys()
     rows = write_hostile_csv(tmp_path / "k.csv", keys, dupes=DUPES)
@@ -64,12 +65,12 @@ def test_hostile_keys_lose_nothing_through_ray(ray_local, tmp_path, figures):
         {
             "case": "10k hostile keys + 100 duplicate rows (Ray plan)",
             "trials": len(keys),
-            "lost": len(keys) - counts["todo"],
+            "lost": len(keys) - (counts["todo"] - counts["duplicate"]),
             "duplicated": counts["duplicate"] - DUPES,
             "wrong data served": 0,
         }
     )
-    assert counts["rows"] == rows and counts["duplicate"] == DUPES and counts["todo"] == len(keys), counts
+    assert counts["rows"] == rows and counts["duplicate"] == DUPES and counts["todo"] == len(keys) + DUPES, counts
 
 
 def test_old_store_resumes_with_its_id_rule(ray_local, tmp_path):
@@ -233,6 +234,31 @@ def test_a_sample_killed_twice_is_failed(shared_data, tmp_path, scratch):
     assert not (scratch / "attempts").exists()  # the attempt files are gone with their samples
 
 
+@pytest.mark.slow  # its own `python -m pipeline run` with its own Ray cluster, whose workers are killed
+def test_a_task_killed_every_time_ends_the_job(shared_data, tmp_path, figures):
+    """Ray Data retries a task whose worker died without end by default; the job's tasks get
+    `ray.max_task_retries` (and Ray's memory-monitor retries the same bound). The writer task killed (kill -9)
+    on every try: the job ends with an error after 1 + retries tries, instead of trying forever."""
+    src = make_inputs(shared_data, tmp_path / "in", images=["camera.png"], videos=[], meshes=[])
+    out = tmp_path / "out"
+    cfg = job_dict(str(out), [{"type": "folder", "path": str(src)}], ray={"max_task_retries": 1, "restarts": 0})
+    t0 = time.perf_counter()
+    run = run_cli(write_job(tmp_path / "job.yaml", cfg), out, "shard_write:1+:self", tmp_path / "fault", timeout=400)
+    tries = len(list((tmp_path / "fault").glob("shard_write-*")))
+    figures.setdefault("hostile_inputs", []).append(
+        {
+            "case": "writer task killed on every try, max_task_retries=1 (bounded: the job ends)",
+            "trials": tries,
+            "lost": 0,
+            "duplicated": 0,
+            "wrong data served": 0,
+            "wall_s": round(time.perf_counter() - t0, 1),
+        }
+    )
+    assert run.rc not in (0, -9) and tries == 2, (run.rc, tries, run.stderr[-2000:])
+    assert final_state(out)["ok"] == set() and final_state(out)["problems"] == []
+
+
 def test_mesh_budget_before_loading(tmp_path, scratch):
     """Meshes over the face/vertex budget fail from their header or glTF accessors, without a full load."""
     from pipeline.mesh.load import MeshBudget, MeshError, load_mesh
@@ -305,7 +331,8 @@ def test_hostile_inputs_in_one_job(ray_local, shared_data, tmp_path, figures):
     assert "exceeds max_faces=1000" in other["folder-sphere.glb"]["reason"]
     assert {k: other[k]["stage"] for k in ("w-1", "w-4", "u-5")} == {"w-1": "fetch", "w-4": "fetch", "u-5": "fetch"}
     unparsed = sorted(r["reason"] for k, r in other.items() if k.startswith("w-") and r["stage"] == "source")
-    assert len(unparsed) == 2 and unparsed[0].startswith("unparsable row in w.csv: expected 3 fields, got 2")
+    assert len(unparsed) == 2 and unparsed[0].startswith("unparsable line 3 of w.csv: expected 3 fields, got 5")
+    assert unparsed[1].startswith("unparsable line 4 of w.csv: expected 3 fields, got 2")
     assert len(other) == 2 + 3 + 2 and summary.counts["failed"] == 7
     assert state["store"].read_json("version.json")["id_rule"] == 2
     figures.setdefault("hostile_inputs", []).append(
@@ -316,5 +343,62 @@ def test_hostile_inputs_in_one_job(ray_local, shared_data, tmp_path, figures):
             "duplicated": 0,
             "wrong data served": 0,
             "wall_s": round(wall, 1),
+        }
+    )
+
+
+def table_sources(tmp: Path, a: Path, b: Path) -> list[dict]:
+    """The same five rows as CSV, JSON lines and Parquet: a good row, a row that does not parse (CSV: a field too
+    many; JSON: a torn line, then a line that is not an object), a good row, and line 5 repeating line 2's url.
+    (Parquet rows always parse: its duplicate is row 3.)"""
+    (tmp / "t.csv").write_text(f"url,caption\n{a},first\n{b},second,extra\n{b},second\n{a},again\n")
+    torn = json.dumps({"url": str(b), "caption": "second"})[:-9]
+    lines = [{"url": str(a), "caption": "first"}, None, [1], {"url": str(b), "caption": "second"}]
+    text = [torn if r is None else json.dumps(r) for r in lines] + [json.dumps({"url": str(a), "caption": "again"})]
+    (tmp / "t.jsonl").write_text("\n".join(text) + "\n")
+    import pyarrow.parquet as pq
+
+    pq.write_table(
+        pa.table({"url": [str(a), str(b), str(a)], "caption": ["first", "second", "again"]}), tmp / "t.parquet"
+    )
+    return [
+        {"type": "url_list", "name": "c", "path": str(tmp / "t.csv")},
+        {"type": "url_list", "name": "j", "path": str(tmp / "t.jsonl")},
+        {"type": "url_list", "name": "q", "path": str(tmp / "t.parquet")},
+    ]
+
+
+def test_unparsable_rows_and_duplicates_in_every_table_format(ray_local, shared_data, tmp_path, figures):
+    """Issue 15 items 3 and 6 through one Ray job, for each table format: a row that does not parse is that row's
+    failure, naming its file and line, and the rows around it are committed; a repeated row is a failure
+    recorded under its own file and line, naming the id it repeats, and the id stays ok."""
+    from pipeline.sources import iter_rows, make_source, source_config
+
+    a, b = shared_data / "images" / "camera.png", shared_data / "images" / "coins.png"
+    sources = table_sources(tmp_path, a, b)
+    good = {
+        s["name"]: [r["id"] for r in iter_rows(make_source(source_config(s))) if r["status"] == "ok"] for s in sources
+    }
+    run_job(validate_job(job_dict(tmp_path / "out", sources)))
+    state = final_state(tmp_path / "out")
+    other = {k: r["reason"] for k, r in state["other"].items()}
+    ids = {n: sorted(set(v)) for n, v in good.items()}
+    assert state["problems"] == [] and state["ok"] == {i for v in ids.values() for i in v}, state
+    assert all(len(v) == 2 for v in ids.values()), ids
+    for name, file, last in (("c", "t.csv", 5), ("j", "t.jsonl", 5), ("q", "t.parquet", 3)):
+        first = make_id(name, str(a))
+        assert other.pop(f"{name}:{file}:{last}").startswith(f"duplicate of {first} (its row: {file}:"), name
+    unparsed = sorted(other.values())
+    assert len(unparsed) == 3, other
+    assert unparsed[0].startswith("unparsable line 2 of t.jsonl: JSONDecodeError")
+    assert unparsed[1].startswith("unparsable line 3 of t.csv: expected 2 fields, got 3")
+    assert unparsed[2].startswith("unparsable line 3 of t.jsonl: not a JSON object: list")
+    figures.setdefault("hostile_inputs", []).append(
+        {
+            "case": "CSV, JSON lines, Parquet: unparsable rows and a duplicate in each (one Ray job)",
+            "trials": 3,
+            "lost": sum(len(v) for v in ids.values()) - len(state["ok"]),
+            "duplicated": 0,
+            "wrong data served": 0,
         }
     )
