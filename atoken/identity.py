@@ -13,6 +13,7 @@ from .config import ALIASES, ATokenConfig
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {"tiny-c": "tiny-c.safetensors", "tiny-d": "tiny-d.safetensors"}  # config name -> shipped weights file
 RANDOM_SEED = 0  # weights of a model built without a checkpoint
+SIDECAR_MIN_BYTES = 64 << 20  # checkpoints at least this large get their hash remembered beside them
 
 
 def resolve_config(config: str | Path | ATokenConfig) -> ATokenConfig:
@@ -26,13 +27,36 @@ def shipped_checkpoint(cfg: ATokenConfig) -> Path | None:
     return path if path is not None and path.is_file() else None
 
 
+def sidecar(path: Path) -> Path:
+    """Where a checkpoint's hash is remembered: `<file>.sha256.json`, with the size and mtime it was taken at."""
+    return path.with_name(path.name + ".sha256.json")
+
+
 @functools.lru_cache(maxsize=8)
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, remembered beside it (a multi-GB checkpoint takes seconds to hash, on every run);
+    the sidecar counts only while the file keeps the size and mtime it records."""
+    side = sidecar(Path(path))
+    stamp = {"size": size, "mtime_ns": mtime_ns}
+    try:
+        rec = json.loads(side.read_text())
+        if {k: rec.get(k) for k in stamp} == stamp and len(str(rec.get("sha256", ""))) == 64:
+            return rec["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if size >= SIDECAR_MIN_BYTES:  # small files hash faster than a sidecar is worth
+        tmp = side.with_name(side.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({**stamp, "sha256": digest}))
+            tmp.replace(side)
+        except OSError:  # a read-only checkpoint folder: hash again next time
+            tmp.unlink(missing_ok=True)
+    return digest
 
 
 def tokenizer_identity(config, checkpoint: str | Path | None = None) -> dict:

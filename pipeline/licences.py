@@ -39,7 +39,8 @@ SHIPPED = "apache-2.0"  # atoken/weights: trained by this project (pyproject's l
 RANDOM = "none (random weights)"
 WEIGHTS_TERMS = {
     APPLE_MODEL_TOU: "Apple ML Research Model Terms of Use: research use only (MODEL-LICENSE)",
-    SHIPPED: "trained by this project on procedural data (Apache-2.0)",
+    SHIPPED: "trained by this project on procedural data and the sample photos that scikit-learn and scikit-image "
+    "ship (atoken/train_data.py PACKAGE_PHOTOS; scikit-learn's two are CC BY 2.0) (Apache-2.0)",
 }
 
 

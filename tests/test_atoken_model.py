@@ -341,6 +341,37 @@ def test_tokenizer_encode_decode(model_fsq):
     assert tok.identity() == tok.identity() and tok.identity()["dims"] == {"latent": 48, "fsq_groups": 8, "embed": 144}
 
 
+def test_large_checkpoint_hash_is_remembered_beside_it(tmp_path):
+    """A no-op rerun must not re-hash a multi-GB checkpoint: the hash is kept in `<file>.sha256.json` and used only
+    while the file keeps its size and mtime."""
+    import hashlib
+    import json
+    import os
+
+    from atoken import identity
+
+    big = tmp_path / "big.safetensors"
+    with open(big, "wb") as f:
+        f.truncate(identity.SIDECAR_MIN_BYTES)
+    real = hashlib.sha256(big.read_bytes()).hexdigest()
+    assert tokenizer_identity("tiny", big)["weights_sha256"] == real
+    side = identity.sidecar(big)
+    rec = json.loads(side.read_text())
+    assert rec["sha256"] == real and rec["size"] == big.stat().st_size
+    side.write_text(json.dumps({**rec, "sha256": "f" * 64}))  # a remembered hash is used as is ...
+    identity._file_sha256.cache_clear()
+    assert tokenizer_identity("tiny", big)["weights_sha256"] == "f" * 64
+    st = big.stat()
+    os.utime(big, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # ... until the file changes
+    identity._file_sha256.cache_clear()
+    assert tokenizer_identity("tiny", big)["weights_sha256"] == real
+    assert json.loads(side.read_text())["sha256"] == real
+    small = tmp_path / "small.safetensors"
+    small.write_bytes(b"x" * 1000)
+    tokenizer_identity("tiny", small)
+    assert not identity.sidecar(small).exists()  # small files are simply hashed
+
+
 def test_tokenizer_from_files(tmp_path):
     from atoken.checkpoint import load_weights, save_weights
 
