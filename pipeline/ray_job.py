@@ -325,11 +325,15 @@ def _resume_filter(
     todo_parts, counts = [], {"rows": group.num_rows, "duplicate": dups.num_rows, "todo": 0}
     for s in (OK, FAILED, SKIPPED):
         counts[s] = 0
+    counts["failed_duplicate"] = 0  # of `failed`: recorded duplicates, which --retry-failed leaves as they are
     known = view.statuses(bucket)
     for part, retry in ((uniq, retry_failed), (dups, False)):  # (a recorded duplicate would fail the same again)
         status = pc.take(known.column("status"), pc.index_in(part.column("id"), value_set=known.column("id")))
         for s in (OK, FAILED, SKIPPED):
-            counts[s] += pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
+            n = pc.sum(pc.fill_null(pc.equal(status, s), False).cast(pa.int64())).as_py() or 0
+            counts[s] += n
+            if s == FAILED and part is dups:
+                counts["failed_duplicate"] += n
         done = pc.fill_null(
             pc.is_in(status, value_set=pa.array([OK, SKIPPED] if retry else [OK, SKIPPED, FAILED])), False
         )

@@ -127,11 +127,17 @@ class Summary:
                 f"ok {c.get('ok', 0)}, failed {c.get('failed', 0)}, skipped {c.get('skipped', 0)}"
                 + (f"; {c['duplicate']} duplicate rows ignored" if c.get("duplicate") else "")
             )
-        if done.get("failed") and not self.dry_run and not self.retry_failed:
+        dup_failed = sum(c.get("failed_duplicate", 0) for c in self.resume.values())
+        retriable = done.get("failed", 0) - dup_failed
+        if retriable > 0 and not self.dry_run and not self.retry_failed:
             lines.append(
-                f"  {done['failed']} samples failed in earlier runs and were not retried: "
+                f"  {retriable} samples failed in earlier runs and were not retried: "
                 f"`python -m pipeline status {self.store_dir} --failed` lists them, rerun with "
                 "--retry-failed to retry them"
+            )
+        if dup_failed and not self.dry_run:
+            lines.append(
+                f"  {dup_failed} duplicate rows are failed for good (they repeat an id; --retry-failed skips them)"
             )
         lines += [f"  note: {n}" for n in self.notes]
         if self.dry_run:
@@ -546,10 +552,11 @@ def end_state(summary: Summary, retry_failed: bool) -> dict:
             "duplicate": c.get("duplicate", 0),
             "ok": c.get("ok", 0),
             "skipped": c.get("skipped", 0),
-            "failed": 0 if retry_failed else c.get("failed", 0),
+            "failed": c.get("failed_duplicate", 0) if retry_failed else c.get("failed", 0),  # duplicates stay
+            "failed_duplicate": c.get("failed_duplicate", 0),
         }
     for (src, status, _kind), n in summary.by_source.items():
-        c = out.setdefault(src, {"rows": 0, "duplicate": 0, "ok": 0, "skipped": 0, "failed": 0})
+        c = out.setdefault(src, {"rows": 0, "duplicate": 0, "ok": 0, "skipped": 0, "failed": 0, "failed_duplicate": 0})
         c[status] = c.get(status, 0) + n
     return out
 

@@ -174,7 +174,15 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
         job = make_job(tmp_path / "out", [{"type": "webvid", "path": str(csv_path)}], qa={"samples": 0})
         plan = run_job(job, dry_run=True)  # plans without fetching
         # the duplicate row (line 5) is a sample to do: its failure, recorded under its own line
-        assert plan.resume["webvid"] == {"rows": 4, "duplicate": 1, "todo": 4, "ok": 0, "failed": 0, "skipped": 0}
+        assert plan.resume["webvid"] == {
+            "rows": 4,
+            "duplicate": 1,
+            "todo": 4,
+            "ok": 0,
+            "failed": 0,
+            "skipped": 0,
+            "failed_duplicate": 0,
+        }
         assert srv.total_hits() == 0
 
         first = run_job(job)
@@ -188,7 +196,9 @@ def test_csv_over_http_incremental_retry_failed_and_dry_run(ray_local, shared_da
         hits = srv.total_hits()
         second = run_job(job)  # only the appended row is new work; failures stay failed
         assert second.todo == 1 and second.counts == {"ok": 1}
-        assert "2 samples failed in earlier runs and were not retried" in second.render(), second.render()
+        text = second.render()  # the duplicate is not counted as retriable: --retry-failed would skip it
+        assert "2 samples failed in earlier runs and were not retried" in text, text
+        assert "1 duplicate rows are failed for good" in text, text
         assert srv.total_hits() == hits + 1
 
         del srv.faults["/video_270.mov"]

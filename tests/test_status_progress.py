@@ -193,7 +193,9 @@ def test_noop_rerun_starts_nothing_and_a_new_file_is_done(done_job, shared_data,
     monkeypatch.undo()
     assert started == [], "a no-op rerun started Ray"
     assert any(n.startswith("nothing to do: ") for n in summary.notes), summary.notes
-    assert summary.resume == {"local": {"rows": 3, "duplicate": 0, "ok": 2, "skipped": 0, "failed": 1, "todo": 0}}
+    assert summary.resume == {
+        "local": {"rows": 3, "duplicate": 0, "ok": 2, "skipped": 0, "failed": 1, "failed_duplicate": 0, "todo": 0}
+    }
     assert summary.qa == {} and sorted(e.path for e in storage.list("runs")) == runs  # no QA, nothing written
     text = summary.render()
     assert "1 samples failed in earlier runs and were not retried" in text and "--retry-failed" in text, text
