@@ -80,6 +80,12 @@ def test_atoken_never_imports_pipeline():
     assert not hits, "atoken/ must not import pipeline/ (that code belongs in pipeline/):\n" + "\n".join(hits)
 
 
+def run_fresh(code: str) -> subprocess.CompletedProcess:
+    """`code` in a fresh interpreter (nothing imported yet) with the repository on its path."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_atoken_cli_and_voxelize_load_without_pipeline():
     """At run time too: importing the package, its CLI and the voxeliser leaves `pipeline` unloaded."""
     code = (
@@ -87,8 +93,7 @@ def test_atoken_cli_and_voxelize_load_without_pipeline():
         "bad = sorted(m for m in sys.modules if m == 'pipeline' or m.startswith('pipeline.'))\n"
         "assert not bad, bad\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = run_fresh(code)
     assert r.returncode == 0, r.stderr
 
 
@@ -105,7 +110,6 @@ def test_a_job_and_its_store_version_are_known_without_torch_or_ray():
         "heavy = sorted(m for m in ('torch', 'ray', 'trimesh') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    r = run_fresh(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("tiny-c-"), r.stdout
