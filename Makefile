@@ -79,6 +79,7 @@ bench-reader: install
 train-tiny: install
 	$(PY) -m atoken.train --config atoken/configs/tiny-train.yaml
 	$(PY) -m atoken.train --config atoken/configs/tiny-finetune.yaml
+	$(PY) -m atoken.train --config atoken/configs/tiny-motion.yaml
 
 clean:
 	rm -rf $(or $(OUT),out) runs

@@ -2,13 +2,14 @@
 
     python -m atoken.train --config atoken/configs/tiny-train.yaml [--resume] [--stage c|d|all]
     python -m atoken.train --config atoken/configs/tiny-finetune.yaml     # fine-tunes the above (init_from)
-    python -m atoken.train --config atoken/configs/tiny-finetune.yaml --eval-only --eval-dir PHOTOS
+    python -m atoken.train --config atoken/configs/tiny-motion.yaml       # ... and that, into atoken/weights
+    python -m atoken.train --config atoken/configs/tiny-motion.yaml --eval-only --eval-dir PHOTOS
 
 Recipe (paper §3.4, scaled down): AdamW (0.9, 0.95), wd 0.1; linear warmup then cosine decay to 0.1x peak;
 encoder LR multiplier (paper 0.1); EMA of the weights, the exported weights are the EMA; loss = L1 + Gram (fixed
 random conv net, see losses.py) + KL (continuous stage) [+ LPIPS if available offline], optionally + MSE, a
-patch-seam term and a video temporal term (the PSNR / no-grid / no-flicker fine-tune, tiny-finetune.yaml). Stage d starts from the
-stage-c EMA weights and trains encoder + decoder through the straight-through FSQ (atoken/fsq.py).
+patch-seam term and video temporal terms (the PSNR / no-grid / no-flicker fine-tunes, tiny-finetune.yaml and
+tiny-motion.yaml). Stage d starts from the stage-c EMA weights and trains encoder + decoder through the straight-through FSQ (atoken/fsq.py).
 Each stage is time-boxed by wall clock as well as by steps, checkpoints atomically (model, EMA, optimizer,
 schedule position, RNG) and always exports fp16 safetensors with the official key names when it stops.
 """
@@ -73,6 +74,7 @@ class TrainConfig:
     mse_weight: float = 0.0  # MSE on the [-1, 1] scale: what PSNR measures
     seam_weight: float = 0.0  # L1 of the pixel steps across 16-px patch borders, rec vs input (patch grid)
     temporal_weight: float = 0.0  # L1 of the frame-to-frame differences of videos, rec vs input (flicker)
+    temporal_border_weight: float = 0.0  # the same over the steps across temporal patches only (4k-1 -> 4k)
     gram_weight: float = 1.0
     lpips_weight: float = 0.0  # used only if LPIPS is available offline
     sample_posterior: bool = True  # decode mean + std * eps in the continuous stage (paper)
@@ -232,6 +234,13 @@ def seam_loss(rec: torch.Tensor, x: torch.Tensor, patch: int = 16) -> torch.Tens
     return 0.5 * (dc.abs().mean() + dr.abs().mean())
 
 
+def temporal_loss(rec: torch.Tensor, x: torch.Tensor, period: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean |step(rec) - step(x)| over the frame steps of [n, T, H, W, 3] clips: all of them, and those across
+    temporal patches only (frame 4k-1 -> 4k)."""
+    err = ((rec[:, 1:] - rec[:, :-1]) - (x[:, 1:] - x[:, :-1])).abs()  # [n, T-1, ...]: the step into frame t + 1
+    return err.mean(), err[:, period - 1 :: period].mean()
+
+
 class Objective:
     """Reconstruction objective over a packed batch of images (+ videos)."""
 
@@ -281,10 +290,10 @@ class Objective:
                 seam = 0.5 * (seam + seam_loss(rec_vid.flatten(0, 1), videos.flatten(0, 1)))
             loss = loss + self.cfg.seam_weight * seam
             parts["seam"] = seam.detach()
-        if self.cfg.temporal_weight > 0 and rec_vid is not None:
-            tmp = ((rec_vid[:, 1:] - rec_vid[:, :-1]) - (videos[:, 1:] - videos[:, :-1])).abs().mean()
-            loss = loss + self.cfg.temporal_weight * tmp
-            parts["temporal"] = tmp.detach()
+        if (self.cfg.temporal_weight > 0 or self.cfg.temporal_border_weight > 0) and rec_vid is not None:
+            tmp, border = temporal_loss(rec_vid, videos)
+            loss = loss + self.cfg.temporal_weight * tmp + self.cfg.temporal_border_weight * border
+            parts["temporal"], parts["t_border"] = tmp.detach(), border.detach()
         x_hat, x = rec_img.permute(0, 3, 1, 2), images.permute(0, 3, 1, 2)
         if self.gram is not None:
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -626,6 +635,12 @@ def main(argv=None):
     ap.add_argument("--max-minutes", type=float, default=None, help="override the time box of each stage")
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--pool-size", type=int, default=None, help="override data.pool_size (small for CPU smoke runs)")
+    ap.add_argument(
+        "--photo-dir",
+        default=None,
+        help="training photos from this folder instead of the installed packages' (e.g. PACKAGE_PHOTOS copied to a "
+        "machine without scikit-learn/-image)",
+    )
     ap.add_argument("--out-dir", default=None, help="checkpoint directory (default from config)")
     ap.add_argument("--weights-dir", default=None, help="where <name>-c/-d.safetensors go (default from config)")
     ap.add_argument("--config-dir", default=None, help="where <name>-c/-d.yaml go (default from config)")
@@ -649,6 +664,8 @@ def main(argv=None):
         over["data"] = dataclasses.replace(
             cfg.data, pool_size=args.pool_size, refresh=math.gcd(args.pool_size, cfg.data.refresh)
         )
+    if args.photo_dir is not None:
+        over["data"] = dataclasses.replace(over.get("data", cfg.data), photo_dir=args.photo_dir, package_photos=False)
     cfg = dataclasses.replace(cfg, **over)
     for st in (cfg.continuous, cfg.fsq):
         if args.max_steps is not None:

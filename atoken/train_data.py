@@ -33,6 +33,8 @@ class DataConfig:
     video_size: int = 128  # square training video frames
     video_frames: int = 16  # frames per clip (multiple of 4); 16 x 128^2 = 256 tokens, like a 256^2 image
     video_ratio: float = 0.2  # fraction of samples per batch that are videos
+    pan_ratio: float = 0.0  # fraction of the videos that are straight pans at 0..pan_px px/frame (real footage's
+    pan_px: float = 10.0  # speeds: the demo's clips pan 8-10 px/frame; the default camera drifts ~1 px/frame)
     min_shapes: int = 20  # dead-leaves shapes per scene
     max_shapes: int = 80
     text_prob: float = 0.3  # chance that a scene gets a line of text
@@ -325,6 +327,23 @@ class SceneGenerator:
             img[:n_photo] = self._photo_crops(gen, n_photo, s)
         return img.permute(0, 2, 3, 1) * 2 - 1
 
+    def _pans(self, gen, n, t, zoom, shift, rot):
+        """Replaces the camera of `pan_ratio` of the clips with a straight pan at a uniform 0..pan_px output
+        px/frame in a random direction, zoomed in (0.4-0.5 of the source) so that the whole path stays on it."""
+        cfg, dev, s = self.cfg, self.device, self.cfg.video_size
+        pan = _rand(gen, n, 1) < cfg.pan_ratio
+        z = _rand(gen, n, 1, lo=0.4, hi=0.5)
+        px = _rand(gen, n, 1, hi=cfg.pan_px)
+        ang = _rand(gen, n, 1, hi=2 * math.pi)
+        step = (px * 2 * z / s).clamp(max=1.9 * (1 - z) / max(t - 1, 1))  # normalised source units per frame
+        k = torch.arange(t, device=dev, dtype=torch.float32)[None] - (t - 1) / 2  # [1, T], centred
+        path = torch.stack([torch.cos(ang), torch.sin(ang)], 1) * (step * k)[:, None]  # [n, 2, T]
+        return (
+            torch.where(pan, z.expand_as(zoom), zoom),
+            torch.where(pan[:, :, None], path, shift),
+            torch.where(pan, torch.zeros_like(rot), rot),
+        )
+
     def videos(self, gen, src: torch.Tensor) -> torch.Tensor:
         """Clips [n, T, s, s, 3] in [-1, 1] from source images src [n, 3, S, S] in [0, 1] (S >= 1.5 s works best):
         a moving, zooming, slightly rotating camera over the image, plus a moving disc."""
@@ -337,6 +356,8 @@ class SceneGenerator:
         vel = torch.randn(n, 2, 1, generator=gen, device=dev) * 0.15
         shift = (shift0 + vel * tt[:, None]).clamp(-0.33, 0.33)  # [n, 2, T]
         rot = torch.randn(n, 1, generator=gen, device=dev) * 0.1 * tt
+        if cfg.pan_ratio > 0:  # drawn after the default camera's numbers: pan_ratio 0 keeps the old stream
+            zoom, shift, rot = self._pans(gen, n, t, zoom, shift, rot)
         cos, sin = torch.cos(rot) * zoom, torch.sin(rot) * zoom
         theta = torch.stack(
             [torch.stack([cos, -sin, shift[:, 0]], -1), torch.stack([sin, cos, shift[:, 1]], -1)], -2

@@ -130,13 +130,25 @@ def main(argv=None):
     ap.add_argument("--model", action="append", required=True, help="LABEL:DIR holding tiny-c/-d.safetensors")
     ap.add_argument("--photos", required=True, help="photo folder (e.g. ../shared/data/images)")
     ap.add_argument("--stages", default="c,d")
+    ap.add_argument(
+        "--clips",
+        default=None,
+        help="the demo clips as decoded, from an .npz (written when it does not exist): for a machine without "
+        "the video decoders",
+    )
     ap.add_argument("--out", default=None, help="JSON results")
     ap.add_argument("--picture", default=None, help="PNG: inputs and the continuous reconstructions of each model")
     args = ap.parse_args(argv)
     torch.set_grad_enabled(False)
     photos = load_eval_photos(Path(args.photos), 256)
-    with tempfile.TemporaryDirectory() as tmp:
-        clips = demo_clips(Path(tmp))
+    if args.clips and Path(args.clips).is_file():
+        with np.load(args.clips) as z:
+            clips = {k: z[k] for k in sorted(z.files)}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            clips = demo_clips(Path(tmp))
+        if args.clips:
+            np.savez_compressed(args.clips, **clips)
     results, rows, cres = {}, {}, {}
     for spec in args.model:
         label, folder = spec.split(":", 1)

@@ -255,7 +255,7 @@ def test_cli_both_stages_export_official_weights(tmp_path):
     assert res2["d"]["heldout"]["psnr"] == pytest.approx(res["d"]["heldout"]["psnr"])
 
 
-@pytest.mark.parametrize("name", ["tiny-train.yaml", "tiny-finetune.yaml"])
+@pytest.mark.parametrize("name", ["tiny-train.yaml", "tiny-finetune.yaml", "tiny-motion.yaml"])
 def test_shipped_tiny_config_fits_the_size_limit(name):
     cfg = TrainConfig.from_yaml(REPO / "atoken" / "configs" / name)
     total = 0
@@ -363,3 +363,54 @@ def test_seam_and_temporal_terms_see_the_artefacts():
     shifted = x + torch.arange(3).repeat_interleave(16).view(1, 1, 48, 1) * 0.1  # steps at the patch borders
     assert float(seam_loss(shifted, x)) > 0.03
     assert float(seam_loss(x + 0.1, x)) == pytest.approx(0.0, abs=1e-6)  # an offset is no seam
+
+
+def test_temporal_term_singles_out_the_steps_across_temporal_patches():
+    from atoken.train import temporal_loss
+
+    x = torch.rand(2, 12, 8, 8, 3) * 2 - 1
+    all_, border = temporal_loss(x, x)
+    assert float(all_) == 0.0 and float(border) == 0.0
+    jumps = x + (torch.arange(12) // 4).view(1, 12, 1, 1, 1) * 0.2  # a new offset at frames 4 and 8
+    all_, border = temporal_loss(jumps, x)
+    assert float(border) == pytest.approx(0.2, abs=1e-5)
+    assert float(all_) == pytest.approx(0.2 * 2 / 11, abs=1e-5)  # 2 of the 11 steps
+    inside = x + (torch.arange(12) % 4 == 1).view(1, 12, 1, 1, 1) * 0.2  # a blip at frames 1, 5, 9
+    assert float(temporal_loss(inside, x)[1]) == pytest.approx(0.0, abs=1e-6)
+
+
+def _pan_px(clip: np.ndarray) -> np.ndarray:
+    """Per-step (dy, dx) translation of a clip [T, H, W, 3], by phase correlation."""
+    out = []
+    for a, b in zip(clip[1:], clip[:-1]):
+        fa, fb = np.fft.fft2(a.mean(-1)), np.fft.fft2(b.mean(-1))
+        r = np.fft.ifft2(fa * fb.conj() / (np.abs(fa * fb.conj()) + 1e-9)).real
+        d = np.array(np.unravel_index(r.argmax(), r.shape))
+        out.append((d + a.shape[0] // 2) % a.shape[0] - a.shape[0] // 2)
+    return np.array(out)
+
+
+def test_pan_clips_move_straight_at_up_to_pan_px():
+    cfg = DataConfig(
+        image_size=128,
+        video_size=64,
+        video_frames=8,
+        video_ratio=1.0,
+        pan_ratio=1.0,
+        pan_px=8.0,
+        pool_size=16,
+        refresh=16,
+        package_photos=False,
+        seed=5,
+    )
+    _, vid = TrainStream(cfg, log=quiet).batch(0, 12)
+    steps = [_pan_px(c.numpy()) for c in vid]
+    speeds = [np.median(np.hypot(*s.T)) for s in steps]
+    assert max(speeds) <= 8 + 1.5  # phase correlation rounds to whole pixels
+    assert sum(v >= 2 for v in speeds) >= 4  # most are fast; speed is uniform in 0..pan_px
+    for s, v in zip(steps, speeds):
+        if v >= 2:  # one direction and speed through the clip (the disc may move one step off)
+            assert (np.abs(s - np.median(s, axis=0)).max(axis=1) <= 1).sum() >= len(s) - 1
+    _, drift = TrainStream(dataclasses.replace(cfg, pan_ratio=0.0), log=quiet).batch(0, 12)
+    slow = [np.median(np.hypot(*_pan_px(c.numpy()).T)) for c in drift]
+    assert max(slow) < 3 and np.mean(slow) * 3 < np.mean(speeds)  # the default camera drifts
