@@ -31,7 +31,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from atoken.images import ImageError, load_rgb, to_rgb8  # noqa: F401  (to_rgb8: re-exported for callers)
+from atoken.images import ImageError, load_rgb, load_rgb_image, to_rgb8  # noqa: F401  (load_rgb, to_rgb8: re-exported)
 from atoken.video_io import clean_decoder_error  # readable reasons, shared with the tokenizer CLI
 from pipeline.buckets import BucketConfig, choose_bucket, cover_size, make_buckets, resize_crop
 from pipeline.config import Config
@@ -126,14 +126,14 @@ def _upscaled(h: int, w: int, size: tuple[int, int], resample: bool) -> bool:
 
 
 def decode_image(path: str, cfg: DecodeConfig) -> dict:
-    try:
-        rgb = load_rgb(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels, cfg.max_image_bytes)
+    try:  # a Pillow image until the resize: no array round trip before it
+        im = load_rgb_image(path, cfg.background, cfg.icc_to_srgb, cfg.max_pixels, cfg.max_image_bytes)
     except ImageError as exc:
         raise DecodeError(str(exc)) from None
-    h, w = rgb.shape[:2]
+    w, h = im.size
     _check_side(h, w, cfg)
     size, resample = target_size(h, w, cfg)
-    out = np.asarray(resize_crop(Image.fromarray(rgb), size)) if resample else _centre_crop(rgb, size)
+    out = np.asarray(resize_crop(im, size)) if resample else _centre_crop(np.asarray(im), size)
     return {
         "pixels": np.ascontiguousarray(out[None]),
         "fps": 0.0,
