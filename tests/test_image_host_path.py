@@ -123,3 +123,20 @@ def test_device_resized_rows_tokenize_like_decoder_resized_rows(prepare_stage, s
         np.testing.assert_array_equal(x["coords"], y["coords"])
         lx, ly = x["latent"].astype(np.float32), y["latent"].astype(np.float32)
         assert np.linalg.norm(lx - ly) / np.linalg.norm(ly) < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_resize_on_the_gpu_matches_the_decoder_path(prepare_stage, shared_data):
+    """The same rows on a GPU tokenizer: the pending resize runs on the GPU (bf16 encoder, so a looser bound)."""
+    files = images(shared_data)
+    rows = [new_row(p.name, "image", "test", uri=str(p)) for p in files]
+    dev, dec = prepare_stage(DEVICE)(rows), prepare_stage(DECODER)(rows)
+    assert sum(r.get("resize_to") is not None for r in dev) >= 5
+    stage = Tokenize(TokenizeConfig(config="tiny", device="cuda", batch_rows=32, compile="off"), "pp", gpus=1.0)
+    for x, y in zip(stage(dev), stage(dec)):
+        assert x["status"] == y["status"] == "ok", (x.get("reason"), y.get("reason"))
+        assert (x["width"], x["height"]) == (y["width"], y["height"])
+        np.testing.assert_array_equal(x["coords"], y["coords"])
+        lx, ly = x["latent"].astype(np.float32), y["latent"].astype(np.float32)
+        assert np.linalg.norm(lx - ly) / np.linalg.norm(ly) < 0.05
