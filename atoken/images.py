@@ -53,12 +53,24 @@ def is_heif(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
-@lru_cache(maxsize=64)
-def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
-    """The profile -> sRGB transform (what profileToProfile builds, same intent and flags), built once per
-    (profile, mode): building one costs ~7 ms, far more than most decodes (a broken profile is not cached)."""
+_ICC_CACHED_BYTES = 1 << 20  # larger (rare, or hostile) profiles are not kept: a long-lived decoder's memory
+
+
+def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """The profile -> sRGB transform that profileToProfile builds (same intent and flags)."""
     src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
     return ImageCms.ImageCmsTransform(src, ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")), mode, "RGB")
+
+
+_cached_srgb_transform = lru_cache(maxsize=32)(_build_srgb_transform)
+
+
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """Built once per (profile, mode) while the profile is small: a build costs ~7 ms, more than most decodes (a
+    broken profile raises, and is not cached)."""
+    if len(icc) > _ICC_CACHED_BYTES:
+        return _build_srgb_transform(icc, mode)
+    return _cached_srgb_transform(icc, mode)
 
 
 def _to_srgb(im: Image.Image) -> Image.Image:
