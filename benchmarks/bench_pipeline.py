@@ -250,7 +250,9 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
             tk.encode(packed, with_logvar=logvar)
     else:  # the forward passes the stage makes, already on the device: the encoder's own ceiling
         # (pack: the stage's own checks, and pending resizes of clips that upscale, made on the device)
-        batches = [b for _, b in tk.clip_batches([stage.model.pack(r) for r in prepared])]
+        packed = stage.model.resize_pending([stage.model.pack(r) for r in prepared])
+        batches = [b for _, b in tk.clip_batches(packed)]
+        del packed
         tokens = sum(len(b) for b in batches)
 
         def run():
@@ -292,9 +294,9 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
 def tokenize_host_split(stage, prepared: list, batch_rows: int, repeats: int) -> dict:
     """What one tokenizer actor call costs per row beyond the encoder: the actor's own path (`StageActor`: the
     payload table unpickled, the stage, its output pickled into a table) on the prepared rows, in calls of
-    `batch_rows`, timed in parts (ms per row; the device synchronised between parts): unpickle, pack (checks, pending
-    resizes on the device), clip batches (pinned copy to the device, patchify), encode_batch (forward + host arrays),
-    the whole stage call, and the output pickle. Best of `repeats`."""
+    `batch_rows`, timed in parts (ms per row; the device synchronised between parts): unpickle, pack (checks, and
+    pending resizes on the device), clip batches (pinned copy to the device, patchify), encode_batch (forward +
+    host arrays), the whole stage call, and the output pickle. Best of `repeats`."""
     import torch
 
     from pipeline.ray_job import from_table, to_table
@@ -310,7 +312,7 @@ def tokenize_host_split(stage, prepared: list, batch_rows: int, repeats: int) ->
             t0 = time.perf_counter()
             rows = from_table(table)
             t1 = time.perf_counter()
-            packed = [stage.model.pack(r) for r in rows]
+            packed = stage.model.resize_pending([stage.model.pack(r) for r in rows])
             sync()
             t2 = time.perf_counter()
             batches = list(tk.clip_batches(packed))

@@ -125,6 +125,32 @@ def test_device_resized_rows_tokenize_like_decoder_resized_rows(prepare_stage, s
         assert np.linalg.norm(lx - ly) / np.linalg.norm(ly) < 0.05
 
 
+def test_pending_resizes_are_grouped_and_equal_one_clip_at_a_time(prepare_stage, shared_data):
+    """The tokenizer resizes the pending clips of one (shape, size) in one call: the same pixels, exactly, as each
+    clip's own resize (frames_on), for images and a video in one batch; rows without a resize pass as they are."""
+    from pipeline.tokenizers.atoken import Model, Pending, frames_on
+
+    names = ["astronaut.png", "camera.png", "astronaut.png", "coffee.png", "hopper_gray.jpg"]
+    rows = prepare_stage(DEVICE)(
+        [new_row(f"{k}", "image", "test", uri=str(shared_data / "images" / n)) for k, n in enumerate(names)]
+    )
+    video = prepare_stage(DecodeConfig(fps=4, max_frames=8, upscale=True, buckets={"area": 256 * 256}))(
+        [new_row("v", "video", "test", uri=str(shared_data / "videos" / "Big_Buck_Bunny_180_10s.webm"))]
+    )
+    rows += video
+    assert [r["status"] for r in rows] == ["ok"] * 6
+    assert [r.get("resize_to") is not None for r in rows] == [True, True, True, True, False, True]
+    model = Model(TokenizeConfig(config="tiny", device="cpu"), "cpu")
+    packed = [model.pack(r) for r in rows]
+    assert [isinstance(p, Pending) for p in packed] == [True, True, True, True, False, True]
+    done = model.resize_pending(packed)
+    for r, got in zip(rows, done):
+        want = frames_on(r).numpy()
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        np.testing.assert_array_equal(got, want)
+    assert done[4] is packed[4]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_device_resize_on_the_gpu_matches_the_decoder_path(prepare_stage, shared_data):
