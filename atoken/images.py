@@ -8,6 +8,7 @@ palette, grayscale -> RGB 8-bit; alpha composited on a `background` gray. HEIC/H
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -52,19 +53,43 @@ def is_heif(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
+_ICC_CACHED_BYTES = 1 << 20  # larger (rare, or hostile) profiles are not kept: a long-lived decoder's memory
+
+
+def _build_srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """The profile -> sRGB transform that profileToProfile builds (same intent and flags)."""
+    src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    return ImageCms.ImageCmsTransform(src, ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")), mode, "RGB")
+
+
+_cached_srgb_transform = lru_cache(maxsize=32)(_build_srgb_transform)
+
+
+def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform:
+    """Built once per (profile, mode) while the profile is small: a build costs ~7 ms, more than most decodes (a
+    broken profile raises, and is not cached)."""
+    if len(icc) > _ICC_CACHED_BYTES:
+        return _build_srgb_transform(icc, mode)
+    return _cached_srgb_transform(icc, mode)
+
+
 def _to_srgb(im: Image.Image) -> Image.Image:
     icc = im.info.get("icc_profile")
     if not icc or im.mode not in ("RGB", "CMYK", "L"):
         return im
     try:
-        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError):
+        return _srgb_transform(bytes(icc), im.mode).apply(im)
+    except (ImageCms.PyCMSError, OSError, TypeError, ValueError):
         return im  # a broken profile: fall back to the plain conversion
 
 
 def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) -> np.ndarray:
     """Any Pillow image -> uint8 [H, W, 3] RGB."""
+    return np.asarray(to_rgb8_image(im, background, icc_to_srgb))
+
+
+def to_rgb8_image(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) -> Image.Image:
+    """to_rgb8 as an RGB Pillow image (the same pixels), for callers that resize next: no array round trip."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         a = np.asarray(im, dtype=np.float64)
         if not np.isfinite(a).all():
@@ -77,7 +102,7 @@ def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) ->
             lo, hi = a.min(), a.max()
             a = (a - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(a)
         g = np.round(a).clip(0, 255).astype(np.uint8)
-        return np.repeat(g[..., None], 3, axis=2)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2))
     if icc_to_srgb:
         im = _to_srgb(im)
     has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
@@ -85,7 +110,7 @@ def to_rgb8(im: Image.Image, background: int = 255, icc_to_srgb: bool = True) ->
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (background, background, background, 255))
         im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert("RGB"))
+    return im if im.mode == "RGB" else im.convert("RGB")
 
 
 def decoded_bytes(im: Image.Image) -> int:
@@ -104,6 +129,17 @@ def load_rgb(
 ) -> np.ndarray:
     """An image file -> uint8 [H, W, 3] by the rules above; ImageError with a readable reason for bad input.
     `max_bytes`: refuse, before decoding, an image whose decoded samples would take more."""
+    return np.asarray(load_rgb_image(path, background, icc_to_srgb, max_pixels, max_bytes))
+
+
+def load_rgb_image(
+    path: str,
+    background: int = 255,
+    icc_to_srgb: bool = True,
+    max_pixels: int = 100_000_000,
+    max_bytes: int | None = None,
+) -> Image.Image:
+    """load_rgb as a loaded RGB Pillow image (the same pixels)."""
     heif = heif_available()
     try:
         with open(path, "rb") as f:
@@ -121,8 +157,8 @@ def load_rgb(
                     f"> max_image_bytes={max_bytes / 2**20:.0f} MiB"
                 )
             im.load()  # truncated or corrupt data fails here, not later
-            im = ImageOps.exif_transpose(im)
-            return to_rgb8(im, background, icc_to_srgb)
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the decoded pixels
+            return to_rgb8_image(im, background, icc_to_srgb)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # Pillow's ways to say "bad file"

@@ -13,16 +13,21 @@ Per workload it reports, from one run:
   - pipeline tokens/s: the job's steady state (between the 10th and 90th percentile rows to finish) x the mean
     tokens per row of the committed shards;
   - pipeline efficiency = pipeline / encoder tokens/s; GPU busy (nvidia-smi every 100 ms, same window);
-  - each stage's capacity: its measured rate per worker x the workers it can have.
-Optionally (`--baseline-clips N`) a plain sequential loop on the first workload, and (`--decode-capacity N`, video
-workloads) the decode stage alone on N clips, in this process, with the resize of clips that upscale deferred to
-the tokenizer's device (the default) and done by the decoder: ms per clip per worker, frames/s, bytes per row
-through the object store, the capacity on this machine's CPUs, and the deferred resize's own cost on the device.
+  - each stage's capacity: its measured rate per worker x the workers it can have;
+  - the tokenizer actor's host overhead: one actor call's ms per row (unpickle, pack, pinned copy + patchify, the
+    encoder, host arrays, output pickle) against the encoder's own ms per row, on the same prepared rows.
+Optionally (`--baseline-clips N`) a plain sequential loop on the first workload, and (`--decode-capacity N`) the
+decode stage alone on N inputs, in this process. Videos: with the resize of clips that upscale deferred to the
+tokenizer's device (the default) and done by the decoder: ms per clip per worker, frames/s, bytes per row through
+the object store, the capacity on this machine's CPUs, and the deferred resize's own cost on the device. Images: in
+the decode child and in-process, with the resize in the decoder and on the device (`--image-resize` picks the
+job's): wall and CPU ms per row, bytes per row and the capacity on this machine's CPUs.
 `--decode-only` runs just that (no Ray job, no encoder; CPU machines too).
 
   python benchmarks/bench_pipeline.py --out benchmarks/results/pipeline.json
   python benchmarks/bench_pipeline.py --workloads video4096 --samples 2000 --baseline-clips 100
   python benchmarks/bench_pipeline.py --workloads video4096,video1024 --decode-only --decode-capacity 40
+  python benchmarks/bench_pipeline.py --workloads image256 --decode-only --decode-capacity 200
 """
 
 from __future__ import annotations
@@ -146,6 +151,7 @@ def job_for(w: "Workload", inputs: Path, out: Path, args) -> JobConfig:
                 "timeout_s": args.decode_timeout,
                 "upscale": True,
                 "buckets": {"area": w.area, "min_side": 128, "max_side": 1024},
+                "image_resize": args.image_resize,
             },
             "mesh": {"views": args.views},
             "tokenize": {
@@ -244,7 +250,9 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
             tk.encode(packed, with_logvar=logvar)
     else:  # the forward passes the stage makes, already on the device: the encoder's own ceiling
         # (pack: the stage's own checks, and pending resizes of clips that upscale, made on the device)
-        batches = [b for _, b in tk.clip_batches([stage.model.pack(r) for r in prepared])]
+        packed = stage.model.resize_pending([stage.model.pack(r) for r in prepared])
+        batches = [b for _, b in tk.clip_batches(packed)]
+        del packed
         tokens = sum(len(b) for b in batches)
 
         def run():
@@ -252,12 +260,13 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
                 tk.encode_batch(b, logvar)  # host arrays out: synchronised
 
     n_rows = len(prepared)
-    del prepared
     run()  # warm-up (kernels, allocator)
     t0 = time.perf_counter()
     for _ in range(repeats):
         run()
     sec = (time.perf_counter() - t0) / repeats
+    host = None if w.kind == "meshes" else tokenize_host_split(stage, prepared, job.tokenize.batch_rows, repeats)
+    del prepared
     acc = stage.model.tokenizer.accel
     out = {
         "rows": n_rows,
@@ -271,11 +280,59 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
         "compile_s": acc.compile_s,
         "attention_timings_ms": acc.timings_ms,
         "setup_s": setup_s,
+        "host_split": host,
     }
+    if host:
+        host["encoder_ms_per_row"] = sec / max(n_rows, 1) * 1e3
+        host["host_ms_per_row"] = host["actor_ms_per_row"] - host["encoder_ms_per_row"]
     del run, stage
     if gpu:
         torch.cuda.empty_cache()
     return out
+
+
+def tokenize_host_split(stage, prepared: list, batch_rows: int, repeats: int) -> dict:
+    """What one tokenizer actor call costs per row beyond the encoder: the actor's own path (`StageActor`: the
+    payload table unpickled, the stage, its output pickled into a table) on the prepared rows, in calls of
+    `batch_rows`, timed in parts (ms per row; the device synchronised between parts): unpickle, pack (checks, and
+    pending resizes on the device), clip batches (pinned copy to the device, patchify), encode_batch (forward +
+    host arrays), the whole stage call, and the output pickle. Best of `repeats`."""
+    import torch
+
+    from pipeline.ray_job import from_table, to_table
+
+    tk, lv = stage.model.tokenizer, stage.cfg.logvar
+    sync = torch.cuda.synchronize if tk.device.type == "cuda" else (lambda: None)
+    calls = [to_table(prepared[i : i + batch_rows]) for i in range(0, len(prepared), batch_rows)]
+    parts = dict.fromkeys(("unpickle", "pack", "clip_batches", "encode_batch", "stage", "pickle", "actor"), 1e9)
+    for _ in range(repeats + 1):  # the first pass warms up
+        got = dict.fromkeys(parts, 0.0)
+        for table in calls:
+            sync()
+            t0 = time.perf_counter()
+            rows = from_table(table)
+            t1 = time.perf_counter()
+            packed = stage.model.resize_pending([stage.model.pack(r) for r in rows])
+            sync()
+            t2 = time.perf_counter()
+            batches = list(tk.clip_batches(packed))
+            sync()
+            t3 = time.perf_counter()
+            for _, b in batches:
+                tk.encode_batch(b, lv)
+            t4 = time.perf_counter()
+            del packed, batches
+            sync()
+            t5 = time.perf_counter()
+            out = stage(from_table(table))
+            t6 = time.perf_counter()
+            to_table(out)
+            t7 = time.perf_counter()
+            for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t6 - t5, t7 - t6, t7 - t5)):
+                got[k] += dt
+        parts = {k: min(v, got[k]) for k, v in parts.items()}
+    n = max(len(prepared), 1)
+    return {f"{k}_ms_per_row": v / n * 1e3 for k, v in parts.items()} | {"rows_per_call": min(batch_rows, n)}
 
 
 def decode_capacity(job: JobConfig, n: int, repeats: int = 3) -> dict:
@@ -353,6 +410,96 @@ def decode_capacity(job: JobConfig, n: int, repeats: int = 3) -> dict:
     return out
 
 
+def _child_cpu_s(prepare) -> float:
+    """CPU seconds used so far by the prepare stage's decode child (0 when none runs: in-process decode)."""
+    child = prepare.isolator.child if prepare.isolator else None
+    if child is None or not child.alive():
+        return 0.0
+    try:
+        with open(f"/proc/{child.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def image_decode_capacity(job: JobConfig, n: int, repeats: int = 3) -> dict:
+    """The prepare (fetch + decode) stage alone on the first n images, one worker (this process), for: the job's
+    isolation (decode child) and in-process decode (timeout 0: no child), each with the resize in the decoder and
+    on the tokenizer's device (`decode.image_resize`). Per setting: wall and CPU ms per row (this process + the
+    decode child: a shared machine's noise inflates wall time, CPU time much less), payload bytes per row, and the
+    capacity on this machine's CPUs (workers / CPU ms per row). Settings alternate; the best pass of each counts."""
+    import pickle
+
+    import torch
+
+    from pipeline.decode import DecodeConfig
+    from pipeline.prepare import Prepare
+    from pipeline.sources import iter_rows, make_source
+
+    rows = list(iter_rows(make_source(job.sources[0])))[:n]
+    cpus = os.cpu_count() or 1
+    gpus = 1 if torch.cuda.is_available() else 0
+    tok_workers = job.tokenize.actors_per_gpu * gpus or job.tokenize.actors
+    workers = max(1, int((cpus - tok_workers) / (job.ray.prepare_cpus or 1.0)))
+    batch = job.ray.prepare_batch_rows
+    timeout = job.decode.timeout_s or 60.0
+    settings = {
+        f"{iso}/{where}": {"timeout_s": t, "image_resize": where}
+        for iso, t in (("child", timeout), ("in-process", 0.0))
+        for where in ("decoder", "device")
+    }
+    stages = {}
+    for name, change in settings.items():
+        cfg = DecodeConfig.model_validate({**job.decode.model_dump(), **change})
+        stages[name] = Prepare(job.fetch, cfg, job.mesh, job.storage, batch_size=batch)
+        stages[name](rows[:batch])  # warm-up: the decode child, the codecs, the ICC transforms
+    best: dict[str, dict] = {}
+    for _ in range(repeats):
+        for name, prepare in stages.items():
+            c0, k0, t0 = time.process_time(), _child_cpu_s(prepare), time.perf_counter()
+            got = [r for i in range(0, len(rows), batch) for r in prepare(rows[i : i + batch])]
+            wall = time.perf_counter() - t0
+            cpu = time.process_time() - c0 + _child_cpu_s(prepare) - k0
+            old = best.get(name)
+            best[name] = {"wall": min(wall, old["wall"]) if old else wall, "cpu": min(cpu, old["cpu"]) if old else cpu}
+            best[name]["got"] = got
+    for prepare in stages.values():
+        prepare.teardown()
+    out = {"rows": len(rows), "cpus": cpus, "workers": workers}
+    for name, b in best.items():
+        ok = [r for r in b["got"] if r["status"] == "ok"]
+        cpu_ms = b["cpu"] / max(len(rows), 1) * 1e3
+        out[name] = {
+            "ok": len(ok),
+            "deferred_rows": sum(r.get("resize_to") is not None for r in ok),
+            "wall_ms_per_row": b["wall"] / max(len(rows), 1) * 1e3,
+            "cpu_ms_per_row": cpu_ms,
+            "payload_MB_per_row": sum(len(pickle.dumps(r, protocol=5)) for r in ok) / max(len(ok), 1) / 1e6,
+            "capacity_rows_per_s": workers / cpu_ms * 1e3 if cpu_ms else None,
+        }
+    out["isolation_cpu_ms_per_row"] = (
+        out["child/decoder"]["cpu_ms_per_row"] - out["in-process/decoder"]["cpu_ms_per_row"]
+    )
+    return out
+
+
+def print_image_decode(name: str, r: dict) -> None:
+    print(
+        f"\nimage decode stage alone ({name}, {r['rows']} rows, 1 worker; capacity = {r['workers']} workers of "
+        f"{r['cpus']} CPUs / CPU ms per row):"
+    )
+    print(f"{'setting':22s} {'wall ms/row':>11s} {'CPU ms/row':>10s} {'MB/row':>7s} {'capacity rows/s':>16s}  deferred")
+    for k, v in r.items():
+        if isinstance(v, dict):
+            cap = "n/a" if v["capacity_rows_per_s"] is None else f"{v['capacity_rows_per_s']:.0f}"
+            print(
+                f"{k:22s} {v['wall_ms_per_row']:11.2f} {v['cpu_ms_per_row']:10.2f} {v['payload_MB_per_row']:7.3f} "
+                f"{cap:>16s}  {v['deferred_rows']}/{v['ok']}"
+            )
+    print(f"isolation (decode child) costs {r['isolation_cpu_ms_per_row']:.2f} CPU ms per row")
+
+
 def print_decode(name: str, r: dict) -> None:
     print(
         f"\ndecode stage alone ({name}, {r['clips']} clips, 1 worker; capacity x {r['workers']} workers of "
@@ -427,6 +574,9 @@ def run_workload(w: Workload, args, sampler: "GpuSampler") -> dict:
     if args.decode_capacity and w.kind == "videos":
         decode = decode_capacity(job, args.decode_capacity)
         print_decode(w.name, decode)
+    elif args.decode_capacity and w.kind == "images":
+        decode = image_decode_capacity(job, args.decode_capacity)
+        print_image_decode(w.name, decode)
     if args.decode_only:
         return {"workload": w.name, "inputs": n, "decode_capacity": decode, "job": job.model_dump(mode="json")}
     t0 = time.time()
@@ -481,6 +631,18 @@ def print_table(results: list[dict]) -> None:
             f"{p['steady_tokens_per_s']:15,.0f} {r['efficiency']:10.1%} {p['steady_rows_per_s']:8.1f} {busy:>8s}  "
             f"{caps}"
         )
+    split = [(r["workload"], r["encoder"].get("host_split")) for r in results if r["encoder"].get("host_split")]
+    if split:
+        print(
+            f"\n{'tokenize actor, ms/row':22s} {'actor call':>10s} {'encoder':>8s} {'host':>8s} {'unpickle':>9s} "
+            f"{'pack':>8s} {'to device':>9s} {'pickle':>8s}"
+        )
+        for name, h in split:
+            print(
+                f"{name:22s} {h['actor_ms_per_row']:10.3f} {h['encoder_ms_per_row']:8.3f} {h['host_ms_per_row']:8.3f} "
+                f"{h['unpickle_ms_per_row']:9.3f} {h['pack_ms_per_row']:8.3f} {h['clip_batches_ms_per_row']:9.3f} "
+                f"{h['pickle_ms_per_row']:8.3f}"
+            )
     if results:
         e = results[0]["encoder"]
         print(
@@ -518,7 +680,15 @@ def main(argv=None) -> int:
         default=120.0,
         help="per-clip wall-clock limit; 0 decodes in the Ray worker itself (no forked child)",
     )
-    p.add_argument("--decode-capacity", type=int, default=0, help="video workloads: time decode alone on N clips")
+    p.add_argument(
+        "--decode-capacity", type=int, default=0, help="video and image workloads: time decode alone on N inputs"
+    )
+    p.add_argument(
+        "--image-resize",
+        default="decoder",
+        choices=["decoder", "device"],
+        help="decode.image_resize: images that downscale resized by the decoder (CPU) or on the tokenizer's device",
+    )
     p.add_argument("--decode-only", action="store_true", help="only the decode measurement (no job, no encoder)")
     p.add_argument("--work", default="/tmp/bench-pipeline")
     p.add_argument("--out", default=None)

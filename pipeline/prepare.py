@@ -70,15 +70,28 @@ class Attempts:
             os.unlink(os.path.join(self.root, sample_id))
         except FileNotFoundError:
             pass
-        self.close()
 
     def close(self) -> None:
-        """Removes the folders when no sample is left in them (a killed sample's file stays)."""
+        """Removes the folders when no sample is left in them (a killed sample's file stays). Once per batch, not
+        per sample: creating and removing the folders for every image cost ~4 ms a row on an overlay filesystem."""
         for d in (self.root, os.path.dirname(self.root)):
             try:
                 os.rmdir(d)
             except OSError:
                 break
+
+
+def _attempted_decode(attempts: Attempts, sample_id: str, *args) -> tuple[dict, float]:
+    """decode_file(*args) in the decode child, between the sample's attempt start and finish: ({"exhausted":
+    deaths}, 0) for a sample whose worker died too often on it, else (decoded fields, seconds)."""
+    died = attempts.start(sample_id)
+    if attempts.exhausted(died):
+        return {"exhausted": died}, 0.0
+    t0 = time.perf_counter()
+    try:
+        return decode_file(*args), time.perf_counter() - t0
+    finally:
+        attempts.finish(sample_id)
 
 
 class Prepare(Stage):
@@ -139,22 +152,40 @@ class Prepare(Stage):
         by_file: dict[tuple[str, str], list[int]] = {}  # the clips of one video are fetched once
         for i, r in enumerate(rows):
             by_file.setdefault((r.get("uri") or "", r.get("modality", "")), []).append(i)
+        try:
+            self._prepare_files(rows, by_file, out)
+        finally:
+            self.attempts.close()
+        return out
+
+    def _prepare_files(self, rows: list[Row], by_file: dict, out: list) -> None:
+        together, held = [], []  # images for the decode child, decoded in one round trip after the downloads
+        try:
+            self._fetch_and_prepare(rows, by_file, out, together, held)
+            if together:
+                self._decode_images(together, out)
+        finally:
+            for got in held:
+                self.fetcher.release(got)
+
+    def _fetch_and_prepare(self, rows: list[Row], by_file: dict, out: list, together: list, held: list) -> None:
         started = time.perf_counter()
         for key, got in self.fetcher.fetch_all([(k, k[0], k[1]) for k in by_file]):
             fetch_s = (time.perf_counter() - started) / len(by_file)  # downloads overlap: a share of the wait
+            hold = False
             for i in by_file[key]:
                 row = rows[i]
                 if isinstance(got, FetchError):
                     out[i] = fail(row, "fetch", str(got))
                     continue
+                if self._together(row):
+                    together.append((i, row, got.path, fetch_s))
+                    hold = True
+                    continue
                 t0 = time.perf_counter()
                 died = self.attempts.start(row["id"])
                 if self.attempts.exhausted(died):
-                    out[i] = fail(
-                        row,
-                        self._stage_of(row),
-                        f"its worker died {died} times while preparing it (killed for memory?); not tried again",
-                    )
+                    out[i] = self._exhausted(row, died)
                 else:
                     out[i] = self._one_file(row, got.path)  # a list when a clip gives several windows
                 self.attempts.finish(row["id"])
@@ -164,10 +195,48 @@ class Prepare(Stage):
                         "fetch": fetch_s,
                         self._stage_of(row): time.perf_counter() - t0,
                     }
-            if not isinstance(got, FetchError):
+            if hold:
+                held.append(got)
+            elif not isinstance(got, FetchError):
                 self.fetcher.release(got)
             started = time.perf_counter()
-        return out
+
+    def _together(self, row: Row) -> bool:
+        """Images decoded in the child go there together: one round trip per batch, not per image."""
+        cfg = self.decode_cfg
+        return row.get("modality") == "image" and "image" in cfg.isolate and cfg.timeout_s > 0
+
+    def _decode_images(self, items: list[tuple], out: list) -> None:
+        """Decodes (index, row, path, fetch_s) images in the child in one task (`Isolator.run_many`): each under
+        the per-sample limits, a hang, crash or out-of-memory failing only its image. The attempt bookkeeping
+        runs in the child, around each image (`_attempted_decode`), so a worker killed mid-batch counts a death
+        against the image it was on only. Each row's decode time: its own, plus a share of the round trip."""
+        cfg = self.decode_cfg
+        t0 = time.perf_counter()
+        calls = [(self.attempts, row["id"], path, "image", cfg) for _, row, path, _ in items]
+        got = self.isolator.run_many(
+            _attempted_decode, calls, timeout_s=cfg.timeout_s, label="decode", memory_bytes=cfg.memory_mb << 20
+        )
+        own = [value[1] if status == "ok" else 0.0 for status, value in got]
+        share = max(0.0, time.perf_counter() - t0 - sum(own)) / len(items)
+        for (i, row, _, fetch_s), (status, value), sec in zip(items, got, own):
+            self.attempts.finish(row["id"])  # (the child's finish may not have run: it crashed or hung)
+            if status != "ok":
+                done = self._decode_failure(row, value)
+            elif "exhausted" in value[0]:
+                done = self._exhausted(row, value[0]["exhausted"])
+            else:
+                done = self._decoded(row, value[0])
+            for r in done if isinstance(done, list) else [done]:
+                r["timings"] = {**(row.get("timings") or {}), "fetch": fetch_s, "decode": sec + share}
+            out[i] = done
+
+    def _exhausted(self, row: Row, died: int) -> Row:
+        return fail(
+            row,
+            self._stage_of(row),
+            f"its worker died {died} times while preparing it (killed for memory?); not tried again",
+        )
 
     def _stage_of(self, row: Row) -> str:
         return "mesh" if row.get("modality") == "3d" else "decode"
@@ -191,12 +260,18 @@ class Prepare(Stage):
                 label="decode",
                 memory_bytes=cfg.memory_mb << 20,
             )
-        except DecodeSkip as exc:  # a job rule (filter, no upscaling): skipped, with the rule
+        except Exception as exc:
+            return self._decode_failure(row, exc)
+        return self._decoded(row, got)
+
+    def _decode_failure(self, row: Row, exc: BaseException) -> Row:
+        if isinstance(exc, DecodeSkip):  # a job rule (filter, no upscaling): skipped, with the rule
             return skip(row, "decode", str(exc))
-        except (IsolateError, DecodeError) as exc:
+        if isinstance(exc, (IsolateError, DecodeError)):
             return fail(row, "decode", str(exc))
-        except Exception as exc:  # any decoder error is this sample's, never the worker's
-            return fail(row, "decode", describe(exc))
+        return fail(row, "decode", describe(exc))  # any decoder error is this sample's, never the worker's
+
+    def _decoded(self, row: Row, got: dict) -> Row | list[Row]:
         first = {**row, **{k: got.get(k) for k in DECODED}}
         if not got.get("more_windows"):
             return first

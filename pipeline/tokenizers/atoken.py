@@ -8,6 +8,8 @@ resized and cropped there (`pipeline/buckets.resize_crop_frames`) before patchin
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from pipeline.buckets import resize_crop_frames
@@ -49,6 +51,13 @@ def frames_on(row: Row, device="cpu"):
     return pixels
 
 
+class Pending(NamedTuple):
+    """A checked uint8 clip [T, H, W, 3] (host) whose resize to `size` (h, w) is made on the device in encode()."""
+
+    clip: np.ndarray
+    size: tuple[int, int]
+
+
 class Model:
     def __init__(self, cfg, device: str):
         from atoken.tokenizer import Tokenizer
@@ -72,8 +81,9 @@ class Model:
 
     def pack(self, row: Row):
         """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, sent to the device
-        and patchified there in encode() (one copy per shape in a batch); a clip with a pending resize is sent now
-        and resized on the device (a uint8 tensor there)."""
+        and patchified there in encode() (one copy per shape in a batch); a clip with a pending resize is checked
+        now (its resized shape included) and resized on the device in encode(), one copy and one resize per
+        (shape, size) in a batch (`Pending`)."""
         if row["modality"] == "3d":
             return sample_tokens(row)
         from atoken.sparse import check_clip_shape
@@ -85,13 +95,38 @@ class Model:
         if row["modality"] == "image" and len(clip) != 1:
             raise ValueError(f"an image row holds one frame, got {len(clip)}")
         if row.get("resize_to"):
-            clip = frames_on(row, self.device)
-            check_clip_shape(tuple(clip.shape), row["modality"])
+            size = tuple(int(s) for s in row["resize_to"])
+            check_clip_shape((len(clip), *size, 3), row["modality"])  # what resize_crop_frames makes
+            return Pending(clip, size)
         return clip
+
+    def resize_pending(self, packed: list) -> list:
+        """`packed` with each Pending clip replaced by its resized uint8 tensor on the device: the clips of one
+        (shape, size) travel as one (pinned) copy and are resized in one call, frames of all of them together (the
+        same per-frame result as resizing each clip alone)."""
+        import torch
+
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(packed):
+            if isinstance(p, Pending):
+                groups.setdefault((p.clip.shape, p.size), []).append(i)
+        out = list(packed)
+        pin = self.device.type == "cuda"
+        for (shape, size), idx in groups.items():
+            host = torch.empty((len(idx), *shape), dtype=torch.uint8, pin_memory=pin)
+            for k, i in enumerate(idx):
+                host[k].numpy()[...] = packed[i].clip
+            with torch.no_grad():
+                frames = host.to(self.device, non_blocking=pin).flatten(0, 1)
+                resized = resize_crop_frames(frames, size).unflatten(0, (len(idx), shape[0]))
+            for k, i in enumerate(idx):
+                out[i] = resized[k]
+        return out
 
     def encode(self, packed: list) -> list[dict]:
         import torch
 
+        packed = self.resize_pending(packed)
         clips = [i for i, p in enumerate(packed) if isinstance(p, (np.ndarray, torch.Tensor))]
         tokens = [i for i, p in enumerate(packed) if not isinstance(p, (np.ndarray, torch.Tensor))]
         out: list[dict | None] = [None] * len(packed)
