@@ -132,7 +132,7 @@ def _nearest_patches(rgb: torch.Tensor, centers: torch.Tensor, w2c: torch.Tensor
         out = rgb.reshape(B, n, PATCH, n, PATCH, 3)[nearest, row, :, col].reshape(len(centers), -1)
     else:
         out = patch_features(rgb)[nearest, row, col]
-    return out * valid[:, None]
+    return out.mul_(valid[:, None])  # a fresh gather: in place
 
 
 def voxel_features(

@@ -108,7 +108,7 @@ class MeshStage:
         if cfg.feature_mode == "visible_mean":
             settings["visibility_tol"] = cfg.visibility_tol
         got = {
-            "voxel_feats": feats.clamp(0, 1).to(torch.float16).cpu().numpy(),
+            "voxel_feats": feats.clamp_(0, 1).to(torch.float16).cpu().numpy(),
             "voxel_coords": coords.to(torch.int16).cpu().numpy(),
             "num_voxels": int(coords.shape[0]),
             "render": json.dumps(settings, sort_keys=True),
