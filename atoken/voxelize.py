@@ -117,7 +117,8 @@ def _patch_index(u: torch.Tensor, v: torch.Tensor, n: int = FEATURE_RES // PATCH
 def _nearest_patches(rgb: torch.Tensor, centers: torch.Tensor, w2c: torch.Tensor, K: torch.Tensor, n: int):
     """The "nearest" rule, vectorised over voxels: camera depth of every centre in every view ([M, B], one
     matmul), the nearest view per voxel, the projection into that view only, and its 16x16 patch gathered
-    straight from the renders (no [B, 16, 16, 768] patch map unless the views must be resized to 256 px)."""
+    straight from the renders as 16 contiguous pixel rows (no [B, 16, 16, 768] patch map unless the views must be
+    resized to 256 px)."""
     R, t = w2c[:, :3, :3], w2c[:, :3, 3]
     z = centers @ R[:, 2].T + t[:, 2]  # [M, B]
     nearest = z.argmin(1)  # [M]
@@ -127,9 +128,11 @@ def _nearest_patches(rgb: torch.Tensor, centers: torch.Tensor, w2c: torch.Tensor
     u = Kn[:, 0, 0] * cam[:, 0] / zs + Kn[:, 0, 2]
     v = Kn[:, 1, 1] * cam[:, 1] / zs + Kn[:, 1, 2]
     row, col, valid = _patch_index(u, v, n)
-    B, H, W, _ = rgb.shape
-    if (H, W) == (FEATURE_RES, FEATURE_RES):  # view [B, row, p1, col, p2, c]: index (b, row, :, col) -> p1, p2, c
-        out = rgb.reshape(B, n, PATCH, n, PATCH, 3)[nearest, row, :, col].reshape(len(centers), -1)
+    H, W = rgb.shape[1:3]
+    if (H, W) == (FEATURE_RES, FEATURE_RES):  # the patch's 16 image rows of 16 pixels (48 contiguous floats each)
+        p1 = torch.arange(PATCH, device=rgb.device)
+        idx = (((nearest * n + row) * PATCH)[:, None] + p1) * n + col[:, None]  # [M, 16] into [B*H*W/16, 48]
+        out = rgb.reshape(-1, PATCH * 3).index_select(0, idx.view(-1)).view(len(centers), -1)  # (p1, p2, c)
     else:
         out = patch_features(rgb)[nearest, row, col]
     return out.mul_(valid[:, None])  # a fresh gather: in place
