@@ -136,8 +136,21 @@ def image_to_tokens(hwc, patch=PATCH) -> tuple[torch.Tensor, torch.Tensor]:
     return video_to_tokens(x[None], patch)
 
 
-def voxels_to_tokens(feats, coords3, token_dim: int = TOKEN_DIM) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D voxels: feats [M, 768] in [0, 1], coords [M, 3] (x, y, z) in [0, 63] -> feats [M, 3072], coords (1, x, y, z)."""
+@dataclass
+class Voxels:
+    """One 3D sample before widening: feats [M, 768] in [0, 1] (fp16 or fp32, as stored), coords [M, 3] (x, y, z).
+    `voxels_to_batch` widens many of them to 3072-d tokens where the model is (a 4x smaller copy than tokens)."""
+
+    feats: torch.Tensor
+    coords: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+
+def check_voxels(feats, coords3) -> Voxels:
+    """Validated voxels: feats [M, 768] in [0, 1] (finite), integer coords [M, 3] in [0, 63]; a ValueError that
+    says what is wrong otherwise. One min/max pass over the features, in their own dtype; no copy."""
     f, c = _as_tensor(feats, "voxel feats"), _as_tensor(coords3, "voxel coords")
     if f.ndim != 2 or f.shape[1] != VOXEL_DIM:
         raise ValueError(f"voxel feats: expected [M, {VOXEL_DIM}], got shape {tuple(f.shape)}")
@@ -147,16 +160,55 @@ def voxels_to_tokens(feats, coords3, token_dim: int = TOKEN_DIM) -> tuple[torch.
         raise ValueError("voxels: no active voxels")
     if c.is_floating_point():
         raise ValueError(f"voxel coords: expected integers, got {c.dtype}")
-    if int(c.min()) < 0 or int(c.max()) >= VOXEL_RES:
-        raise ValueError(f"voxel coords: must be in [0, {VOXEL_RES - 1}], got [{int(c.min())}, {int(c.max())}]")
-    _check_finite(f, "voxel feats")
-    f = f.float()
-    if f.min() < -1e-3 or f.max() > 1 + 1e-3:
-        raise ValueError(f"voxel feats: must be in [0, 1], got [{f.min():.3f}, {f.max():.3f}]")
-    out = f.new_zeros(f.shape[0], token_dim)
-    out[:, :VOXEL_DIM] = f * 2 - 1
-    coords = torch.cat([torch.ones_like(c[:, :1]), c], dim=1).int()
+    if not f.is_floating_point():
+        f = f.float()
+    lo, hi = (int(v) for v in torch.aminmax(c))
+    if lo < 0 or hi >= VOXEL_RES:
+        raise ValueError(f"voxel coords: must be in [0, {VOXEL_RES - 1}], got [{lo}, {hi}]")
+    lo, hi = (float(v) for v in torch.aminmax(f))  # NaN propagates into both; inf is out of range
+    if lo != lo or hi != hi or abs(lo) == float("inf") or abs(hi) == float("inf"):
+        raise ValueError("voxel feats: contains NaN or infinite values")
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f"voxel feats: must be in [0, 1], got [{lo:.3f}, {hi:.3f}]")
+    return Voxels(f, c)
+
+
+def voxels_to_tokens(feats, coords3, token_dim: int = TOKEN_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    """3D voxels: feats [M, 768] in [0, 1], coords [M, 3] (x, y, z) in [0, 63] -> feats [M, 3072], coords (1, x, y, z)."""
+    v = check_voxels(feats, coords3)
+    out = v.feats.new_zeros(len(v), token_dim, dtype=torch.float32)
+    out[:, :VOXEL_DIM] = v.feats.float() * 2 - 1
+    coords = torch.cat([torch.ones_like(v.coords[:, :1]), v.coords], dim=1).int()
     return out, coords
+
+
+def voxels_to_batch(
+    samples: list[Voxels], device=None, dtype: torch.dtype = torch.float32, first: int = 0, token_dim: int = TOKEN_DIM
+) -> "SparseBatch":
+    """Checked voxel samples -> one SparseBatch of samples first..first+len-1 on `device`: the batched form of
+    voxels_to_tokens (the same tokens, values and order). The compact features travel as one copy (pinned on
+    CUDA) and are widened to `token_dim` on the device."""
+    if not samples:
+        raise ValueError("voxels: no samples")
+    if token_dim < VOXEL_DIM:
+        raise ValueError(f"voxels: {VOXEL_DIM}-d features do not fit {token_dim}-d tokens")
+    device = torch.device(device or "cpu")
+    pin = device.type == "cuda"
+    n = [len(v) for v in samples]
+    fdt = torch.float16 if all(v.feats.dtype == torch.float16 for v in samples) else torch.float32
+    host_f = torch.empty((sum(n), VOXEL_DIM), dtype=fdt, pin_memory=pin)
+    host_c = torch.empty((sum(n), 5), dtype=torch.int32, pin_memory=pin)
+    host_c[:, 1] = 1
+    host_c[:, 0] = torch.arange(first, first + len(n), dtype=torch.int32).repeat_interleave(torch.tensor(n))
+    at = 0
+    for v, k in zip(samples, n):
+        host_f[at : at + k] = v.feats
+        host_c[at : at + k, 2:] = v.coords
+        at += k
+    f = host_f.to(device, non_blocking=pin)
+    feats = torch.zeros((sum(n), token_dim), dtype=dtype, device=device)
+    feats[:, :VOXEL_DIM] = (f.float() * 2 - 1).to(dtype)
+    return SparseBatch(feats, host_c.to(device, non_blocking=pin))
 
 
 def tokens_to_video(feats, coords4, patch=PATCH) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .accel import accelerate
 from .checkpoint import load_weights
 from .identity import RANDOM_SEED, resolve_config, shipped_checkpoint, tokenizer_identity
 from .model import AToken
-from .sparse import SparseBatch, clip_tokens, clips_to_batch, patch_view
+from .sparse import SparseBatch, clip_tokens, clips_to_batch, patch_view, voxels_to_batch
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
@@ -142,6 +142,21 @@ class Tokenizer:
         out: list[dict | None] = [None] * len(clips)
         for part, batch in self.clip_batches(clips):
             for i, enc in zip(part, self.encode_batch(batch, with_logvar)):
+                out[i] = enc
+        return out
+
+    @torch.inference_mode()
+    def encode_voxels(self, voxels: list, with_logvar: bool = True) -> list[dict]:
+        """voxels: checked 3D samples (`sparse.check_voxels`: [M, 768] features as stored, fp16 in the pipeline).
+        Same output as encode() on their voxels_to_tokens, in the same forward passes, but the features travel to
+        the device compact (a quarter of the 3072-d tokens' bytes in fp32, one pinned copy per pass) and are
+        widened there, with no 3072-d host tensor, concatenation or re-check."""
+        out: list[dict | None] = [None] * len(voxels)
+        order = _length_order([len(v) for v in voxels])
+        for chunk in _chunks([len(voxels[i]) for i in order], self.max_tokens):
+            group = [order[j] for j in chunk]
+            batch = voxels_to_batch([voxels[i] for i in group], self.device, self.dtype, token_dim=self.cfg.in_channels)
+            for i, enc in zip(group, self.encode_batch(batch, with_logvar)):
                 out[i] = enc
         return out
 

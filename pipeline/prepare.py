@@ -284,24 +284,15 @@ class Prepare(Stage):
         import torch
 
         from pipeline.mesh.load import MeshError
-        from pipeline.mesh.stage import MeshStage
+        from pipeline.mesh.stage import MeshStage, load_isolated
 
         if self.mesh is None:  # the renderer (and its CUDA context) lives as long as this worker
             self.mesh = MeshStage(self.mesh_cfg)
+            print(f"mesh: {self.mesh.describe()}", flush=True)
         if self.branch != "3d":  # a mesh in the media pool (no GPU share: one pool for all); the 3D pool's
             maybe_fault("mesh")  # calls pass the stage-level "mesh" point (Stage.__call__) already
-        from pipeline.mesh.load import load_mesh
-
-        cfg = self.mesh_cfg
-        try:  # loading is where a hostile file costs time and memory: in the killable child
-            mesh = self.isolator.run(
-                load_mesh,
-                path,
-                cfg.budget(),
-                timeout_s=cfg.timeout_s,
-                label="mesh load",
-                memory_bytes=cfg.memory_mb << 20,
-            )
+        try:  # loading (trimesh, CPU) in the killable child; render + voxels + features in this worker
+            mesh = load_isolated(self.isolator, path, self.mesh_cfg)
             got = self.mesh.process(path, str(row["id"]), mesh)
         except IsolateError as exc:
             return fail(row, "mesh", str(exc))

@@ -20,7 +20,8 @@ from .raster_cpu import rasterize_cpu
 class RenderConfig:
     resolution: int = 256
     backend: str = "auto"  # auto | cuda | cpu   (auto = cuda when a GPU and nvdiffrast are present)
-    device: str = "auto"  # auto | cpu | cuda[:i]  (the cpu backend may also run on a GPU device)
+    device: str = "auto"  # auto | cpu | cuda[:i]  (the cpu backend may also run on a GPU device; backend auto
+    # without nvdiffrast on a GPU machine does: the same torch rasterizer, on the GPU)
     cpu_chunk: int = 1 << 22  # candidate pixels per chunk in the CPU rasterizer (bounds memory)
 
 
@@ -83,12 +84,12 @@ class Renderer:
 
     def __init__(self, cfg: RenderConfig = RenderConfig()):
         self.cfg = cfg
-        backend = cfg.backend
+        backend, gpu = cfg.backend, torch.cuda.is_available()
         if backend == "auto":
             backend = "cuda" if cuda_available() else "cpu"
         dev = cfg.device
-        if dev == "auto":
-            dev = "cuda" if backend == "cuda" else "cpu"
+        if dev == "auto":  # auto without nvdiffrast on a GPU machine: the torch rasterizer on the GPU
+            dev = "cuda" if backend == "cuda" or (cfg.backend == "auto" and gpu) else "cpu"
         self.device = torch.device(dev)
         self.backend = backend
         if backend == "cuda":

@@ -1,7 +1,8 @@
 """AToken (arXiv 2509.14476) as a pipeline tokenizer: the `atoken` package's Tokenizer over prepared rows.
 
 Images and videos are patchified (4 x 16 x 16 x 3) on the model's device from uint8 pixels; 3D rows are
-64^3 voxel features. Batches are packed into forward passes of at most `batch_tokens` tokens. A row with a pending
+64^3 voxel features, sent compact (fp16, 768-d) and widened to 3072-d tokens on the device. Batches are packed
+into forward passes of at most `batch_tokens` tokens. A row with a pending
 resize (`resize_to`: a video that upscales, decoded at native size) travels to the device at native size and is
 resized and cropped there (`pipeline/buckets.resize_crop_frames`) before patching.
 """
@@ -34,6 +35,21 @@ def sample_tokens(row: Row, device="cpu"):
     if row["modality"] == "image":
         return image_to_tokens(pixels[0])
     return video_to_tokens(pixels)
+
+
+def voxels_of(row: Row):
+    """A 3D row's checked voxels (`atoken.sparse.Voxels`): its fp16 features and int16 coords as they are, no copy
+    (widened to tokens where the model is, by `Tokenizer.encode_voxels`)."""
+    import warnings
+
+    import torch
+
+    from atoken.sparse import check_voxels
+
+    with warnings.catch_warnings():  # unpickled rows are read-only buffers; nothing writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        feats, coords = (torch.from_numpy(np.ascontiguousarray(row[k])) for k in ("voxel_feats", "voxel_coords"))
+    return check_voxels(feats, coords)
 
 
 def frames_on(row: Row, device="cpu"):
@@ -80,12 +96,12 @@ class Model:
         )
 
     def pack(self, row: Row):
-        """3D rows: their (feats, coords) tokens. Pixel rows: the checked uint8 clip itself, sent to the device
-        and patchified there in encode() (one copy per shape in a batch); a clip with a pending resize is checked
-        now (its resized shape included) and resized on the device in encode(), one copy and one resize per
-        (shape, size) in a batch (`Pending`)."""
+        """3D rows: their checked Voxels (widened to tokens on the device in encode()). Pixel rows: the checked
+        uint8 clip itself, sent to the device and patchified there in encode() (one copy per shape in a batch); a
+        clip with a pending resize is checked now (its resized shape included) and resized on the device in
+        encode(), one copy and one resize per (shape, size) in a batch (`Pending`)."""
         if row["modality"] == "3d":
-            return sample_tokens(row)
+            return voxels_of(row)
         from atoken.sparse import check_clip_shape
 
         clip = np.asarray(row["pixels"])
@@ -126,13 +142,17 @@ class Model:
     def encode(self, packed: list) -> list[dict]:
         import torch
 
+        from atoken.sparse import Voxels
+
         packed = self.resize_pending(packed)
         clips = [i for i, p in enumerate(packed) if isinstance(p, (np.ndarray, torch.Tensor))]
-        tokens = [i for i, p in enumerate(packed) if not isinstance(p, (np.ndarray, torch.Tensor))]
+        voxels = [i for i, p in enumerate(packed) if isinstance(p, Voxels)]
+        tokens = [i for i, p in enumerate(packed) if not isinstance(p, (np.ndarray, torch.Tensor, Voxels))]
         out: list[dict | None] = [None] * len(packed)
         lv = self.cfg.logvar
         for idx, enc in (
             (clips, self.tokenizer.encode_clips([packed[i] for i in clips], with_logvar=lv)),
+            (voxels, self.tokenizer.encode_voxels([packed[i] for i in voxels], with_logvar=lv)),
             (tokens, self.tokenizer.encode([packed[i] for i in tokens], with_logvar=lv)),
         ):
             for i, e in zip(idx, enc):
