@@ -220,7 +220,7 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     from pipeline.prepare import Prepare
     from pipeline.sources import iter_rows, make_source
     from pipeline.tokenize import Tokenize
-    from pipeline.tokenizers.atoken import sample_tokens
+    from pipeline.tokenizers.atoken import voxels_of
 
     from pipeline.decode import for_tokenizer
 
@@ -242,12 +242,12 @@ def encoder_alone(job: JobConfig, w: Workload, n: int, repeats: int) -> dict:
     stage.setup()
     setup_s = time.perf_counter() - t0
     tk, logvar = stage.model.tokenizer, job.tokenize.logvar
-    if w.kind == "meshes":
-        packed = [sample_tokens(r) for r in prepared]
-        tokens = sum(len(p[1]) for p in packed)
+    if w.kind == "meshes":  # as the stage packs them: compact voxels, widened to tokens on the device
+        packed = [voxels_of(r) for r in prepared]
+        tokens = sum(len(p) for p in packed)
 
         def run():
-            tk.encode(packed, with_logvar=logvar)
+            tk.encode_voxels(packed, with_logvar=logvar)
     else:  # the forward passes the stage makes, already on the device: the encoder's own ceiling
         # (pack: the stage's own checks, and pending resizes of clips that upscale, made on the device)
         packed = stage.model.resize_pending([stage.model.pack(r) for r in prepared])

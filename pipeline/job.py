@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, SerializeAsAny, field_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
 from pipeline.config import Config, ConfigError, explain, identity_hash
 from pipeline.decode import DecodeConfig
@@ -50,12 +50,22 @@ class RayConfig(Config):
     prepare_batch_rows: int = Field(8, ge=1)
     mesh_actors: int | tuple[int, int] | None = None  # fetch+mesh pool for 3D sources
     mesh_gpus: float = Field(0.1, ge=0, le=1)  # GPU share per 3D worker when the cluster has GPUs
+    mesh_workers_per_gpu: int = Field(4, ge=1)  # 3D workers beside the tokenizers on each GPU: theirs is what is left
     write_cpus: float = Field(0.25, gt=0)
     cluster_checkpoints: str | None = None  # `submit`: where checkpoints/ is on the cluster's nodes (not uploaded)
     buckets: int = Field(256, ge=1, le=65536)  # ledger hash buckets (fixed when a store is created)
     restarts: int = Field(2, ge=0)  # in-run re-executions after an infrastructure failure (lost node, ...)
     interrupt_grace_s: float = Field(120.0, ge=0)  # after Ctrl-C: how long in-flight rows may take to finish
     progress_bars: bool = False  # Ray Data's own progress output and execution log (`--ray-progress`)
+
+    @model_validator(mode="after")
+    def _room_for_tokenizers(self):
+        if self.mesh_gpus * self.mesh_workers_per_gpu >= 1.0:
+            raise ValueError(
+                f"mesh_gpus {self.mesh_gpus} x mesh_workers_per_gpu {self.mesh_workers_per_gpu} leaves no GPU for "
+                "the tokenizer actors: lower one of them"
+            )
+        return self
 
 
 class ProgressConfig(Config):

@@ -506,6 +506,12 @@ def pre_id(store: Store) -> str:
     return store.read_json("preprocess.json")["id"]
 
 
+def mesh_reserve(ray_cfg, mesh_gpus: float) -> float:
+    """The share of each GPU kept for 3D workers (validated < 1), so that Ray can place them beside the tokenizer
+    actors, which would otherwise book whole GPUs between them and leave the 3D pool waiting."""
+    return mesh_gpus * ray_cfg.mesh_workers_per_gpu if mesh_gpus > 0 else 0.0
+
+
 def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray) -> dict:
     from pipeline.decode import for_tokenizer
     from pipeline.prepare import Prepare
@@ -517,8 +523,9 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
     cpus, gpus = cluster(ray)
     use_gpu = gpus > 0 and job.tokenize.device != "cpu"
     tok_actors = max(1, gpus * job.tokenize.actors_per_gpu) if use_gpu else job.tokenize.actors
-    tokenize = Tokenize(job.tokenize, preprocess, gpus=1.0 / job.tokenize.actors_per_gpu if use_gpu else 0.0)
     mesh_gpus = job.ray.mesh_gpus if gpus > 0 and job.mesh.backend != "cpu" else 0.0
+    tok_share = (1.0 - mesh_reserve(job.ray, mesh_gpus)) / job.tokenize.actors_per_gpu if use_gpu else 0.0
+    tokenize = Tokenize(job.tokenize, preprocess, gpus=tok_share)
     # small machines: leave a CPU for the source, filter and writer tasks beside the actor pools
     prep_cpus = job.ray.prepare_cpus or (0.5 if cpus <= 4 else 1.0)
     free = max(1, int((cpus - tok_actors * tokenize.resources().cpus - 1) / prep_cpus))
@@ -529,7 +536,7 @@ def make_stages(job: JobConfig, store: Store, run_id: str, preprocess: str, ray)
         "media": Prepare(**common, branch="media", batch_size=job.ray.prepare_batch_rows),
         "media_actors": job.ray.prepare_actors or (1, free),
         "3d": Prepare(**common, branch="3d", gpus=mesh_gpus, batch_size=1),
-        "3d_actors": job.ray.mesh_actors or (1, free),
+        "3d_actors": job.ray.mesh_actors or (1, max(1, min(free, int(gpus * job.ray.mesh_workers_per_gpu) or free))),
         "tokenize": tokenize,
         "tokenize_actors": tok_actors,
         "writer": ShardWriter(store.uri, job.storage.model_dump(), run_id, dims, job.write),

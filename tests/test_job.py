@@ -270,3 +270,13 @@ def test_submit_sends_the_resolved_job_with_cluster_checkpoints(monkeypatch):
     monkeypatch.delenv(JOB_ENV)
     with pytest.raises(ConfigError, match="no environment variable PIPELINE_JOB"):
         load_job(**_job_source(f"env:{JOB_ENV}"))
+
+
+def test_3d_workers_keep_a_share_of_each_gpu_beside_the_tokenizers():
+    from pipeline.run import mesh_reserve
+
+    job = validate_job(folder_job())
+    assert mesh_reserve(job.ray, job.ray.mesh_gpus) == pytest.approx(0.4)  # 4 workers x 0.1
+    assert mesh_reserve(job.ray, 0.0) == 0.0  # no GPU for meshes: the tokenizers keep it all
+    lines = problems(path=WEBVID, overrides=["ray.mesh_gpus=0.25", "ray.mesh_workers_per_gpu=4"])
+    assert len(lines) == 1 and "leaves no GPU for the tokenizer actors" in lines[0], lines
