@@ -51,9 +51,9 @@ class Attempts:
         except (OSError, ValueError):
             died = 0
         tmp = f"{path}.{os.getpid()}"
-        for _ in range(3):  # another worker may remove the (empty) folder between makedirs and open
-            os.makedirs(self.root, exist_ok=True)
-            try:
+        for _ in range(8):  # another worker's close() may remove the (empty) folders between makedirs and open,
+            try:  # or the parent while makedirs creates the leaf
+                os.makedirs(self.root, exist_ok=True)
                 with open(tmp, "w") as f:
                     f.write(str(died + 1))
                 os.replace(tmp, path)

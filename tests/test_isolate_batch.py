@@ -123,3 +123,26 @@ def test_an_unpicklable_result_fails_alone():
     assert [s for s, _ in got] == ["ok", "err", "ok"]
     assert "pickle" in str(got[1][1]).lower() or "lambda" in str(got[1][1])
     assert got[2][1]["pixels"][0, 0, 0] == 3
+
+
+def test_attempt_start_survives_another_worker_removing_the_folders(tmp_path, monkeypatch):
+    """Workers of a node share the attempts folder and each removes it when empty (close()): the parent can go
+    while makedirs creates the leaf, which raised FileNotFoundError and failed a sample (seen on the H200 bench)."""
+    import pipeline.prepare as prepare
+
+    real, calls = os.makedirs, []
+
+    def racing_makedirs(path, exist_ok=False):
+        calls.append(path)
+        if len(calls) == 1:  # the first try loses the race
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return real(path, exist_ok=exist_ok)
+
+    monkeypatch.setattr(prepare.os, "makedirs", racing_makedirs)
+    att = prepare.Attempts(str(tmp_path / "attempts" / "run1"), limit=2)
+    assert att.start("s1") == 0
+    assert len(calls) >= 2 and (tmp_path / "attempts" / "run1" / "s1").read_text() == "1"
+    assert att.start("s1") == 1  # a second start without finish: the first one died
+    att.finish("s1")
+    att.close()
+    assert not (tmp_path / "attempts").exists()
