@@ -49,4 +49,23 @@ def scratch(tmp_path, monkeypatch) -> Path:
     return root
 
 
+@pytest.fixture
+def media_stage(scratch):
+    """make(decode_cfg) -> a set-up media Prepare stage (no retries, CPU mesh settings); all torn down after."""
+    from pipeline.fetch import FetchConfig
+    from pipeline.mesh.config import MeshConfig
+    from pipeline.prepare import Prepare
+
+    stages = []
+
+    def make(decode):
+        st = Prepare(FetchConfig(retries=0), decode, MeshConfig(views=4, backend="cpu"), branch="media")
+        stages.append(st)
+        return st
+
+    yield make
+    for st in stages:
+        st.teardown()
+
+
 from tests.s3_server import s3_prefix, s3_server  # noqa: E402,F401  (one SeaweedFS for the whole session)

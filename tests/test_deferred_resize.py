@@ -19,9 +19,6 @@ import torch
 
 from pipeline.buckets import resize_crop_array, resize_crop_frames
 from pipeline.decode import DecodeConfig, decode_file, for_tokenizer, resize_placement
-from pipeline.fetch import FetchConfig
-from pipeline.mesh.stage import MeshConfig
-from pipeline.prepare import Prepare
 from pipeline.ray_job import to_table
 from pipeline.rows import new_row
 from pipeline.tokenize import Tokenize, TokenizeConfig
@@ -42,29 +39,15 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
-@pytest.fixture
-def media(scratch):
-    stages = []
-
-    def make(decode):
-        st = Prepare(FetchConfig(retries=0), decode, MeshConfig(views=4, backend="cpu"), branch="media")
-        stages.append(st)
-        return st
-
-    yield make
-    for st in stages:
-        st.teardown()
-
-
 def prepared(stage, src: Path, **kw):
     (out,) = stage([new_row(src.name, "video", "test", uri=str(src), **kw)])
     assert out["status"] == "ok", out.get("reason")
     return out
 
 
-def test_upscaled_clip_travels_at_native_size_and_resizes_like_the_decoder(media, shared_data):
+def test_upscaled_clip_travels_at_native_size_and_resizes_like_the_decoder(media_stage, shared_data):
     small = shared_data / "videos" / SMALL
-    deferred, decoder = prepared(media(UP), small), prepared(media(NO_DEFER), small)
+    deferred, decoder = prepared(media_stage(UP), small), prepared(media_stage(NO_DEFER), small)
     px = deferred["pixels"]
     assert px.dtype == np.uint8 and px.shape == (16, 180, 320, 3)  # native frames, as decoded
     assert deferred["resize_to"] == (384, 688) and deferred["upscaled"] is True
@@ -102,11 +85,11 @@ def test_auto_defers_only_for_a_tokenizer_on_a_gpu(shared_data):
     assert decode_file(small, "video", for_tokenizer(UP, gpu=True))["resize_to"] == (384, 688)
 
 
-def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media, shared_data):
+def test_tokenizer_applies_the_pending_resize_and_fails_only_a_bad_row(media_stage, shared_data):
     small = {"fps": 4, "max_frames": 8, "buckets": {"area": 256 * 256}}
     src = shared_data / "videos" / SMALL
-    deferred = prepared(media(decode_cfg(**small)), src)
-    decoder = prepared(media(decode_cfg(**small, defer_upscale="off")), src)
+    deferred = prepared(media_stage(decode_cfg(**small)), src)
+    decoder = prepared(media_stage(decode_cfg(**small, defer_upscale="off")), src)
     assert deferred["pixels"].shape == (8, 180, 320, 3) and deferred["resize_to"] == (192, 336)
     bad = {**deferred, "id": "bad", "resize_to": (8, 8)}  # smaller than a patch: that row fails, not the batch
     stage = Tokenize(TokenizeConfig(config="tiny", device="cpu", batch_rows=4), "pp")

@@ -15,9 +15,6 @@ from PIL import Image, ImageCms, ImageOps
 from atoken.images import load_rgb
 from pipeline.buckets import resize_crop, resize_crop_frames
 from pipeline.decode import DEVICE_RESIZE_MAX_AREA, DecodeConfig, decode_file, resize_placement, target_size
-from pipeline.fetch import FetchConfig
-from pipeline.mesh.stage import MeshConfig
-from pipeline.prepare import Prepare
 from pipeline.rows import new_row
 from pipeline.tokenize import Tokenize, TokenizeConfig
 
@@ -92,26 +89,12 @@ def test_device_resize_leaves_the_resize_to_the_tokenizer_within_tolerance(share
     assert "images are resized by the decoder" in resize_placement(DECODER)
 
 
-@pytest.fixture
-def prepare_stage(scratch):
-    stages = []
-
-    def make(decode):
-        st = Prepare(FetchConfig(retries=0), decode, MeshConfig(views=4, backend="cpu"), branch="media")
-        stages.append(st)
-        return st
-
-    yield make
-    for st in stages:
-        st.teardown()
-
-
-def test_device_resized_rows_tokenize_like_decoder_resized_rows(prepare_stage, shared_data):
+def test_device_resized_rows_tokenize_like_decoder_resized_rows(media_stage, shared_data):
     files = images(shared_data)[:8]
     rows = [new_row(p.name, "image", "test", uri=str(p)) for p in files]
     bad = new_row("bad", "image", "test", uri=str(shared_data / "bad" / "broken.png"))
-    dev = prepare_stage(DEVICE)(rows + [bad])
-    dec = prepare_stage(DECODER)(rows)
+    dev = media_stage(DEVICE)(rows + [bad])
+    dec = media_stage(DECODER)(rows)
     assert dev[-1]["status"] == "failed" and dev[-1]["stage"] == "decode" and dev[-1]["reason"]
     assert any(r.get("resize_to") for r in dev[:-1])
     stage = Tokenize(TokenizeConfig(config="tiny", device="cpu", batch_rows=16), "pp")
@@ -125,16 +108,16 @@ def test_device_resized_rows_tokenize_like_decoder_resized_rows(prepare_stage, s
         assert np.linalg.norm(lx - ly) / np.linalg.norm(ly) < 0.05
 
 
-def test_pending_resizes_are_grouped_and_equal_one_clip_at_a_time(prepare_stage, shared_data):
+def test_pending_resizes_are_grouped_and_equal_one_clip_at_a_time(media_stage, shared_data):
     """The tokenizer resizes the pending clips of one (shape, size) in one call: the same pixels, exactly, as each
     clip's own resize (frames_on), for images and a video in one batch; rows without a resize pass as they are."""
     from pipeline.tokenizers.atoken import Model, Pending, frames_on
 
     names = ["astronaut.png", "camera.png", "astronaut.png", "coffee.png", "hopper_gray.jpg"]
-    rows = prepare_stage(DEVICE)(
+    rows = media_stage(DEVICE)(
         [new_row(f"{k}", "image", "test", uri=str(shared_data / "images" / n)) for k, n in enumerate(names)]
     )
-    video = prepare_stage(DecodeConfig(fps=4, max_frames=8, upscale=True, buckets={"area": 256 * 256}))(
+    video = media_stage(DecodeConfig(fps=4, max_frames=8, upscale=True, buckets={"area": 256 * 256}))(
         [new_row("v", "video", "test", uri=str(shared_data / "videos" / "Big_Buck_Bunny_180_10s.webm"))]
     )
     rows += video
@@ -153,11 +136,11 @@ def test_pending_resizes_are_grouped_and_equal_one_clip_at_a_time(prepare_stage,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_device_resize_on_the_gpu_matches_the_decoder_path(prepare_stage, shared_data):
+def test_device_resize_on_the_gpu_matches_the_decoder_path(media_stage, shared_data):
     """The same rows on a GPU tokenizer: the pending resize runs on the GPU (bf16 encoder, so a looser bound)."""
     files = images(shared_data)
     rows = [new_row(p.name, "image", "test", uri=str(p)) for p in files]
-    dev, dec = prepare_stage(DEVICE)(rows), prepare_stage(DECODER)(rows)
+    dev, dec = media_stage(DEVICE)(rows), media_stage(DECODER)(rows)
     assert sum(r.get("resize_to") is not None for r in dev) >= 5
     stage = Tokenize(TokenizeConfig(config="tiny", device="cuda", batch_rows=32, compile="off"), "pp", gpus=1.0)
     for x, y in zip(stage(dev), stage(dec)):
