@@ -172,6 +172,7 @@ class Isolated:
         out: list[tuple[str, Any] | None] = [None] * len(calls)
         fd, out_path = tempfile.mkstemp(prefix="isolate-", suffix=".pkl", dir=_SHM if os.path.isdir(_SHM) else None)
         os.close(fd)
+        i = 0  # the call the child is on (a send to a child that just died fails the first: progress is made)
         try:
             with open(out_path, "rb") as f:
                 try:
