@@ -264,14 +264,9 @@ def map_stage(
     `report`: the rows' outcomes go to the control actor (progress). Tasks get Ray's retries after a lost worker;
     a lost actor is not restarted by Ray (its constructor arguments live in the object store, where a restart
     can fail: ray-project/ray#53727): the execution fails and the driver runs it again (`ray.restarts`)."""
-    res = stage.resources()
     kw: dict[str, Any] = dict(
-        batch_size=batch_size or stage.batch_size, batch_format="pyarrow", num_cpus=res.cpus, zero_copy_batch=True
-    )
-    if res.gpus:
-        kw["num_gpus"] = res.gpus
-    if res.memory:
-        kw["memory"] = res.memory
+        batch_size=batch_size or stage.batch_size, batch_format="pyarrow", zero_copy_batch=True
+    ) | remote_args(stage.resources())
     if stage.stateful:
         lo, hi = pool(concurrency or 1)
         # max_restarts=0 has no named parameter in map_batches (Ray 2.60), and passing it through
@@ -287,6 +282,19 @@ def map_stage(
     return ds.map_batches(
         _stage_task, fn_kwargs={"stage": stage, "control": control, "gate": gate}, compute=compute, **kw
     )
+
+
+def remote_args(res) -> dict:
+    """A stage's declared resources as Ray Data's remote arguments. A GPU stage of one CPU leaves num_cpus out:
+    Ray Data books 1 CPU for a GPU map by itself, and warns ("experimental") whenever both are given."""
+    out: dict[str, Any] = {"num_cpus": res.cpus}
+    if res.gpus:
+        out["num_gpus"] = res.gpus
+        if res.cpus == 1.0:
+            del out["num_cpus"]
+    if res.memory:
+        out["memory"] = res.memory
+    return out
 
 
 def ray_data():

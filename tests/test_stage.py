@@ -183,3 +183,28 @@ def test_fault_point_is_the_stage_name(tmp_path, monkeypatch):
         st(rows(1))  # second arrival: the injected fault fires once, for the whole call
     assert st(rows(1))[0]["status"] == OK
     assert Double()(rows(1))[0]["status"] == OK  # other stages are not affected
+
+
+def test_remote_args_give_ray_what_the_stage_declares_without_its_experimental_warning():
+    import logging
+
+    from ray.data._internal.execution.operators import map_operator
+
+    from pipeline.ray_job import remote_args
+
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    map_operator.logger.addHandler(handler)  # Ray's loggers do not propagate to pytest's
+    try:
+        ray_canon = map_operator._canonicalize_ray_remote_args
+        ray_canon({"num_cpus": 1, "num_gpus": 0.5})
+        assert any("experimental" in m for m in said)  # what every GPU run printed
+        said.clear()
+        gpu = remote_args(Resources(cpus=1.0, gpus=0.5, memory=2**30))
+        assert gpu == {"num_gpus": 0.5, "memory": 2**30}
+        assert ray_canon(gpu)["num_cpus"] == 1 and not said  # Ray Data books the one CPU itself, quietly
+    finally:
+        map_operator.logger.removeHandler(handler)
+    assert remote_args(Resources(cpus=0.5)) == {"num_cpus": 0.5}
+    assert remote_args(Resources(cpus=0.5, gpus=0.1)) == {"num_cpus": 0.5, "num_gpus": 0.1}  # other CPU shares kept
