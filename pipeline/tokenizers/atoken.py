@@ -25,42 +25,31 @@ def identity(cfg) -> dict:
     return tokenizer_identity(cfg.config, cfg.checkpoint)
 
 
-def sample_tokens(row: Row, device="cpu"):
-    """The (feats, coords4) token pair of a prepared row, per the tokenizer's packing rules."""
-    from atoken.sparse import image_to_tokens, video_to_tokens, voxels_to_tokens
+def _host_tensor(a):
+    """A row's array as a CPU tensor without a copy (an unpickled row's buffers are read-only; nothing writes to
+    them, so torch's warning about that is silenced)."""
+    import warnings
 
-    if row["modality"] == "3d":
-        return voxels_to_tokens(row["voxel_feats"].astype(np.float32), row["voxel_coords"])
-    pixels = frames_on(row, device)
-    if row["modality"] == "image":
-        return image_to_tokens(pixels[0])
-    return video_to_tokens(pixels)
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.ascontiguousarray(a))
 
 
 def voxels_of(row: Row):
     """A 3D row's checked voxels (`atoken.sparse.Voxels`): its fp16 features and int16 coords as they are, no copy
     (widened to tokens where the model is, by `Tokenizer.encode_voxels`)."""
-    import warnings
-
-    import torch
-
     from atoken.sparse import check_voxels
 
-    with warnings.catch_warnings():  # unpickled rows are read-only buffers; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        feats, coords = (torch.from_numpy(np.ascontiguousarray(row[k])) for k in ("voxel_feats", "voxel_coords"))
-    return check_voxels(feats, coords)
+    return check_voxels(_host_tensor(row["voxel_feats"]), _host_tensor(row["voxel_coords"]))
 
 
 def frames_on(row: Row, device="cpu"):
     """The row's uint8 pixels as a tensor on `device`, with its pending resize (if any) applied there."""
-    import warnings
-
     import torch
 
-    with warnings.catch_warnings():  # unpickled rows are read-only buffers; nothing writes to them
-        warnings.simplefilter("ignore", UserWarning)
-        pixels = torch.from_numpy(np.ascontiguousarray(row["pixels"])).to(device)
+    pixels = _host_tensor(row["pixels"]).to(device)
     if row.get("resize_to"):
         with torch.no_grad():
             pixels = resize_crop_frames(pixels, tuple(row["resize_to"]))
@@ -140,20 +129,17 @@ class Model:
         return out
 
     def encode(self, packed: list) -> list[dict]:
-        import torch
 
         from atoken.sparse import Voxels
 
         packed = self.resize_pending(packed)
-        clips = [i for i, p in enumerate(packed) if isinstance(p, (np.ndarray, torch.Tensor))]
         voxels = [i for i, p in enumerate(packed) if isinstance(p, Voxels)]
-        tokens = [i for i, p in enumerate(packed) if not isinstance(p, (np.ndarray, torch.Tensor, Voxels))]
+        clips = [i for i, p in enumerate(packed) if not isinstance(p, Voxels)]  # uint8 arrays / device tensors
         out: list[dict | None] = [None] * len(packed)
         lv = self.cfg.logvar
         for idx, enc in (
             (clips, self.tokenizer.encode_clips([packed[i] for i in clips], with_logvar=lv)),
             (voxels, self.tokenizer.encode_voxels([packed[i] for i in voxels], with_logvar=lv)),
-            (tokens, self.tokenizer.encode([packed[i] for i in tokens], with_logvar=lv)),
         ):
             for i, e in zip(idx, enc):
                 out[i] = e
